@@ -1,0 +1,198 @@
+"""Command line: one subcommand per stage. Parses arguments and calls the stage; nothing else.
+
+Errors a user can cause are HantError and print as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hant.errors import HantError
+
+
+def _input_size(values: list[int]) -> tuple[int, int, int]:
+    if len(values) != 3:
+        raise HantError("--input-size takes three numbers: C H W (e.g. 1 64 64)")
+    return tuple(int(v) for v in values)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hant.layers import inspect_model, format_inspect
+
+    report = inspect_model(
+        args.model,
+        input_size=_input_size(args.input_size),
+        num_classes=args.num_classes,
+        checkpoint=args.checkpoint,
+        trust_pickle=args.trust_pickle,
+        space=args.space,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_inspect(report))
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from hant.config import DataConfig
+    from hant.teacher import train_teacher
+
+    data = DataConfig(spec=args.data, data_dir=args.data_dir, input_size=args.input_size,
+                      batch_size=args.batch_size, seed=args.seed)
+    result = train_teacher(args.model, data, epochs=args.epochs, out=args.out, lr=args.lr,
+                           seed=args.seed, max_train_images=args.max_images)
+    print(f"teacher: test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs "
+          f"in {result['train_time_s']:.0f} s -> {args.out}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from hant.run import init_run
+
+    cfg = init_run(args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
+                   data_dir=args.data_dir, input_size=args.input_size, space=args.space,
+                   include=args.include, exclude=args.exclude, trust_pickle=args.trust_pickle,
+                   config=args.config)
+    print(f"initialised {args.run}: {cfg.model.source}, data {cfg.data.spec} at {cfg.data.input_size}px, "
+          f"space {cfg.space}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from hant.distill import distill
+
+    distill(args.run, images=args.images, max_memory_mb=args.max_memory)
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from hant.latency import measure_table
+
+    measure_table(args.run, target=args.target, batch_size=args.batch_size, validate=args.validate,
+                  force=args.force, threads=args.threads)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from hant.score import score
+
+    score(args.run, method=args.method)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from hant.select import select
+
+    select(args.run, target=args.target, budget_ms=args.budget_ms, speedup=args.speedup,
+           sweep=args.sweep, name=args.name, max_params=args.max_params, max_flops=args.max_flops,
+           second_target=args.second_target, second_budget_ms=args.second_budget_ms,
+           freeze=args.freeze, exclude_families=args.exclude_family, objective=args.objective)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hant", description="Hardware-aware network transformation.")
+    p.add_argument("--version", action="version", version=f"hant {__import__('hant').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="list the replaceable layers of a model and the candidates per layer")
+    s.add_argument("--model", required=True, help="timm:NAME | torchvision:NAME | package.module:factory")
+    s.add_argument("--checkpoint", default=None, help="weights: .safetensors, or a torch checkpoint")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling a checkpoint you trust")
+    s.add_argument("--input-size", nargs="+", type=int, default=[1, 64, 64], metavar="N", help="C H W")
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--space", default="default", help="candidate space: full | default | tiny | path.yaml")
+    s.add_argument("--include", action="append", default=[], help="layer glob to replace (repeatable)")
+    s.add_argument("--exclude", action="append", default=[], help="layer glob to keep (repeatable)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("train-teacher", help="train a teacher network on a dataset")
+    s.add_argument("--model", default="timm:efficientnet_b0")
+    s.add_argument("--data", default="fashion-mnist", help="fashion-mnist | imagefolder:/path | synthetic:N")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--input-size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--epochs", type=float, default=10)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--max-images", type=int, default=None, help="cap train images (for quick runs)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
+    s.set_defaults(func=cmd_train_teacher)
+
+    s = sub.add_parser("init", help="create a run folder: config.yaml and layers.json")
+    s.add_argument("--run", required=True)
+    s.add_argument("--model", default=None, help="teacher source (default from --config or timm:efficientnet_b0)")
+    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--trust-pickle", action="store_true")
+    s.add_argument("--data", default=None, help="fashion-mnist | imagefolder:/path | synthetic:N")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--input-size", type=int, default=None)
+    s.add_argument("--space", default=None, help="full | default | tiny | path.yaml")
+    s.add_argument("--include", action="append", default=[])
+    s.add_argument("--exclude", action="append", default=[])
+    s.add_argument("--config", default=None, help="a YAML config to start from")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("distill", help="phase 1: train every candidate by layer-wise distillation")
+    s.add_argument("--run", required=True)
+    s.add_argument("--images", type=int, default=None, help="training images per candidate")
+    s.add_argument("--max-memory", type=int, default=None, metavar="MB", help="memory budget for one group")
+    s.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("latency", help="time every candidate on a target: the latency table")
+    s.add_argument("--run", required=True)
+    s.add_argument("--target", default="onnxruntime-cpu")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--validate", type=int, default=0, metavar="K", help="check the table on K random networks")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--force", action="store_true", help="use a table measured on another machine")
+    s.set_defaults(func=cmd_latency)
+
+    s = sub.add_parser("score", help="score every candidate on the held-out split")
+    s.add_argument("--run", required=True)
+    s.add_argument("--method", choices=["eval", "distill"], default=None)
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("select", help="phase 2: choose one candidate per layer under a latency budget")
+    s.add_argument("--run", required=True)
+    s.add_argument("--target", required=True, help="target id of a latency table in RUN/latency/")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget-ms", type=float, default=None)
+    g.add_argument("--speedup", type=float, default=None)
+    s.add_argument("--sweep", action="store_true", help="solve a range of budgets; write the Pareto front")
+    s.add_argument("--name", default=None, help="plan name (default from the budget)")
+    s.add_argument("--objective", choices=["d_loss", "d_acc", "kl"], default=None)
+    s.add_argument("--max-params", type=float, default=None)
+    s.add_argument("--max-flops", type=float, default=None)
+    s.add_argument("--second-target", default=None)
+    s.add_argument("--second-budget-ms", type=float, default=None)
+    s.add_argument("--freeze", action="append", default=[], help="layer glob kept as the teacher")
+    s.add_argument("--exclude-family", action="append", default=[], help="op family never chosen")
+    s.set_defaults(func=cmd_select)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hant` console script. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HantError as e:
+        print(f"hant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hant: interrupted; finished work is on disk and will be reused", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed run configuration: dataclasses, read from and written to YAML.
+
+Each stage reads its own section. Unknown keys are refused with a message that names
+them, so a typo in a config file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from hant.errors import HantError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "timm:efficientnet_b0"  # timm:NAME | torchvision:NAME | package.module:factory
+    checkpoint: str | None = None
+    trust_pickle: bool = False
+
+
+@dataclass
+class DataConfig:
+    spec: str = "fashion-mnist"  # fashion-mnist | imagefolder:/path | synthetic:N
+    data_dir: str | None = None
+    input_size: int = 64
+    heldout: int = 5000  # images taken from the train split for scores; never trained on
+    batch_size: int = 128
+    workers: int = 0
+    seed: int = 0
+    # Filled in by init from the dataset so that the run can be rebuilt without it.
+    in_chans: int | None = None
+    num_classes: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class LayersConfig:
+    include: list[str] = field(default_factory=list)  # globs; empty means the default discovery
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistillConfig:
+    images: int | None = None  # images per candidate; None means `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    max_memory_mb: int | None = None  # None: a safe share of RAM
+    checkpoint_minutes: float = 5.0
+
+
+@dataclass
+class LatencyConfig:
+    threads: int | None = None  # None: all cores
+    warmup: int = 5
+    min_repeats: int = 15
+    max_repeats: int = 200
+    time_cap_s: float = 600.0
+
+
+@dataclass
+class ScoreConfig:
+    method: str = "eval"  # eval: replace one layer and run the held-out split | distill: phase-1 held-out NMSE
+    objective: str = "d_loss"  # d_loss | d_acc | kl
+    images: int | None = None  # None: the whole held-out split
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 128
+    kd_weight: float = 1.0
+    ce_weight: float = 0.5
+    temperature: float = 2.0
+    bn_batches: int = 20
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    space: str = "default"
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "RunConfig":
+        """Build from a dict; missing keys take defaults. Raises HantError on unknown keys or bad types."""
+        return _from_dict(cls, d or {}, "")
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML atomically."""
+        from hant.workspace import write_yaml
+
+        write_yaml(path, {"version": 1, **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        """Read a YAML config (safe loader). Raises HantError on malformed YAML or unknown keys."""
+        from hant.workspace import read_yaml
+
+        d = read_yaml(path)
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise HantError(f"{path} must hold a mapping of config sections, not {type(d).__name__}")
+        d = dict(d)
+        d.pop("version", None)
+        try:
+            return cls.from_dict(d)
+        except HantError as e:
+            raise HantError(f"{path}: {e}") from None
+
+
+def _from_dict(cls, d: dict[str, Any], prefix: str):
+    if not isinstance(d, dict):
+        raise HantError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise HantError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    # Only the handful of types used above: int, float, bool, str, list[...] and Optional.
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise HantError(f"config key '{key}' must be a list")
+        return [_check_type(v, args[0], key) for v in value] if args else value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint in (int, float, bool, str):
+        raise HantError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+    return value
