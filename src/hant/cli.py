@@ -96,6 +96,55 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from hant.student import finetune, measure
+
+    finetune(args.run, args.plan, epochs=args.epochs)
+    if not args.no_measure:
+        measure(args.run, args.plan)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hant.export import export
+
+    export(args.run, args.plan, int8=args.int8)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hant.report import require_report_inputs, write_report
+
+    require_report_inputs(args.run)
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def cmd_accelerate(args: argparse.Namespace) -> int:
+    from hant.accelerate import AccelerateOptions, accelerate_run
+
+    opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
+                             validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs)
+    init_kwargs = None
+    if args.model or args.config or args.data:
+        init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
+                           input_size=args.input_size, space=args.space, include=args.include,
+                           exclude=args.exclude, trust_pickle=args.trust_pickle, config=args.config)
+    out = accelerate_run(args.run, opts, init_kwargs=init_kwargs)
+    from hant.report import collect, results_table
+
+    print(results_table(collect(args.run)))
+    print(f"report: {out['report']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hant.accelerate import demo
+
+    demo(run=args.run, quick=args.quick, data=args.data)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hant", description="Hardware-aware network transformation.")
     p.add_argument("--version", action="version", version=f"hant {__import__('hant').__version__}")
@@ -176,6 +225,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--freeze", action="append", default=[], help="layer glob kept as the teacher")
     s.add_argument("--exclude-family", action="append", default=[], help="op family never chosen")
     s.set_defaults(func=cmd_select)
+
+    s = sub.add_parser("finetune", help="phase 3: assemble a plan's student, fine-tune it with distillation, measure it")
+    s.add_argument("--run", required=True)
+    s.add_argument("--plan", required=True)
+    s.add_argument("--epochs", type=float, default=None)
+    s.add_argument("--no-measure", action="store_true", help="skip the end-to-end latency measurement")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("export", help="export a student to ONNX (and INT8)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--plan", required=True)
+    s.add_argument("--int8", action="store_true", help="also static INT8 with ONNX Runtime's quantiser")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("report", help="write RUN/report.md and the plots")
+    s.add_argument("--run", required=True)
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("accelerate", help="every stage in order, skipping finished work")
+    s.add_argument("--run", required=True)
+    s.add_argument("--config", default=None, help="a YAML config that drives the run")
+    s.add_argument("--model", default=None)
+    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--trust-pickle", action="store_true")
+    s.add_argument("--data", default=None)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--input-size", type=int, default=None)
+    s.add_argument("--space", default=None)
+    s.add_argument("--include", action="append", default=[])
+    s.add_argument("--exclude", action="append", default=[])
+    s.add_argument("--target", default="onnxruntime-cpu")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--speedup", type=float, action="append", default=None, help="repeatable; default 2 and 3")
+    s.add_argument("--validate", type=int, default=10)
+    s.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs")
+    s.add_argument("--no-int8", action="store_true")
+    s.set_defaults(func=cmd_accelerate)
+
+    s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")
+    s.add_argument("--quick", action="store_true", help="small model, tiny space, few images: minutes")
+    s.add_argument("--run", default=None, help="run folder (default runs/demo or runs/demo-quick)")
+    s.add_argument("--data", default=None, help="override the dataset (e.g. synthetic:2000)")
+    s.set_defaults(func=cmd_demo)
 
     return p
 

@@ -1,0 +1,282 @@
+"""The report: RUN/report.md, RUN/pareto.png and RUN/architecture.png.
+
+Reads only artifacts (layers.json, plans/, students/*/eval.json, timings.json); never
+re-measures anything, so a report can be rebuilt at any time for free.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from hant.errors import HantError
+from hant.workspace import RunDir, atomic_write_text, read_json
+
+# One colour per op family, so the architecture picture reads the same across runs.
+_FAMILY_COLORS = {
+    "teacher": "#9e9e9e", "mb": "#1f77b4", "fmb": "#ff7f0e", "ds": "#2ca02c", "conv": "#d62728",
+    "basic": "#9467bd", "bottle": "#8c564b", "skip": "#ffffff", "proj": "#e377c2",
+}
+
+
+def family(spec: str) -> str:
+    """The family token of a spec string (`mb_k3_e4_relu` -> `mb`)."""
+    return spec.split("_", 1)[0]
+
+
+def stage_of(layer_name: str) -> str:
+    """A readable stage label for a layer name: `blocks.3.1` -> `blocks.3`, `layer2.0` -> `layer2`."""
+    m = re.match(r"^(.*?)(?:\.\d+)$", layer_name)
+    return m.group(1) if m else layer_name
+
+
+def collect(run: str | Path) -> dict[str, Any]:
+    """Gather every artifact the report needs into one dict (also used by `hant demo` to print the table).
+
+    Returns {"layers", "plans": {name: plan}, "evals": {name: eval}, "timings", "config"}.
+    Raises HantError when the run has no layers.json.
+    """
+    rd = RunDir(run)
+    rd.require(rd.layers, "init")
+    layers = read_json(rd.layers)["layers"]
+    plans = {p.stem: read_json(p) for p in sorted((rd.root / "plans").glob("*.json"))}
+    evals = {}
+    for p in sorted((rd.root / "students").glob("*/eval.json")):
+        evals[p.parent.name] = read_json(p)
+    timings_path = rd.root / "timings.json"
+    timings = read_json(timings_path) if timings_path.exists() else {}
+    config = {}
+    if rd.config.exists():
+        from hant.workspace import read_yaml
+
+        config = read_yaml(rd.config) or {}
+    return {"layers": layers, "plans": plans, "evals": evals, "timings": timings, "config": config}
+
+
+def _fmt(x: Any, spec: str = ".2f", suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    try:
+        return f"{x:{spec}}{suffix}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated student (fp32 and, when exported, INT8), plus the teacher first."""
+    rows: list[dict[str, Any]] = []
+    teacher_seen = False
+    for name, ev in info["evals"].items():
+        t, s = ev.get("teacher", {}), ev.get("student", {})
+        if not teacher_seen and t:
+            rows.append({"name": "teacher", "precision": "fp32", "target": ev.get("target"),
+                         "batch_size": ev.get("batch_size"), "latency_ms": t.get("latency_ms"),
+                         "top1": t.get("top1"), "speedup": 1.0, "predicted_ms": None, "d_top1": 0.0})
+            teacher_seen = True
+        plan = info["plans"].get(name, {})
+        pred = ev.get("predicted_ms", plan.get("predicted_ms"))
+        lat = s.get("latency_ms")
+        rows.append({
+            "name": name, "precision": "fp32", "target": ev.get("target"), "batch_size": ev.get("batch_size"),
+            "budget_ms": plan.get("budget_ms"), "predicted_ms": pred, "latency_ms": lat,
+            "pred_err_pct": (100.0 * (pred - lat) / lat) if (pred and lat) else None,
+            "speedup": ev.get("speedup"), "top1": s.get("top1"),
+            "d_top1": (s["top1"] - t["top1"]) if (s.get("top1") is not None and t.get("top1") is not None) else None,
+        })
+        q = ev.get("int8")
+        if q and q.get("top1") is not None:
+            tl = t.get("latency_ms")
+            rows.append({
+                "name": name, "precision": "int8", "target": ev.get("target"), "batch_size": ev.get("batch_size"),
+                "latency_ms": q.get("latency_ms"), "top1": q.get("top1"),
+                "speedup": (tl / q["latency_ms"]) if (tl and q.get("latency_ms")) else None,
+                "d_top1": (q["top1"] - t["top1"]) if t.get("top1") is not None else None,
+            })
+    return rows
+
+
+def results_table(info: dict[str, Any]) -> str:
+    """The headline table as markdown: accuracy, measured latency, speedup, predicted vs measured."""
+    rows = results_rows(info)
+    if not rows:
+        return "_No student has been evaluated yet (run `hant finetune`)._\n"
+    out = ["| network | precision | budget ms | predicted ms | measured ms | pred. error | speedup | top-1 % | Δ top-1 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['name']} | {r['precision']} | {_fmt(r.get('budget_ms'), '.3f')} | {_fmt(r.get('predicted_ms'), '.3f')} "
+            f"| {_fmt(r.get('latency_ms'), '.3f')} | {_fmt(r.get('pred_err_pct'), '+.1f', '%')} "
+            f"| {_fmt(r.get('speedup'), '.2f', 'x')} | {_fmt(r.get('top1'), '.2f')} | {_fmt(r.get('d_top1'), '+.2f')} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def choices_table(info: dict[str, Any]) -> str:
+    """Markdown: the spec each plan chose for each layer, layers in network order."""
+    plans = info["plans"]
+    if not plans:
+        return "_No plans yet (run `hant select`)._\n"
+    names = list(plans)
+    out = ["| layer | stride | in → out | " + " | ".join(names) + " |",
+           "|---|---:|---|" + "---|" * len(names)]
+    for layer in info["layers"]:
+        n = layer["name"]
+        shape = f"{layer['in_shape'][0]}→{layer['out_shape'][0]} @{layer['out_shape'][-1]}"
+        specs = [plans[p].get("layers", {}).get(n, "–") for p in names]
+        out.append(f"| {n} | {layer['stride']} | {shape} | " + " | ".join(f"`{s}`" for s in specs) + " |")
+    return "\n".join(out) + "\n"
+
+
+def stage_summary(info: dict[str, Any]) -> str:
+    """Markdown: per plan and stage, which families were chosen (the paper's 'insights' view)."""
+    lines = []
+    for name, plan in info["plans"].items():
+        by_stage: dict[str, Counter] = defaultdict(Counter)
+        for layer in info["layers"]:
+            spec = plan.get("layers", {}).get(layer["name"])
+            if spec:
+                by_stage[stage_of(layer["name"])][family(spec)] += 1
+        parts = []
+        for stage, counts in by_stage.items():
+            parts.append(f"{stage}: " + ", ".join(f"{fam}×{c}" for fam, c in counts.most_common()))
+        kept = sum(1 for s in plan.get("layers", {}).values() if s == "teacher")
+        removed = sum(1 for s in plan.get("layers", {}).values() if s == "skip")
+        lines.append(f"- **{name}**: {kept} layers kept as the teacher, {removed} removed (`skip`). "
+                     + "; ".join(parts))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def plot_pareto(info: dict[str, Any], path: Path) -> Path | None:
+    """Top-1 against measured latency for the teacher and every student (fp32 and INT8)."""
+    rows = [r for r in results_rows(info) if r.get("latency_ms") and r.get("top1") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = {"fp32": ("o", "#1f77b4"), "int8": ("s", "#ff7f0e")}
+    for prec in ("fp32", "int8"):
+        pts = sorted((r["latency_ms"], r["top1"], r["name"]) for r in rows
+                     if r["precision"] == prec and r["name"] != "teacher")
+        if pts:
+            m, c = styles[prec]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=m, color=c, label=f"hant students ({prec})")
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in rows:
+        if r["name"] == "teacher":
+            ax.scatter([r["latency_ms"]], [r["top1"]], marker="*", s=160, color="black", zorder=5, label="teacher")
+    first = rows[0]
+    ax.set_xlabel(f"measured latency, ms ({first.get('target')}, batch {first.get('batch_size')})")
+    ax.set_ylabel("test top-1, %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_architecture(info: dict[str, Any], path: Path) -> Path | None:
+    """One row per plan (teacher on top), one box per layer coloured by the chosen family."""
+    plans = info["plans"]
+    if not plans:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    layers = [layer["name"] for layer in info["layers"]]
+    rows = [("teacher", {n: "teacher" for n in layers})] + [(p, plans[p].get("layers", {})) for p in plans]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 0.5 * len(rows) + 1.6), dpi=120)
+    used = set()
+    for y, (label, choice) in enumerate(reversed(rows)):
+        for x, n in enumerate(layers):
+            spec = choice.get(n, "teacher")
+            fam = family(spec)
+            used.add(fam)
+            ax.add_patch(Rectangle((x, y + 0.1), 0.9, 0.8, facecolor=_FAMILY_COLORS.get(fam, "#bcbd22"),
+                                   edgecolor="black", linewidth=0.5))
+        ax.text(-0.3, y + 0.5, label, ha="right", va="center", fontsize=8)
+    ax.set_xlim(-0.2, len(layers))
+    ax.set_ylim(0, len(rows))
+    ax.set_xticks([i + 0.45 for i in range(len(layers))])
+    ax.set_xticklabels(layers, rotation=90, fontsize=7)
+    ax.set_yticks([])
+    ax.legend(handles=[Patch(facecolor=_FAMILY_COLORS.get(f, "#bcbd22"), edgecolor="black", label=f)
+                       for f in sorted(used)], fontsize=7, ncol=min(len(used), 6),
+              loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(layers) > 8 else -0.2))
+    ax.set_title("chosen operation per layer", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _fusion_lines(info: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, ev in info["evals"].items():
+        onnx = ev.get("onnx") or {}
+        fused = onnx.get("fusions") or onnx.get("fused_ops")
+        bn = onnx.get("batchnorm_nodes", onnx.get("bn_nodes_in_export"))
+        if fused is not None or bn is not None:
+            lines.append(f"- {name}: BatchNormalization nodes left in the export: {_fmt(bn, 'd')}; "
+                         f"ONNX Runtime fused ops: {fused if fused else 'none reported'}")
+    return lines
+
+
+def write_report(run: str | Path) -> Path:
+    """Write RUN/report.md, RUN/pareto.png and RUN/architecture.png. Returns the report path.
+
+    Raises HantError when the run folder has not been initialised.
+    """
+    rd = RunDir(run)
+    info = collect(run)
+    cfg = info["config"]
+    model = cfg.get("model", {}).get("source", "?")
+    data = cfg.get("data", {})
+    pareto = plot_pareto(info, rd.root / "pareto.png")
+    arch = plot_architecture(info, rd.root / "architecture.png")
+
+    md = [f"# hant report: {rd.root.name}", "",
+          f"Teacher `{model}`, data `{data.get('spec', '?')}` at {data.get('input_size', '?')} px, "
+          f"candidate space `{cfg.get('space', '?')}`, {len(info['layers'])} replaceable layers.", "",
+          "## Accuracy and measured latency", "",
+          "Latency is measured end to end on the plan's target in one interleaved run (medians); "
+          "`predicted` is the latency table's estimate used by the selection.", "",
+          results_table(info)]
+    if pareto:
+        md += ["![accuracy against latency](pareto.png)", ""]
+    md += ["## Chosen operations", "", stage_summary(info), choices_table(info)]
+    if arch:
+        md += ["![architecture](architecture.png)", ""]
+    fusions = _fusion_lines(info)
+    if fusions:
+        md += ["## Kernel fusion", "", "Batch norm is folded into the convolutions at export; ONNX Runtime "
+               "fuses the rest at its full optimisation level.", ""] + fusions + [""]
+    if info["timings"]:
+        md += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+        md += [f"| {k} | {v:.0f} |" for k, v in info["timings"].items() if isinstance(v, (int, float))]
+        md.append("")
+    path = rd.report
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def require_report_inputs(run: str | Path) -> None:
+    """Raise HantError when there is nothing to report yet."""
+    info = collect(run)
+    if not info["plans"] and not info["evals"]:
+        raise HantError(f"{run} has no plans or evaluated students yet; run `hant select` and `hant finetune` first")
