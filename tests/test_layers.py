@@ -1,0 +1,270 @@
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from hant.errors import HantError
+from hant.layers import LayerInfo, discover_layers, format_inspect, get_layer, inspect_model, set_layer
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    torch.manual_seed(0)
+    return timm.create_model("efficientnet_b0", in_chans=1, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def effnet_layers(effnet):
+    return discover_layers(effnet, (1, 32, 32))
+
+
+def by_name(layers):
+    return {l.name: l for l in layers}
+
+
+# ------------------------------------------------------------------------------------------
+# Default discovery on the model families hant targets
+
+
+def test_efficientnet_b0_blocks_at_32(effnet_layers):
+    layers, skipped = effnet_layers
+    assert [l.name for l in layers] == [f"blocks.{i}.{j}" for i, n in enumerate([1, 2, 2, 3, 3, 4, 1])
+                                        for j in range(n)]
+    assert skipped == []
+    d = by_name(layers)
+    b00 = d["blocks.0.0"]
+    assert (b00.in_shape, b00.out_shape, b00.stride) == ((32, 16, 16), (16, 16, 16), 1)
+    assert (b00.in_chs, b00.out_chs) == (32, 16)
+    # The stage-opening blocks that halve the map, and nothing else.
+    assert {l.name for l in layers if l.stride == 2} == {"blocks.1.0", "blocks.2.0", "blocks.3.0", "blocks.5.0"}
+    assert d["blocks.5.0"].in_shape == (112, 2, 2) and d["blocks.5.0"].out_shape == (192, 1, 1)
+    assert d["blocks.6.0"].out_shape == (320, 1, 1)
+    # Consecutive blocks chain: each input is the previous output.
+    for a, b in zip(layers, layers[1:]):
+        assert a.out_shape == b.in_shape
+
+
+def test_efficientnet_b0_blocks_at_64_and_train_mode_restored(effnet):
+    effnet.train()
+    effnet.blocks[0].eval()  # a mixed state must come back exactly
+    layers, _ = discover_layers(effnet, (1, 64, 64))
+    assert len(layers) == 16
+    d = by_name(layers)
+    assert d["blocks.0.0"].in_shape == (32, 32, 32)
+    assert d["blocks.6.0"].out_shape == (320, 2, 2)
+    assert effnet.training and not effnet.blocks[0].training and effnet.blocks[1].training
+    effnet.eval()
+
+
+def test_params_and_flops(effnet, effnet_layers):
+    layers, _ = effnet_layers
+    for l in layers:
+        assert l.params == sum(p.numel() for p in get_layer(effnet, l.name).parameters()) > 0
+        assert l.flops > 0
+    # blocks.0.0 = depthwise 3x3 on 32 channels, squeeze-excite 32->8->32 on the pooled 1x1
+    # map, pointwise 32->16; two FLOPs per multiply-add.
+    def expected(hw):
+        return 2 * (9 * 32 * hw + 32 * 8 + 8 * 32 + 32 * 16 * hw)
+
+    big, _ = discover_layers(effnet, (1, 64, 64), include=["blocks.0.0"])
+    assert by_name(layers)["blocks.0.0"].flops == expected(16 * 16)
+    assert big[0].flops == expected(32 * 32)
+
+
+def test_conv_flops_are_two_per_multiply_add():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2))
+    layers, skipped = discover_layers(model, (3, 10, 10))
+    assert [l.name for l in layers] == ["0", "2"]
+    assert skipped == [{"name": "1", "reason": "contains no convolution"}]
+    first, second = layers
+    assert first.flops == 2 * (3 * 3 * 3) * 8 * 10 * 10
+    assert (second.stride, second.out_shape) == (2, (16, 5, 5))
+    assert second.flops == 2 * (8 // 2 * 3 * 3) * 16 * 5 * 5
+    assert first.params == 3 * 8 * 9 + 8
+
+
+def test_timm_mobilenetv2_has_17_blocks():
+    model = timm.create_model("mobilenetv2_100", in_chans=1, num_classes=10)
+    layers, _ = discover_layers(model, (1, 32, 32))
+    assert len(layers) == 17
+    assert layers[0].name == "blocks.0.0" and layers[-1].name == "blocks.6.0"
+
+
+@pytest.mark.parametrize("make", [lambda: timm.create_model("resnet18", in_chans=1, num_classes=10),
+                                  lambda: torchvision.models.resnet18(num_classes=10)],
+                         ids=["timm", "torchvision"])
+def test_resnet18_layer_blocks(make):
+    model = make()
+    c = model.conv1.in_channels
+    layers, skipped = discover_layers(model, (c, 32, 32))
+    assert [l.name for l in layers] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert skipped == []
+    d = by_name(layers)
+    assert d["layer1.0"].in_shape == (64, 8, 8)
+    assert (d["layer2.0"].stride, d["layer2.0"].out_shape) == (2, (128, 4, 4))
+    assert d["layer4.1"].out_shape == (512, 1, 1)
+
+
+def test_torchvision_mobilenet_v2_main_sequential():
+    # No named rule applies; `features` wins over the `conv` Sequential inside every block.
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    layers, skipped = discover_layers(model, (3, 32, 32))
+    assert [l.name for l in layers] == [f"features.{i}" for i in range(19)]
+    assert skipped == []
+    assert layers[0].stride == 2 and layers[0].in_shape == (3, 32, 32)
+
+
+def test_torchvision_efficientnet_stages_are_looked_through():
+    model = torchvision.models.efficientnet_b0(num_classes=10)
+    layers, _ = discover_layers(model, (3, 32, 32))
+    names = [l.name for l in layers]
+    assert len(names) == 18 and names[0] == "features.0" and names[-1] == "features.8"
+    assert "features.6.3" in names and "features.6" not in names
+
+
+# ------------------------------------------------------------------------------------------
+# Globs
+
+
+def test_include_selects_outermost_matches(effnet):
+    layers, _ = discover_layers(effnet, (1, 32, 32), include=["blocks.5.*"])
+    # `*` crosses dots, so the glob also matches the insides of each block; they are dropped.
+    assert [l.name for l in layers] == ["blocks.5.0", "blocks.5.1", "blocks.5.2", "blocks.5.3"]
+
+
+def test_include_can_pick_parameter_free_or_inner_modules(effnet):
+    layers, _ = discover_layers(effnet, (1, 32, 32), include=["conv_stem", "blocks.0.0.conv_dw"])
+    assert [(l.name, l.out_shape) for l in layers] == [("conv_stem", (32, 16, 16)), ("blocks.0.0.conv_dw", (32, 16, 16))]
+
+
+def test_exclude_drops_layers_and_their_stage(effnet):
+    layers, skipped = discover_layers(effnet, (1, 32, 32), exclude=["blocks.6", "blocks.1.?"])
+    names = [l.name for l in layers]
+    assert len(names) == 13
+    assert not any(n.startswith(("blocks.6", "blocks.1")) for n in names)
+    assert {"name": "blocks.6.0", "reason": "excluded by 'blocks.6'"} in skipped
+    assert {"name": "blocks.1.1", "reason": "excluded by 'blocks.1.?'"} in skipped
+
+
+@pytest.mark.parametrize("kw", [{"include": ["blocks.9.*"]}, {"exclude": ["nope"]}])
+def test_glob_matching_nothing_is_an_error(effnet, kw):
+    glob = next(iter(kw.values()))[0]
+    with pytest.raises(HantError, match=glob.replace(".", r"\.").replace("*", r"\*")):
+        discover_layers(effnet, (1, 32, 32), **kw)
+
+
+def test_excluding_everything_is_an_error(effnet):
+    with pytest.raises(HantError, match="no replaceable layers.*--include"):
+        discover_layers(effnet, (1, 32, 32), exclude=["blocks"])
+
+
+# ------------------------------------------------------------------------------------------
+# Skipped modules
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class Split(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, -y
+
+
+class Merge(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, pair):
+        return self.conv(pair[0] + pair[1])
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.body = nn.Sequential(ConvBlock(8, 8), Split(8), Merge(8), ConvBlock(8, 16, stride=2),
+                                  ConvBlock(16, 16))
+        self.shared = ConvBlock(16, 16)
+        self.tail = nn.Sequential(self.shared, self.shared)  # one module used twice
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.tail(self.body(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_toy_multi_output_and_shared_modules_are_skipped_with_reasons():
+    layers, skipped = discover_layers(Toy(), (1, 12, 12))
+    assert [l.name for l in layers] == ["body.0", "body.3", "body.4"]
+    assert by_name(layers)["body.3"].stride == 2
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    assert reasons.keys() == {"body.1", "body.2"}
+    assert reasons["body.1"].startswith("output is not a single tensor (tuple of 2")
+    assert reasons["body.2"].startswith("input is not a single tensor")
+    # Asked for explicitly, a shared module is refused with its own reason.
+    layers, skipped = discover_layers(Toy(), (1, 12, 12), include=["body.0", "shared", "head"])
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    assert [l.name for l in layers] == ["body.0"]
+    assert "called 2 times" in reasons["shared"]
+    assert "not a 4-D feature map" in reasons["head"]
+
+
+def test_layers_do_not_overlap(effnet_layers):
+    names = [l.name for l in effnet_layers[0]]
+    assert not any(a != b and b.startswith(a + ".") for a in names for b in names)
+
+
+def test_bad_input_size_and_failing_forward(effnet):
+    with pytest.raises(HantError, match="C H W"):
+        discover_layers(effnet, (32, 32))
+    with pytest.raises(HantError, match="input-size"):
+        discover_layers(effnet, (3, 32, 32))  # the model takes one channel
+
+
+# ------------------------------------------------------------------------------------------
+# Module access and serialisation
+
+
+def test_get_set_layer_round_trip(effnet):
+    model = timm.create_model("efficientnet_b0", in_chans=1, num_classes=10).eval()
+    original = get_layer(model, "blocks.1.0")
+    assert original is model.blocks[1][0]
+    replacement = nn.Conv2d(16, 24, 1, stride=2)
+    set_layer(model, "blocks.1.0", replacement)
+    assert get_layer(model, "blocks.1.0") is replacement and model.blocks[1][0] is replacement
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)  # still a working network
+    set_layer(model, "blocks.1.0", original)
+    assert model.blocks[1][0] is original
+    set_layer(model, "conv_head", nn.Identity())
+    assert isinstance(model.conv_head, nn.Identity)
+    with pytest.raises(HantError, match="blocks.1.9"):
+        get_layer(model, "blocks.1.9")
+    with pytest.raises(HantError, match="blocks.1.9"):
+        set_layer(model, "blocks.1.9", nn.Identity())
+    with pytest.raises(HantError, match="nn.Module"):
+        set_layer(model, "blocks.1.0", "conv")
+
+
+def test_layer_info_dict_round_trip(effnet_layers):
+    for layer in effnet_layers[0]:
+        d = json.loads(json.dumps(layer.to_dict()))
+        assert LayerInfo.from_dict({**d, "candidates": 5}) == layer
+    d = effnet_layers[0][0].to_dict()
+    del d["stride"]
+    with pytest.raises(HantError, match="stride"):
+        LayerInfo.from_dict(d)
