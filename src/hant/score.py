@@ -1,0 +1,470 @@
+"""Per-candidate scores: how much the teacher's held-out loss changes when one layer is replaced.
+
+For every trained candidate o of layer l, the teacher with l alone replaced by o is run over
+the held-out split (never seen by phase 1 or fine-tuning), and RUN/scores.json records
+
+    d_loss   mean cross-entropy against the labels, candidate minus teacher
+    d_acc    top-1 accuracy, candidate minus teacher, in percentage points
+    kl       mean KL(teacher || candidate) of the output distributions
+
+plus the candidate's parameters and FLOPs per image (so that selection needs no torch). The
+`teacher` candidate scores exactly zero without a pass.
+
+Cost: the teacher runs once over the held-out split for its logits. Then, per layer and
+chunk of candidates, each batch's input to the layer is computed by the prefix alone (a
+pre-hook stops the forward there), and each candidate runs only itself and the rest of the
+network (`Suffix`). Partial results are written after every chunk, and a restart skips
+candidates already scored with the same weights, method and images.
+
+`method="distill"` instead takes each candidate's held-out normalised MSE from phase 1 as
+d_loss (d_acc and kl null): no passes over the data, for very large pools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hant.errors import HantError
+
+__all__ = ["Suffix", "layer_input", "replacement_scores", "count_flops", "score", "METHODS"]
+
+METHODS = ("eval", "distill")
+_CHUNK = 16  # candidates evaluated per pass over the held-out split; also the checkpoint interval
+_CACHE_BYTES = 1 << 30  # held-out batches are kept in memory below this size
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward once the wanted input is captured."""
+
+
+@torch.no_grad()
+def layer_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of layer `name` when `model` runs on `x`, computing only what comes before it.
+
+    Raises HantError when the forward never reaches the layer.
+    """
+    from hant.layers import get_layer
+
+    box: list[torch.Tensor] = []
+
+    def grab(module, args):
+        box.append(args[0])
+        raise _Stop
+
+    handle = get_layer(model, name).register_forward_pre_hook(grab)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise HantError(f"the model's forward never calls layer {name}; re-create layers.json with `hant init`")
+    return box[0]
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a module that runs before the replaced layer: returns its input unchanged."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class _Inject(nn.Module):
+    """Stands in for the replaced layer: returns a precomputed output, ignoring its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.out: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+class Suffix:
+    """Runs a network from one layer onwards: the candidate's output in, logits out.
+
+    Every module that runs before the layer (at each level of the layer's ancestry) is swapped
+    for a pass-through and the layer for the candidate's output, so a forward costs only the
+    layer's successors: for timm EfficientNet, the later blocks and the head. This is checked
+    once against the full model (the teacher's own layer must give the teacher's logits); when
+    it does not hold (a skip connection around the layer, functional code that needs the
+    prefix's values), `mode` is `full` and each call runs the whole network with the candidate
+    in place, which is always right, only slower.
+    """
+
+    def __init__(self, model: nn.Module, name: str, example: torch.Tensor):
+        from hant.layers import get_layer
+
+        self.model, self.name = model, name
+        self.layer = get_layer(model, name)
+        self._inject = _Inject()
+        self._swaps = self._prefix_modules(example)
+        self.mode = "suffix"
+        with torch.no_grad():
+            want = model(example)
+            try:
+                got = self._run_suffix(example, self.layer(layer_input(model, name, example)))
+                ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4,
+                                                                atol=1e-5 * float(want.abs().max()) + 1e-6)
+            except Exception:  # any failure of the shortcut means: use the full forward
+                ok = False
+        if not ok:
+            self.mode = "full"
+
+    def _prefix_modules(self, example: torch.Tensor) -> list[str]:
+        """Names of the modules that run before the layer, at every level of its ancestry."""
+        order: dict[str, int] = {}
+        handles = []
+        for n, m in self.model.named_modules():
+            if n:
+                def pre(module, args, n=n):
+                    order.setdefault(n, len(order))
+                handles.append(m.register_forward_pre_hook(pre))
+        try:
+            layer_input(self.model, self.name, example)
+        finally:
+            for h in handles:
+                h.remove()
+        parts = self.name.split(".")
+        swaps = []
+        for depth in range(len(parts)):
+            parent = ".".join(parts[:depth])
+            on_path = ".".join(parts[:depth + 1])
+            container = self.model.get_submodule(parent) if parent else self.model
+            for child, _ in container.named_children():
+                full = f"{parent}.{child}" if parent else child
+                if full != on_path and order.get(full, math.inf) < order.get(on_path, -1):
+                    swaps.append(full)
+        return swaps
+
+    @contextlib.contextmanager
+    def _swapped(self, replacements: dict[str, nn.Module]) -> Iterator[None]:
+        from hant.layers import get_layer, set_layer
+
+        saved = {n: get_layer(self.model, n) for n in replacements}
+        try:
+            for n, m in replacements.items():
+                set_layer(self.model, n, m)
+            yield
+        finally:
+            for n, m in saved.items():
+                set_layer(self.model, n, m)
+
+    def _run_suffix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._inject.out = y
+        try:
+            with self._swapped({**{n: _PassThrough() for n in self._swaps}, self.name: self._inject}):
+                return self.model(x)
+        finally:
+            self._inject.out = None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, x_layer: torch.Tensor, candidate: nn.Module) -> torch.Tensor:
+        """Logits of the network with the layer replaced by `candidate`.
+
+        x: the network's input batch; x_layer: the layer's input for that batch (`layer_input`).
+        """
+        if self.mode == "suffix":
+            return self._run_suffix(x, candidate(x_layer))
+        with self._swapped({self.name: candidate}):
+            return self.model(x)
+
+
+@torch.no_grad()
+def replacement_scores(model: nn.Module, name: str, candidates: dict[str, nn.Module],
+                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       teacher_logits: Sequence[torch.Tensor] | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float | None]]:
+    """Scores of each candidate replacing layer `name` of `model` over the (x, labels) batches.
+
+    Returns {spec: {"d_loss", "d_acc", "kl"}} (see the module docstring); a candidate whose
+    output is not finite gets None values. `teacher_logits` (one tensor per batch) saves the
+    teacher's own pass when given. `progress(n)` is called with the images done per candidate
+    and batch.
+    """
+    model.eval()
+    for m in candidates.values():
+        m.eval()
+    suffix = None
+    sums = {s: [0.0, 0.0, 0.0] for s in candidates}  # loss, correct, kl
+    t_loss = t_correct = 0.0
+    n = 0
+    for b, (x, y) in enumerate(batches):
+        if suffix is None:
+            suffix = Suffix(model, name, x)
+        t_out = teacher_logits[b] if teacher_logits is not None else model(x)
+        t_logp = F.log_softmax(t_out.float(), dim=1)
+        t_loss += float(F.nll_loss(t_logp, y, reduction="sum"))
+        t_correct += float((t_out.argmax(1) == y).sum())
+        x_layer = layer_input(model, name, x)
+        for spec, cand in candidates.items():
+            logp = F.log_softmax(suffix(x, x_layer, cand).float(), dim=1)
+            acc = sums[spec]
+            acc[0] += float(F.nll_loss(logp, y, reduction="sum"))
+            acc[1] += float((logp.argmax(1) == y).sum())
+            acc[2] += float(F.kl_div(logp, t_logp, log_target=True, reduction="sum"))
+            if progress is not None:
+                progress(len(y))
+        n += len(y)
+    if n == 0:
+        raise HantError("the held-out split is empty; raise data.heldout in the run's config")
+    out = {}
+    for spec, (loss, correct, kl) in sums.items():
+        vals = {"d_loss": (loss - t_loss) / n, "d_acc": 100.0 * (correct - t_correct) / n, "kl": kl / n}
+        out[spec] = vals if all(math.isfinite(v) for v in vals.values()) else {k: None for k in vals}
+    return out
+
+
+@torch.no_grad()
+def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
+    """FLOPs of one forward of `module` on one image of shape (C, H, W) (torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(module.parameters(), None)
+    x = torch.zeros((1, *in_shape), device=p.device if p is not None else "cpu")
+    was = module.training
+    module.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            module(x)
+    finally:
+        module.train(was)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
+                mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+
+
+def _candidate_file(run: Path, entry: dict) -> Path:
+    from hant.workspace import RunDir
+
+    f = entry.get("file")
+    if f:
+        p = Path(f)
+        return p if p.is_absolute() else run / p
+    return RunDir(run).candidate_file(entry["layer"], entry["spec"])
+
+
+def _build(layer, spec: str, teacher_layer: nn.Module) -> nn.Module:
+    from hant.ops import build
+
+    return build(spec, layer.in_chs, layer.out_chs, layer.stride,
+                 teacher_layer if spec == "teacher" else None,
+                 in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:]))
+
+
+def _load_candidate(run: Path, layer, entry: dict, teacher_layer: nn.Module) -> nn.Module:
+    from hant.workspace import load_safetensors
+
+    module = _build(layer, entry["spec"], teacher_layer)
+    state = load_safetensors(_candidate_file(run, entry), entry.get("sha256"))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise HantError(f"{entry['layer']}/{entry['spec']}: weights do not fit the op ({str(e).splitlines()[0]}); "
+                        "rerun `hant distill`") from None
+    return module.eval()
+
+
+def _size(layer, module: nn.Module) -> dict[str, int]:
+    return {"params": sum(p.numel() for p in module.parameters()), "flops": count_flops(module, layer.in_shape)}
+
+
+def score(run: str | Path, method: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every trained candidate of the run and write RUN/scores.json.
+
+    method: `eval` (replace one layer, run the held-out split) or `distill` (phase-1 held-out
+    NMSE as d_loss, no passes); None takes the run's config (`score.method`). `score.images`
+    in the config caps the held-out images. Resumable: entries already scored with the same
+    weights (sha256), method and image count are kept.
+
+    Returns the scores object written ({"version", "method", "images", "teacher", "entries"}).
+    Raises HantError when earlier stages are missing or the method is unknown.
+    """
+    from hant.config import RunConfig
+    from hant.layers import LayerInfo
+    from hant.workspace import RunDir, read_json, run_lock, write_json
+
+    run = Path(run)
+    rd = RunDir(run)
+    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    method = method or cfg.score.method
+    if method not in METHODS:
+        raise HantError(f"unknown score method {method!r}; use one of {', '.join(METHODS)}")
+    layers = [LayerInfo.from_dict(d) for d in read_json(rd.require(rd.layers, "init"))["layers"]]
+    index = read_json(rd.require(rd.candidates_index, "distill"))
+    known = {d.name for d in layers}
+    todo = [e for e in index.get("candidates", [])
+            if e.get("status") == "done" and e.get("spec") != "teacher" and e.get("layer") in known]
+    if not todo:
+        raise HantError(f"{rd.candidates_index} has no trained candidates; run `hant distill --run {run}` first")
+
+    with run_lock(run, log=log):
+        t0 = time.perf_counter()
+        if method == "distill":
+            out = _score_distill(run, cfg, layers, todo, log)
+        else:
+            out = _score_eval(run, cfg, layers, todo, log)
+        write_json(rd.scores, out)
+        failed = [e for e in out["entries"] if e.get("status") == "failed"]
+        log(f"scores: {len(out['entries']) - len(failed)} candidates ({method}, {out.get('images') or 0} held-out "
+            f"images) in {time.perf_counter() - t0:.0f} s -> {rd.scores}"
+            + (f"; {len(failed)} failed (e.g. {failed[0]['layer']}/{failed[0]['spec']}: {failed[0]['reason']})"
+               if failed else ""))
+    return out
+
+
+def _teacher_entries(layers) -> list[dict]:
+    return [{"layer": d.name, "spec": "teacher", "d_loss": 0.0, "d_acc": 0.0, "kl": 0.0,
+             "params": d.params, "flops": d.flops, "status": "done"} for d in layers]
+
+
+def _previous(run: Path, method: str, images: int | None) -> dict[tuple[str, str], dict]:
+    """Entries of an earlier, interrupted or finished, run of the same method and images."""
+    from hant.workspace import RunDir, read_json
+
+    path = RunDir(run).scores
+    if not path.exists():
+        return {}
+    try:
+        old = read_json(path)
+    except HantError:
+        return {}
+    if old.get("method") != method or old.get("images") != images:
+        return {}
+    return {(e["layer"], e["spec"]): e for e in old.get("entries", []) if e.get("spec") != "teacher"}
+
+
+def _score_distill(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
+    by_name = {d.name: d for d in layers}
+    prev = _previous(run, "distill", None)
+    entries = _teacher_entries(layers)
+    torch.manual_seed(cfg.seed)
+    for e in todo:
+        old = prev.get((e["layer"], e["spec"]))
+        if old is not None and old.get("sha256") == e.get("sha256") and old.get("d_loss") == e.get("heldout_loss"):
+            entries.append(old)
+            continue
+        layer = by_name[e["layer"]]
+        loss = e.get("heldout_loss")
+        row = {"layer": e["layer"], "spec": e["spec"], "d_loss": loss, "d_acc": None, "kl": None,
+               **_size(layer, _build(layer, e["spec"], None)), "sha256": e.get("sha256"), "status": "done"}
+        if loss is None or not math.isfinite(float(loss)):
+            row.update(d_loss=None, status="failed", reason="no finite held-out loss from phase 1")
+        entries.append(row)
+    return {"version": 1, "method": "distill", "images": None, "entries": entries}
+
+
+def _heldout_batches(cfg) -> tuple[list | Any, int]:
+    """The held-out (x, y) batches, kept in memory when small; and the number of images."""
+    from hant.data import load_data, make_loader
+
+    held = load_data(cfg.data).heldout
+    n = len(held) if cfg.score.images is None else min(len(held), int(cfg.score.images))
+    if n == 0:
+        raise HantError("the held-out split is empty; raise data.heldout in the run's config")
+    if n < len(held):
+        held = held.subset(torch.arange(n)) if hasattr(held, "subset") else torch.utils.data.Subset(held, range(n))
+    loader = make_loader(held, batch_size=cfg.data.batch_size)
+    x0, _ = next(iter(loader))
+    if x0[0].numel() * 4 * n <= _CACHE_BYTES:
+        return list(loader), n
+    return loader, n
+
+
+def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
+    from hant.layers import get_layer
+    from hant.teacher import load_teacher
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # On the CPU channels_last makes these convnets much faster (DESIGN.md, environment facts).
+    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    teacher = load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint,
+                           cfg.model.trust_pickle).to(device, memory_format=fmt).eval()
+    batches, n_images = _heldout_batches(cfg)
+
+    def on_device(it):
+        for x, y in it:
+            yield x.to(device, memory_format=fmt), y.to(device)
+
+    with torch.no_grad():
+        t_logits = [teacher(x) for x, _ in on_device(batches)]
+        t_loss = sum(float(F.cross_entropy(o.float(), y.to(device), reduction="sum"))
+                     for o, (_, y) in zip(t_logits, batches)) / n_images
+        t_top1 = 100.0 * sum(float((o.argmax(1) == y.to(device)).sum())
+                             for o, (_, y) in zip(t_logits, batches)) / n_images
+    in_shape = (cfg.data.in_chans, cfg.data.input_size, cfg.data.input_size)
+    teacher_info = {"loss": t_loss, "top1": t_top1, "params": sum(p.numel() for p in teacher.parameters()),
+                    "flops": count_flops(teacher, in_shape), "images": n_images}
+
+    prev = _previous(run, "eval", n_images)
+    done: dict[tuple[str, str], dict] = {}
+    pending: list[dict] = []
+    for e in todo:
+        old = prev.get((e["layer"], e["spec"]))
+        if old is not None and old.get("sha256") == e.get("sha256"):
+            done[(e["layer"], e["spec"])] = old
+        else:
+            pending.append(e)
+    if done:
+        log(f"scores: {len(done)} candidates already scored, {len(pending)} to go")
+
+    def snapshot() -> dict[str, Any]:
+        return {"version": 1, "method": "eval", "images": n_images, "teacher": teacher_info,
+                "entries": _teacher_entries(layers) + list(done.values())}
+
+    from hant.workspace import RunDir, write_json
+
+    path = RunDir(run).scores
+    bar = _bar(len(pending) * n_images, "score")
+    try:
+        for layer in layers:
+            mine = [e for e in pending if e["layer"] == layer.name]
+            teacher_layer = get_layer(teacher, layer.name)
+            for start in range(0, len(mine), _CHUNK):
+                chunk, modules = mine[start:start + _CHUNK], {}
+                for e in chunk:
+                    key = (e["layer"], e["spec"])
+                    try:
+                        modules[e["spec"]] = _load_candidate(run, layer, e, teacher_layer).to(device, memory_format=fmt)
+                    except HantError as err:
+                        done[key] = {"layer": key[0], "spec": key[1], "d_loss": None, "d_acc": None, "kl": None,
+                                     "sha256": e.get("sha256"), "status": "failed", "reason": str(err)}
+                        bar.update(n_images)
+                bar.set_postfix_str(f"{layer.name} {start + len(chunk)}/{len(mine)}", refresh=False)
+                if modules:
+                    res = replacement_scores(teacher, layer.name, modules, on_device(batches), t_logits,
+                                             progress=bar.update)
+                    for e in chunk:
+                        if e["spec"] not in modules:
+                            continue
+                        r = res[e["spec"]]
+                        row = {"layer": layer.name, "spec": e["spec"], **r,
+                               **_size(layer, modules[e["spec"]]), "sha256": e.get("sha256"), "status": "done"}
+                        if r["d_loss"] is None:
+                            row.update(status="failed", reason="non-finite output on the held-out split")
+                        done[(layer.name, e["spec"])] = row
+                write_json(path, snapshot())
+    finally:
+        bar.close()
+    return snapshot()
