@@ -268,3 +268,68 @@ def test_layer_info_dict_round_trip(effnet_layers):
     del d["stride"]
     with pytest.raises(HantError, match="stride"):
         LayerInfo.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------
+# The preflight report (real teacher and space modules) and the command line
+
+
+@pytest.fixture(scope="module")
+def report():
+    return inspect_model("timm:efficientnet_b0", (1, 32, 32), space="full", exclude=["blocks.6"])
+
+
+def test_inspect_model_report(report):
+    from hant.space import load_space
+
+    assert json.loads(json.dumps(report)) == report
+    assert (report["model"], report["input_size"], report["space"]) == ("timm:efficientnet_b0", [1, 32, 32], "full")
+    assert [r["name"] for r in report["layers"]][:3] == ["blocks.0.0", "blocks.1.0", "blocks.1.1"]
+    assert len(report["layers"]) == 15
+    assert report["skipped"] == [{"name": "blocks.6.0", "reason": "excluded by 'blocks.6'"}]
+    space = load_space("full")
+    for r in report["layers"]:
+        assert {"name", "in_shape", "out_shape", "stride", "params", "flops", "candidates"} <= r.keys()
+        assert r["candidates"] == len(space.candidates(r["in_shape"][0], r["out_shape"][0], r["stride"]))
+        if r["stride"] == 1:
+            assert r["candidates"] >= 197
+    assert report["total_params"] > sum(r["params"] for r in report["layers"]) > 0
+    assert report["total_flops"] > sum(r["flops"] for r in report["layers"]) > 0
+
+
+def test_format_inspect_table(report):
+    text = format_inspect(report)
+    lines = text.splitlines()
+    row = next(l for l in lines if l.startswith("blocks.1.0 "))
+    assert row.split() == ["blocks.1.0", "16x16x16", "->", "24x8x8", "2", "6,004", "1.19",
+                           str(report["layers"][1]["candidates"])]
+    # Aligned: every layer row is as wide as the header underline.
+    rows = [l for l in lines if l.startswith("blocks.") and "->" in l]
+    assert len(rows) == 15 and len({len(l) for l in rows} | {len(lines[3])}) == 1
+    assert "blocks.6.0  excluded by 'blocks.6'" in text
+    assert lines[-1].startswith("15 layers, ") and f"{report['total_params']:,} params" in lines[-1]
+
+
+def test_inspect_forwards_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
+    # A checkpoint for 10 classes does not fit a 5-class model: the error must reach the user.
+    with pytest.raises(HantError):
+        inspect_model("timm:resnet18", (1, 32, 32), num_classes=5, checkpoint=str(tmp_path / "t.safetensors"),
+                      space="tiny")
+
+
+def test_cli_inspect_json_and_errors(capsys):
+    from hant.cli import main
+
+    rc = main(["inspect", "--model", "torchvision:resnet18", "--input-size", "1", "32", "32", "--space", "tiny",
+               "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [r["name"] for r in out["layers"]] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert all(r["candidates"] >= 2 for r in out["layers"])  # always `teacher` and `proj`
+    rc = main(["inspect", "--model", "torchvision:resnet18", "--input-size", "1", "32", "32", "--include", "layer9*"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'layer9*'" in err and len(err.strip().splitlines()) == 1

@@ -230,8 +230,14 @@ def _outermost(names: Iterable[str]) -> list[str]:
 def _check_globs(globs: Sequence[str], module_names: list[str], flag: str) -> None:
     for g in globs:
         if not any(fnmatch.fnmatchcase(n, g) for n in module_names):
+            if not module_names:
+                raise HantError(f"{flag} glob {g!r}: the model has no submodules to choose from")
+            # A path of nested names shows the naming scheme of this model.
+            depth = min(2, max(n.count(".") for n in module_names))
+            deep = next(n for n in module_names if n.count(".") == depth)
+            shown = ", ".join(repr(n) for n in reversed(_self_and_ancestors(deep)))
             raise HantError(f"{flag} glob {g!r} matches no module of the model; "
-                            "list module names with `hant inspect` or print(model)")
+                            f"module names look like {shown}")
 
 
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
