@@ -137,3 +137,172 @@ def test_malformed_arrays_are_refused():
         solve([np.array([0.0, 1.0])], [np.array([1.0])], 2.0)
     with pytest.raises(ValueError):
         solve([np.array([0.0, np.nan])], [np.array([1.0, 1.0])], 2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, on a synthetic run folder (no torch passes)
+
+from hant.config import RunConfig  # noqa: E402
+from hant.select import select  # noqa: E402
+from hant.workspace import RunDir, read_json, write_json  # noqa: E402
+
+SPECS = ["teacher", "proj", "mb_k3_e1_relu", "mb_k3_e3_silu", "fmb_k3_e1_relu"]
+
+
+def _fake_run(tmp_path, layers=4, seed=0, teacher_ms=None, calibration=None, second=False):
+    """layers.json, scores.json and latency tables with consistent made-up numbers.
+
+    Slower candidates score better; the teacher is the slowest, largest and best (score 0).
+    """
+    rng = np.random.default_rng(seed)
+    run = tmp_path / "run"
+    RunConfig().save(RunDir(run).config)
+    names = [f"blocks.{i}.0" for i in range(layers)]
+    lj = {"layers": [], "total_params": 0, "total_flops": 0}
+    scores, tables = [], {"t1": [], "t2": []}
+    for n in names:
+        lj["layers"].append({"name": n, "in_shape": [8, 8, 8], "out_shape": [8, 8, 8], "stride": 1, "in_chs": 8,
+                             "out_chs": 8, "params": 3000, "flops": 300000, "candidates": SPECS})
+        for j, s in enumerate(SPECS):
+            speed = 1.0 - j / len(SPECS) if s != "teacher" else 1.0
+            ms = 1.0 if s == "teacher" else float(rng.uniform(0.1, 0.9))
+            d = 0.0 if s == "teacher" else float((1.0 - ms) * rng.uniform(0.5, 1.5))
+            params = 3000 if s == "teacher" else int(rng.integers(100, 2000))
+            scores.append({"layer": n, "spec": s, "d_loss": d, "d_acc": -10 * d, "kl": d / 2,
+                           "params": params, "flops": params * 100})
+            tables["t1"].append({"layer": n, "spec": s, "median_ms": ms, "p10_ms": ms, "p90_ms": ms, "n": 10})
+            # On the second target the ranking of candidates differs.
+            ms2 = 2.0 if s == "teacher" else float(rng.uniform(0.2, 1.8)) * speed
+            tables["t2"].append({"layer": n, "spec": s, "median_ms": ms2, "p10_ms": ms2, "p90_ms": ms2, "n": 10})
+    lj["total_params"] = 5000 + 3000 * layers
+    lj["total_flops"] = 500000 + 300000 * layers
+    write_json(RunDir(run).layers, lj)
+    write_json(RunDir(run).scores, {"method": "eval", "entries": scores})
+    for tid, entries in tables.items():
+        if tid == "t2" and not second:
+            continue
+        t = {"target": tid, "batch_size": 1, "fingerprint": {}, "fixed_ms": 0.5, "entries": entries,
+             "validation": None, "calibration": calibration if tid == "t1" else None, "layers": names}
+        if teacher_ms is not None:
+            t["teacher_ms"] = teacher_ms
+        write_json(RunDir(run).latency_table(tid), t)
+    return run, names
+
+
+def _quiet(*a):
+    pass
+
+
+def test_select_writes_plan_within_budget(tmp_path):
+    run, names = _fake_run(tmp_path)
+    out = select(run, target="t1", budget_ms=3.0, log=_quiet)
+    plan = read_json(RunDir(run).plan("t1-3ms"))
+    assert out["path"] == str(RunDir(run).plan("t1-3ms"))
+    for key in ("version", "target", "batch_size", "budget_ms", "layers", "predicted_ms", "predicted_score",
+                "objective", "constraints", "solve_time_s", "status"):
+        assert key in plan
+    assert set(plan["layers"]) == set(names) and plan["status"] == "optimal"
+    assert plan["predicted_ms"] <= 3.0 and plan["budget_ms"] == 3.0
+    # The teacher plan takes 4.5 ms: the budget forced replacements, each with a positive score.
+    assert any(s != "teacher" for s in plan["layers"].values()) and plan["predicted_score"] > 0
+    entries = {(e["layer"], e["spec"]): e["median_ms"] for e in read_json(RunDir(run).latency_table("t1"))["entries"]}
+    assert plan["predicted_ms"] == pytest.approx(0.5 + sum(entries[(n, s)] for n, s in plan["layers"].items()))
+
+
+def test_speedup_prefers_measured_teacher_latency(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    p = select(run, target="t1", speedup=1.5, log=_quiet)
+    assert p["name"] == "t1-x1.5" and p["teacher_ms_source"] == "table"
+    assert p["budget_ms"] == pytest.approx(4.5 / 1.5)  # fixed 0.5 + 4 teacher entries of 1 ms
+    run2, _ = _fake_run(tmp_path / "b", teacher_ms=6.0)
+    p2 = select(run2, target="t1", speedup=1.5, log=_quiet)
+    assert p2["teacher_ms_source"] == "measured" and p2["budget_ms"] == pytest.approx(4.0)
+
+
+def test_infeasible_speedup_names_fastest_latency(tmp_path):
+    run, names = _fake_run(tmp_path)
+    entries = read_json(RunDir(run).latency_table("t1"))["entries"]
+    fastest = 0.5 + sum(min(e["median_ms"] for e in entries if e["layer"] == n) for n in names)
+    with pytest.raises(HantError) as e:
+        select(run, target="t1", speedup=100, log=_quiet)
+    assert f"{fastest:.4g} ms" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(HantError, match=f"{fastest:.4g} ms"):
+        select(run, target="t1", budget_ms=0.6, log=_quiet)
+    assert not (RunDir(run).root / "plans").exists()
+
+
+def test_frozen_layer_keeps_teacher_and_excluded_family_never_chosen(tmp_path):
+    run, names = _fake_run(tmp_path)
+    free = select(run, target="t1", budget_ms=2.5, log=_quiet)
+    assert free["layers"][names[0]] != "teacher"  # so that freezing it changes something
+    used = {s.split("_")[0] for s in free["layers"].values()}
+    family = "mb" if "mb" in used else sorted(used - {"teacher"})[0]
+    p = select(run, target="t1", budget_ms=2.5, freeze=[names[0]], exclude_families=[family], name="fx", log=_quiet)
+    assert p["layers"][names[0]] == "teacher"
+    assert all(s.split("_")[0] != family for s in p["layers"].values())
+    assert p["constraints"]["frozen"] == [names[0]] and p["constraints"]["excluded_families"] == [family]
+    assert p["predicted_ms"] <= 2.5
+    with pytest.raises(HantError, match="matches no layer"):
+        select(run, target="t1", budget_ms=2.5, freeze=["nope.*"], log=_quiet)
+    with pytest.raises(HantError, match="unknown op family"):
+        select(run, target="t1", budget_ms=2.5, exclude_families=["bogus"], log=_quiet)
+
+
+def test_params_flops_and_second_target_limits_hold(tmp_path):
+    run, names = _fake_run(tmp_path, second=True)
+    free = select(run, target="t1", budget_ms=3.0, log=_quiet)
+    params_free = free["constraints"]["params"]
+    p = select(run, target="t1", budget_ms=3.0, max_params=params_free - 500, name="p", log=_quiet)
+    assert p["constraints"]["params"] <= params_free - 500 and p["constraints"]["max_params"] == params_free - 500
+    assert p["predicted_score"] > free["predicted_score"]  # the limit really bound
+    f = select(run, target="t1", budget_ms=3.0, max_flops=(params_free - 500) * 100, name="f", log=_quiet)
+    assert f["constraints"]["flops"] <= (params_free - 500) * 100
+    assert f["predicted_score"] > free["predicted_score"]
+    from hant.latency import load_table, predict_ms
+
+    t2 = load_table(run, "t2")
+    free2 = predict_ms(t2, free["layers"])
+    s = select(run, target="t1", budget_ms=3.0, second_target="t2", second_budget_ms=free2 * 0.9, name="s",
+               log=_quiet)
+    assert predict_ms(t2, s["layers"]) <= free2 * 0.9
+    assert s["predicted_score"] > free["predicted_score"]
+    assert s["constraints"]["second_target"]["predicted_ms"] <= free2 * 0.9
+    with pytest.raises(HantError, match="go together"):
+        select(run, target="t1", budget_ms=3.0, second_target="t2", log=_quiet)
+
+
+def test_calibrated_table_budget_is_in_predicted_ms(tmp_path):
+    run, _ = _fake_run(tmp_path, calibration={"kind": "linear", "a": 1.5, "b": 0.2})
+    p = select(run, target="t1", budget_ms=4.0, log=_quiet)
+    from hant.latency import load_table, predict_ms
+
+    assert p["predicted_ms"] == pytest.approx(predict_ms(load_table(run, "t1"), p["layers"]))
+    assert p["predicted_ms"] <= 4.0 and p["predicted_ms"] > 3.0  # the budget binds in calibrated ms
+
+
+def test_objective_d_acc_and_missing_scores(tmp_path):
+    run, names = _fake_run(tmp_path)
+    p = select(run, target="t1", budget_ms=3.0, objective="d_acc", name="acc", log=_quiet)
+    loss = select(run, target="t1", budget_ms=3.0, name="loss", log=_quiet)
+    # d_acc = -10 d_loss here, so the same plan is optimal and the score is in accuracy points.
+    assert p["layers"] == loss["layers"] and p["predicted_score"] == pytest.approx(-10 * loss["predicted_score"])
+    sc = read_json(RunDir(run).scores)
+    for e in sc["entries"]:
+        e["d_acc"] = e["kl"] = None
+    write_json(RunDir(run).scores, sc)
+    with pytest.raises(HantError, match="no d_acc"):
+        select(run, target="t1", budget_ms=3.0, objective="d_acc", log=_quiet)
+
+
+def test_sweep_writes_plans_and_front(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    out = select(run, target="t1", sweep=True, sweep_points=6, log=_quiet)
+    pts = out["sweep"]
+    assert len(pts) == 6 and (RunDir(run).root / "pareto_select.png").stat().st_size > 1000
+    for pt in pts:
+        plan = read_json(RunDir(run).plan(pt["name"]))
+        assert plan["predicted_ms"] <= pt["budget_ms"] + 1e-9
+    # Budgets rise, so optimal scores never get worse; the largest budget allows the teacher.
+    scores = [pt["predicted_score"] for pt in sorted(pts, key=lambda p: p["budget_ms"])]
+    assert all(b <= a + 1e-12 for a, b in zip(scores, scores[1:])) and scores[-1] == pytest.approx(0.0)
+    assert pts[0]["pareto"] and sum(p["pareto"] for p in pts) >= 2

@@ -373,3 +373,379 @@ def random_feasible(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budg
         j = int(rng.choice(ok))
         choice[mv.layer_of[j]] = j - int(mv.start[mv.layer_of[j]])
     return Solution(choice, plan_totals(choice, costs), "random", time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: run folder in, plans out
+
+
+@dataclass
+class Pool:
+    """The candidates selection may choose from, per layer, with aligned arrays.
+
+    specs[l][o] is a spec string; cost[l][o] the objective (sign applied: lower is better);
+    lat[l][o] its latency (ms) on the primary target, fixed_ms the rest of the network there.
+    metrics holds per-candidate arrays `d_loss`, `d_acc`, `kl`, `params`, `flops` (NaN when
+    unknown) and `lat:<target>` for each extra latency table. frozen: layers kept as the
+    teacher; left_out: why candidates were dropped, with counts.
+    """
+
+    layers: list[str]
+    specs: list[list[str]]
+    cost: list[np.ndarray]
+    lat: list[np.ndarray]
+    fixed_ms: float
+    metrics: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    def plan_layers(self, choice: Sequence[int]) -> dict[str, str]:
+        """{layer name: chosen spec} for a choice of indices."""
+        return {n: s[o] for n, s, o in zip(self.layers, self.specs, choice)}
+
+    def index(self, plan_layers: dict[str, str]) -> list[int]:
+        """The choice of indices for {layer: spec}; HantError when a spec is not in the pool."""
+        try:
+            return [self.specs[l].index(plan_layers[n]) for l, n in enumerate(self.layers)]
+        except (KeyError, ValueError):
+            raise HantError("the plan uses a layer or candidate that is not in the pool; "
+                            "check the layer names and specs against layers.json") from None
+
+
+def _family(spec: str) -> str:
+    from hant.ops import parse
+
+    return parse(spec).family
+
+
+def _entry_ms(table: dict) -> dict[tuple[str, str], float]:
+    return {(e["layer"], e["spec"]): float(e["median_ms"]) for e in table.get("entries", [])
+            if e.get("median_ms") is not None and math.isfinite(float(e["median_ms"]))}
+
+
+def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objective: str = "d_loss",
+               freeze: Sequence[str] = (), exclude_families: Sequence[str] = ()) -> Pool:
+    """The pool from the run folder's contents (already read): layers.json's `layers`, the
+    scores.json object and one or more latency tables (the first is the target's).
+
+    A candidate is kept when it is listed for its layer, has a finite value of `objective` in
+    the scores (the `teacher` candidate always scores 0) and an entry in every table, its
+    family is not in `exclude_families`, and its layer is not frozen (a layer matching a
+    `freeze` glob keeps only `teacher`). Raises HantError for an unknown objective or family,
+    a glob that matches no layer, or a layer left with no candidate.
+    """
+    if objective not in OBJECTIVES:
+        raise HantError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    names = [d["name"] for d in layers]
+    for g in freeze:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            raise HantError(f"--freeze {g!r} matches no layer; the layers are {', '.join(names[:6])}"
+                            f"{', ...' if len(names) > 6 else ''}")
+    if exclude_families:
+        from hant.ops import families
+
+        known = families()
+        for f in exclude_families:
+            if f not in known:
+                raise HantError(f"unknown op family {f!r} in --exclude-family; known: {', '.join(known)}")
+    excluded = set(exclude_families)
+    by_key = {(e["layer"], e["spec"]): e for e in scores.get("entries", [])}
+    table_ms = [_entry_ms(t) for t in tables]
+    metric_keys = ["d_loss", "d_acc", "kl", "params", "flops"]
+
+    pool = Pool([], [], [], [], float(tables[0].get("fixed_ms", 0.0)))
+    pool.metrics = {k: [] for k in metric_keys + [f"lat:{t.get('target', i)}" for i, t in enumerate(tables[1:], 1)]}
+    left = {"no score": 0, "no latency entry": 0, "excluded family": 0, "frozen layer": 0}
+    for d in layers:
+        name = d["name"]
+        frozen = any(fnmatch.fnmatchcase(name, g) for g in freeze)
+        if frozen:
+            pool.frozen.append(name)
+        specs, rows = [], []
+        for spec in d.get("candidates") or ["teacher"]:
+            if frozen and spec != "teacher":
+                left["frozen layer"] += 1
+                continue
+            if spec != "teacher" and _family(spec) in excluded:
+                left["excluded family"] += 1
+                continue
+            e = by_key.get((name, spec), {})
+            value = 0.0 if spec == "teacher" else e.get(objective)
+            if value is None or not math.isfinite(float(value)):
+                left["no score"] += 1
+                continue
+            if any((name, spec) not in ms for ms in table_ms):
+                left["no latency entry"] += 1
+                continue
+            specs.append(spec)
+            row = {k: (0.0 if spec == "teacher" and k in ("d_loss", "d_acc", "kl") else e.get(k)) for k in metric_keys}
+            if spec == "teacher":
+                row["params"] = e.get("params", d.get("params"))
+                row["flops"] = e.get("flops", d.get("flops"))
+            rows.append(row)
+        if not specs:
+            why = "frozen, but its teacher candidate lacks a latency entry" if frozen else \
+                "no candidate has both a score and a latency entry"
+            raise HantError(f"layer {name}: {why}; run `hant score` and `hant latency` for this run")
+        pool.layers.append(name)
+        pool.specs.append(specs)
+        pool.cost.append(OBJECTIVES[objective] * np.array(
+            [0.0 if s == "teacher" else float(by_key[(name, s)][objective]) for s in specs]))
+        pool.lat.append(np.array([table_ms[0][(name, s)] for s in specs]))
+        for k in metric_keys:
+            pool.metrics[k].append(np.array([np.nan if r[k] is None else float(r[k]) for r in rows]))
+        for i, t in enumerate(tables[1:], 1):
+            pool.metrics[f"lat:{t.get('target', i)}"].append(np.array([table_ms[i][(name, s)] for s in specs]))
+    pool.left_out = {k: v for k, v in left.items() if v}
+    return pool
+
+
+def teacher_latency(table: dict, layers: list[dict]) -> tuple[float, str]:
+    """The teacher's end-to-end latency on the table's target, in ms, and where it came from.
+
+    A measured value recorded in the table (`teacher_ms`, or in `validation`) is preferred
+    (`measured`); otherwise the table's prediction for the all-`teacher` plan (`table`).
+    Raises HantError when neither is available.
+    """
+    for where in (table, table.get("validation") or {}):
+        for key in ("teacher_ms", "teacher_measured_ms"):
+            if isinstance(where.get(key), (int, float)) and where[key] > 0:
+                return float(where[key]), "measured"
+    from hant.latency import predict_ms
+
+    plan = {d["name"]: "teacher" for d in layers}
+    try:
+        return float(predict_ms(table, plan)), "table"
+    except (KeyError, HantError):
+        raise HantError(f"the latency table for {table.get('target')} has no teacher entries and no measured "
+                        "teacher latency; rerun `hant latency` for this target, or give --budget-ms") from None
+
+
+def _affine_latency(table: dict, layer_names: list[str], lat: list[np.ndarray], specs: list[list[str]]
+                    ) -> tuple[float, float]:
+    """(a, b) with predict_ms(table, plan) = a * (fixed_ms + sum of entries) + b.
+
+    The table's calibration (when it has one) is an affine map of the raw sum; it is read
+    off `predict_ms` at the fastest and the slowest plan, so the program's latency row is
+    exactly the prediction. Raises HantError when the map is not increasing.
+    """
+    from hant.latency import predict_ms
+
+    plans = [{n: s[int(np.argmin(t))] for n, s, t in zip(layer_names, specs, lat)},
+             {n: s[int(np.argmax(t))] for n, s, t in zip(layer_names, specs, lat)}]
+    raw = [predict_ms(table, p, calibrated=False) for p in plans]
+    cal = [predict_ms(table, p) for p in plans]
+    a = (cal[1] - cal[0]) / (raw[1] - raw[0]) if raw[1] - raw[0] > 1e-9 * max(1.0, raw[1]) else 1.0
+    if not a > 0:
+        raise HantError(f"the latency table for {table.get('target')} has a calibration that does not grow with "
+                        "latency; re-measure it with `hant latency --validate K`")
+    return float(a), float(cal[0] - a * raw[0])
+
+
+def _resource(pool: Pool, key: str, offset: float, bound: float, what: str, unit: str = "") -> Constraint:
+    arrays = pool.metrics[key]
+    if any(np.isnan(a).any() for a in arrays):
+        raise HantError(f"scores.json lacks {key} for some candidates, needed by --max-{key}; rerun `hant score`")
+    return Constraint(what, arrays, float(bound), float(offset), unit)
+
+
+def _rest_of_network(layers_json: dict, scores: dict, key: str) -> float:
+    """params or FLOPs of the part of the teacher that is not replaced (stem, head...)."""
+    total = layers_json.get(f"total_{key}", (scores.get("teacher") or {}).get(key))
+    if total is None:
+        raise HantError(f"neither layers.json nor scores.json records the teacher's total {key}; rerun `hant score`")
+    return float(total) - sum(float(d[key]) for d in layers_json["layers"])
+
+
+def _plot_front(path: Path, points: list[dict], teacher_ms: float, objective: str, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hant.workspace import atomic_write_bytes
+
+    # A Figure with its own canvas: no pyplot global state, no display backend.
+    fig = Figure(figsize=(6, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [p["predicted_ms"] for p in points]
+    ys = [p["predicted_score"] for p in points]
+    ax.scatter(xs, ys, s=18, color="0.6", label="plans")
+    front = [p for p in points if p["pareto"]]
+    ax.plot([p["predicted_ms"] for p in front], [p["predicted_score"] for p in front], "o-",
+            color="tab:blue", label="Pareto front")
+    ax.scatter([teacher_ms], [0.0], marker="*", s=120, color="tab:red", label="teacher", zorder=3)
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel(f"predicted score (sum of {objective})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _pareto(points: list[dict], sign: float = 1.0) -> None:
+    """Mark each point whether no other point is at least as fast and strictly better.
+
+    `sign` turns the score into lower-is-better (-1 for d_acc, where higher is better).
+    """
+    best = math.inf
+    for p in sorted(points, key=lambda p: (p["predicted_ms"], sign * p["predicted_score"])):
+        p["pareto"] = sign * p["predicted_score"] < best - 1e-12
+        best = min(best, sign * p["predicted_score"])
+
+
+def select(run: str | Path, target: str, budget_ms: float | None = None, speedup: float | None = None,
+           sweep: bool = False, name: str | None = None, max_params: float | None = None,
+           max_flops: float | None = None, second_target: str | None = None,
+           second_budget_ms: float | None = None, freeze: Sequence[str] = (),
+           exclude_families: Sequence[str] = (), objective: str | None = None, sweep_points: int = 10,
+           time_limit_s: float = 60.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Phase 2: choose one candidate per layer for `target` and write RUN/plans/<name>.json.
+
+    The budget is `budget_ms`, or the teacher's latency on `target` divided by `speedup`
+    (measured end to end when the table records it, else the table's prediction). Optional
+    limits: total parameters, total FLOPs per image, and the latency on `second_target`
+    (another table of this run) within `second_budget_ms`. Layers matching a `freeze` glob stay
+    the teacher's; candidates of `exclude_families` are never chosen. `objective` (d_loss |
+    d_acc | kl, default from the run's config) is what is minimised (d_acc: maximised).
+    Default plan name: `<target>-x<speedup>` or `<target>-<budget>ms`.
+
+    With `sweep`, also solves `sweep_points` budgets from the fastest reachable plan to the
+    teacher's latency, writes each plan and the Pareto plot RUN/pareto_select.png.
+
+    Returns the plan written (with `name` and `path`), plus `sweep` (a list of
+    {name, budget_ms, predicted_ms, predicted_score, pareto}) when sweeping. Raises HantError
+    for bad arguments, missing stages, or an infeasible budget (the line gives the fastest
+    latency the pool can reach).
+    """
+    from hant.config import RunConfig
+    from hant.latency import load_table, predict_ms
+    from hant.workspace import RunDir, read_json, write_json
+
+    if budget_ms is not None and speedup is not None:
+        raise HantError("give either a budget in ms or a speedup, not both")
+    if budget_ms is None and speedup is None and not sweep:
+        raise HantError("give a budget (--budget-ms X) or a speedup (--speedup S)")
+    for flag, v in (("--budget-ms", budget_ms), ("--speedup", speedup), ("--max-params", max_params),
+                    ("--max-flops", max_flops), ("--second-budget-ms", second_budget_ms)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise HantError(f"{flag} must be a positive number, got {v}")
+    if (second_target is None) != (second_budget_ms is None):
+        raise HantError("--second-target and --second-budget-ms go together; give both or neither")
+
+    rd = RunDir(run)
+    cfg = RunConfig.load(rd.config) if rd.config.exists() else RunConfig()
+    objective = objective or cfg.score.objective
+    layers_json = read_json(rd.require(rd.layers, "init"))
+    scores = read_json(rd.require(rd.scores, "score"))
+    table = load_table(run, target)
+    tables = [table]
+    if second_target is not None:
+        tables.append(load_table(run, second_target))
+    if objective in ("d_acc", "kl") and not any(e.get(objective) is not None for e in scores.get("entries", [])):
+        raise HantError(f"scores.json has no {objective} (scored with method {scores.get('method', '?')}); "
+                        "use --objective d_loss or rerun `hant score --method eval`")
+    pool = build_pool(layers_json["layers"], scores, tables, objective, freeze, exclude_families)
+    if pool.left_out:
+        log("left out: " + ", ".join(f"{v} candidates ({k})" for k, v in pool.left_out.items()))
+
+    # Latency as the table predicts it (calibration included), so budgets are in the same ms
+    # as the plan's predicted_ms.
+    a, b = _affine_latency(table, pool.layers, pool.lat, pool.specs)
+    lat = [a * t for t in pool.lat]
+    fixed = a * pool.fixed_ms + b
+    extra: list[Constraint] = []
+    constraints: dict[str, Any] = {}
+    if max_params is not None:
+        extra.append(_resource(pool, "params", _rest_of_network(layers_json, scores, "params"), max_params, "params"))
+        constraints["max_params"] = max_params
+    if max_flops is not None:
+        extra.append(_resource(pool, "flops", _rest_of_network(layers_json, scores, "flops"), max_flops, "flops"))
+        constraints["max_flops"] = max_flops
+    if second_target is not None:
+        key = f"lat:{tables[1].get('target', 1)}"
+        a2, b2 = _affine_latency(tables[1], pool.layers, pool.metrics[key], pool.specs)
+        extra.append(Constraint(f"latency on {second_target}", [a2 * t for t in pool.metrics[key]],
+                                float(second_budget_ms), a2 * float(tables[1]["fixed_ms"]) + b2, "ms"))
+        constraints["second_target"] = {"target": second_target, "budget_ms": second_budget_ms}
+    if pool.frozen:
+        constraints["frozen"] = pool.frozen
+    if exclude_families:
+        constraints["excluded_families"] = list(exclude_families)
+
+    teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"])
+
+    def make_plan(budget: float, plan_name: str, sol: Solution, requested: dict) -> dict:
+        plan_layers = pool.plan_layers(sol.choice)
+        predicted = float(predict_ms(table, plan_layers))
+        totals = {k: plan_totals(sol.choice, pool.metrics[k]) for k in ("d_loss", "d_acc", "kl", "params", "flops")}
+        out_constraints = dict(constraints)
+        for key in ("params", "flops"):
+            if math.isfinite(totals[key]):
+                try:
+                    out_constraints[key] = totals[key] + _rest_of_network(layers_json, scores, key)
+                except HantError:
+                    pass
+        if second_target is not None:
+            out_constraints["second_target"] = {**constraints["second_target"],
+                                                "predicted_ms": float(predict_ms(tables[1], plan_layers))}
+        return {
+            "version": 1, "name": plan_name, "target": target, "batch_size": table.get("batch_size"),
+            "budget_ms": budget, **requested, "teacher_ms": teacher_ms, "teacher_ms_source": teacher_src,
+            "layers": plan_layers, "predicted_ms": predicted,
+            "predicted_speedup": teacher_ms / predicted if predicted > 0 else None,
+            "predicted_score": float(OBJECTIVES[objective] * sol.objective), "objective": objective,
+            "predicted": {k: (v if math.isfinite(v) else None) for k, v in totals.items()},
+            "score_method": scores.get("method"), "constraints": out_constraints,
+            "solver": "highs", "solve_time_s": sol.solve_time_s, "status": sol.status,
+        }
+
+    def run_solver(budget: float) -> Solution:
+        return solve(pool.cost, lat, budget, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
+
+    result: dict[str, Any] = {}
+    if budget_ms is not None or speedup is not None:
+        budget = float(budget_ms) if budget_ms is not None else teacher_ms / float(speedup)
+        try:
+            sol = run_solver(budget)
+        except InfeasibleError as e:
+            if speedup is not None and e.constraint == "latency" and e.fastest:
+                raise InfeasibleError(
+                    f"speedup {speedup:g}x on {target} needs {budget:.4g} ms (teacher {teacher_ms:.4g} ms, "
+                    f"{teacher_src}), but the fastest plan this pool can reach takes {e.fastest:.4g} ms "
+                    f"(at most {teacher_ms / e.fastest:.2f}x); ask for a smaller speedup",
+                    fastest=e.fastest, constraint="latency") from None
+            raise
+        requested = {"speedup": speedup} if speedup is not None else {}
+        plan_name = name or (f"{target}-x{speedup:g}" if speedup is not None else f"{target}-{budget:.4g}ms")
+        plan = make_plan(budget, plan_name, sol, requested)
+        path = write_json(rd.plan(plan_name), plan)
+        log(f"plan {plan_name}: predicted {plan['predicted_ms']:.4g} ms (budget {budget:.4g} ms, teacher "
+            f"{teacher_ms:.4g} ms), {objective} {plan['predicted_score']:+.4g}, {sol.status} in "
+            f"{sol.solve_time_s:.2f} s -> {path}")
+        result = {**plan, "path": str(path)}
+
+    if sweep:
+        # The fastest plan that meets the other constraints: minimise latency itself.
+        fastest = solve(lat, lat, math.inf, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
+        lo = plan_totals(fastest.choice, lat, fixed)
+        hi = max(teacher_ms, lo)
+        points = []
+        for b in np.unique(np.linspace(lo, hi, max(2, int(sweep_points)))):
+            b = float(b)
+            sol = run_solver(b)
+            plan_name = f"{target}-{b:.4g}ms"
+            plan = make_plan(b, plan_name, sol, {"sweep": True})
+            write_json(rd.plan(plan_name), plan)
+            points.append({"name": plan_name, "budget_ms": b, "predicted_ms": plan["predicted_ms"],
+                           "predicted_score": plan["predicted_score"]})
+        _pareto(points, OBJECTIVES[objective])
+        plot = rd.root / "pareto_select.png"
+        _plot_front(plot, points, teacher_ms, objective, f"{target}: {len(points)} budgets, "
+                    f"{sum(p['pareto'] for p in points)} on the front")
+        log(f"sweep: {len(points)} plans from {lo:.4g} to {hi:.4g} ms written to {rd.root / 'plans'}; plot {plot}")
+        result["sweep"] = points
+        result["plot"] = str(plot)
+    return result
