@@ -81,6 +81,9 @@ class FinetuneConfig:
     ce_weight: float = 0.5
     temperature: float = 2.0
     bn_batches: int = 20
+    warmup: float = 0.05  # fraction of the steps with a linear LR warm-up before the cosine decay
+    augment: bool = True  # random crop (pad 1/16 of the side) and horizontal flip
+    checkpoint_minutes: float = 5.0  # also checkpoint within an epoch this often
 
 
 @dataclass

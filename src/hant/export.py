@@ -1,0 +1,348 @@
+"""Export a fine-tuned student: ONNX (checked against PyTorch), optionally static INT8.
+
+The ONNX graph is exported in eval mode with constant folding, which folds every
+BatchNorm into the convolution before it; ONNX Runtime then fuses further at load time
+(conv + activation into FusedConv, and so on). What was folded and fused is read off the
+graphs themselves: the exported graph's node types against those of the graph ONNX
+Runtime saves after optimising it. INT8 is ONNX Runtime's static quantiser (QDQ format,
+per-channel weights) calibrated on train images; its accuracy is measured on the test split
+with ONNX Runtime, and its latency in the same interleaved run as the fp32 student and the
+teacher.
+
+The architecture JSON and the safetensors weights are written by fine-tuning
+(`hant.student.save_student`); this module adds model.onnx, model.int8.onnx and the
+"onnx" / "int8" sections of eval.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from hant.errors import HantError
+from hant.workspace import RunDir, atomic_write_bytes
+
+__all__ = ["OPSET", "export", "export_onnx", "check_onnx", "quantize_int8", "onnx_top1", "ort_fusions",
+           "op_counts"]
+
+OPSET = 17
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+# ONNX Runtime and PyTorch sum in different orders, and BN folding changes the arithmetic:
+# differences around 1e-5 of the logits' scale are normal; 1e-3 of it means a wrong graph.
+REL_TOLERANCE = 1e-3
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike | None = None) -> bytes:
+    """ONNX bytes of `model` (eval mode, opset 17, dynamic batch axis, BN folded by constant folding).
+
+    Writes them atomically to `path` when given. Raises HantError when the exporter fails.
+    """
+    import copy
+
+    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    f = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript exporter is deprecated but fast, folds batch norm, and emits opset 17;
+            # the dynamo exporter needs opset 18 and is the fallback for models it cannot trace.
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, (x,), f, dynamo=False, opset_version=OPSET, do_constant_folding=True,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            except Exception:  # any tracing failure: try the other exporter before giving up
+                f = io.BytesIO()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, optimize=True,
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+                prog.save(f)
+    except Exception as e:
+        raise HantError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "the model uses an op ONNX cannot express") from e
+    data = f.getvalue()
+    if path is not None:
+        atomic_write_bytes(path, data)
+    return data
+
+
+def op_counts(model: bytes | str | os.PathLike) -> Counter:
+    """Node op types of an ONNX model (with the domain for non-standard ops, e.g. com.microsoft.FusedConv)."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in proto.graph.node)
+
+
+def _session_options(threads: int | None = None, optimized_path: str | None = None, level: str | None = None):
+    import onnxruntime as ort
+
+    from hant.latency import get_target
+
+    # The latency targets' settings, so that what is reported is what was timed.
+    so = get_target("onnxruntime-cpu", threads=threads).session_options()
+    if level is not None:
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if optimized_path is not None:
+        so.optimized_model_filepath = optimized_path
+    return so
+
+
+def _session(model: bytes | str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, _session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _optimized_ops(model: bytes | str | os.PathLike, level: str, threads: int | None) -> Counter:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="hant-ort-") as d:
+        opt = os.path.join(d, "optimized.onnx")
+        src = model if isinstance(model, bytes) else str(model)
+        ort.InferenceSession(src, _session_options(threads, opt, level), providers=["CPUExecutionProvider"])
+        return op_counts(opt)
+
+
+def ort_fusions(model: bytes | str | os.PathLike, threads: int | None = None) -> dict[str, Any]:
+    """What ONNX Runtime does to the graph at load time.
+
+    Returns {"exported_ops": {type: n}; "fused_ops": {type: n}, the node types that appear
+    only after ORT's graph fusions (ORT_ENABLE_EXTENDED, e.g. com.microsoft.FusedConv);
+    "removed_ops": {type: n}, how many nodes of each exported type those fusions absorbed;
+    "runtime_ops": {type: n}, the graph that actually runs in the latency measurements
+    (ORT_ENABLE_ALL, which adds the CPU's blocked NCHWc layout)}.
+    """
+    before = op_counts(model)
+    fused = _optimized_ops(model, "ORT_ENABLE_EXTENDED", threads)
+    runtime = _optimized_ops(model, "ORT_ENABLE_ALL", threads)
+    return {
+        "exported_ops": dict(sorted(before.items())),
+        "fused_ops": {k: v for k, v in sorted(fused.items()) if k not in before},
+        "removed_ops": {k: before[k] - fused.get(k, 0) for k in sorted(before) if before[k] > fused.get(k, 0)},
+        "runtime_ops": dict(sorted(runtime.items())),
+    }
+
+
+def check_onnx(model: bytes | str | os.PathLike, torch_model: nn.Module, x: torch.Tensor,
+               rel_tolerance: float = REL_TOLERANCE) -> float:
+    """Run `x` through the ONNX model in ONNX Runtime and through `torch_model`; return the max abs diff.
+
+    Raises HantError when it exceeds `rel_tolerance` times the largest PyTorch output (at least 1).
+    """
+    with torch.no_grad():
+        ref = torch_model.eval()(x).float().numpy()
+    got = _session(model).run(None, {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+    if got.shape != ref.shape:
+        raise HantError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}; the export is wrong")
+    diff = float(np.max(np.abs(got - ref)))
+    tol = rel_tolerance * max(1.0, float(np.max(np.abs(ref))))
+    if not diff <= tol:
+        raise HantError(f"ONNX Runtime's output differs from PyTorch's by {diff:.3g} (tolerance {tol:.3g}); "
+                        "the exported graph does not compute the student")
+    return diff
+
+
+def _batches(dataset, batch_size: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    from hant.data import make_loader
+
+    seen = 0
+    for x, y in make_loader(dataset, batch_size):
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None:
+            x, y = x[: limit - seen], y[: limit - seen]
+        seen += len(y)
+        yield x.numpy().astype(np.float32), y.numpy()
+
+
+def onnx_top1(model: bytes | str | os.PathLike, dataset, batch_size: int = 256, threads: int | None = None) -> float:
+    """Top-1 accuracy (percent) of an ONNX classifier on `dataset`, run in ONNX Runtime."""
+    sess = _session(model, threads)
+    correct = total = 0
+    for x, y in _batches(dataset, batch_size):
+        logits = sess.run(None, {INPUT_NAME: x})[0]
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    if total == 0:
+        raise HantError("the test split is empty; nothing to evaluate")
+    return 100.0 * correct / total
+
+
+class _CalibrationReader:
+    """Feeds the quantiser batches of train images (onnxruntime's CalibrationDataReader protocol)."""
+
+    def __init__(self, dataset, images: int, batch_size: int = 32):
+        self._data = list(_batches(dataset, batch_size, limit=images))
+        self._it = iter(self._data)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = next(self._it, None)
+        return None if item is None else {INPUT_NAME: item[0]}
+
+    def rewind(self) -> None:
+        self._it = iter(self._data)
+
+
+def quantize_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibration, images: int = 256,
+                  per_channel: bool = True) -> Path:
+    """Static INT8 (QDQ, int8 activations and weights, per-channel weights, MinMax calibration).
+
+    `calibration` is a dataset of (image, label); the first `images` images calibrate.
+    ONNX Runtime's pre-processing (shape inference, graph clean-up) runs first. Writes `out`
+    atomically and returns it. Raises HantError when quantisation fails.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="hant-int8-", dir=out.parent) as d:
+        src = Path(fp32)
+        pre = Path(d) / "pre.onnx"
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(src), str(pre))
+            src = pre
+        except Exception:  # pre-processing is an optimisation; quantise the plain export without it
+            pass
+        tmp = Path(d) / "int8.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(str(src), str(tmp), _CalibrationReader(calibration, images),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+        except Exception as e:
+            raise HantError(f"INT8 quantisation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "export without --int8") from e
+        atomic_write_bytes(out, tmp.read_bytes())
+    return out
+
+
+class _OrtRunnable:
+    """One ONNX Runtime session and a fixed input: the latency protocol's runnable."""
+
+    def __init__(self, model: bytes | str | os.PathLike, x: np.ndarray, threads: int | None):
+        self.session = _session(model, threads)
+        self.feed = {INPUT_NAME: x}
+
+    def run(self) -> None:
+        self.session.run(None, self.feed)
+
+
+def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: int = 256,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export RUN/students/<plan>/ to model.onnx (and model.int8.onnx with `int8`).
+
+    The ONNX model is checked against PyTorch on test images in ONNX Runtime (HantError
+    beyond tolerance), evaluated on the test split, and timed with the teacher (and the
+    INT8 model) in one interleaved run with the latency protocol on ONNX Runtime's CPU
+    settings at the plan's batch size. Merges "onnx" (and "int8") sections into eval.json:
+    top1, latency_ms, latency_p10_ms, latency_p90_ms, max_abs_diff, batchnorm_nodes (left in
+    the export: 0 when folded), fused_ops and removed_ops (what ONNX Runtime fused), file.
+    Returns {"onnx": {...}, "int8": {...} or None}. Raises HantError when the student has
+    not been fine-tuned, the export fails or does not match.
+    """
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.latency import get_target
+    from hant.latency.protocol import Protocol
+    from hant.latency.protocol import measure as protocol_measure
+    from hant.student import (ARCH_FILE, STUDENT_FILE, _teacher_from_config, load_student, read_plan,
+                              resolve_target, update_eval)
+
+    rd = RunDir(run)
+    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    out = rd.student_dir(plan)
+    plan_d = read_plan(run, plan)
+    if not (out / ARCH_FILE).exists() or not (out / STUDENT_FILE).exists():
+        raise HantError(f"no fine-tuned student in {out}; run `hant finetune --run {run} --plan {plan}` first")
+    student = load_student(out)
+    in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
+    target_id, batch_size, threads = resolve_target(run, plan_d)
+    if not target_id.startswith("onnxruntime"):
+        threads = None  # timing on another runtime's thread setting would not mean anything here
+
+    onnx_path = out / ONNX_FILE
+    data = export_onnx(student, in_shape, onnx_path)
+    exported = op_counts(data)
+    splits = load_data(cfg.data)
+    n_check = min(len(splits.test), 16)
+    x_check = torch.stack([splits.test[i][0] for i in range(n_check)])
+    diff = check_onnx(data, student, x_check)
+    fusions = ort_fusions(data, threads)
+    log(f"export {plan}: {onnx_path} (opset {OPSET}); max |ONNX - PyTorch| = {diff:.2e}; "
+        f"BatchNormalization nodes in export: {exported.get('BatchNormalization', 0)}; "
+        f"ONNX Runtime fused: {', '.join(f'{k} x{v}' for k, v in fusions['fused_ops'].items()) or 'nothing'}")
+    onnx_sec: dict[str, Any] = {
+        "file": ONNX_FILE, "opset": OPSET, "max_abs_diff": diff, "checked_images": n_check,
+        "batchnorm_nodes": exported.get("BatchNormalization", 0),
+        "fused_ops": fusions["fused_ops"], "removed_ops": fusions["removed_ops"],
+        "exported_ops": fusions["exported_ops"], "runtime_ops": fusions["runtime_ops"],
+        "top1": onnx_top1(data, splits.test, threads=threads),
+    }
+
+    int8_sec: dict[str, Any] | None = None
+    int8_path = out / INT8_FILE
+    if int8:
+        n_cal = min(calib_images, len(splits.train))
+        log(f"export {plan}: static INT8 (QDQ, per-channel) calibrated on {n_cal} train images")
+        quantize_int8(onnx_path, int8_path, splits.train, images=n_cal)
+        with torch.no_grad():
+            ref = student(x_check).numpy()
+        got = _session(int8_path, threads).run(None, {INPUT_NAME: x_check.numpy()})[0]
+        qf = ort_fusions(int8_path, threads)
+        int8_sec = {
+            "file": INT8_FILE, "calibration_images": n_cal, "format": "QDQ, int8 activations and weights, per-channel",
+            "max_abs_diff": float(np.max(np.abs(got - ref))),
+            "fused_ops": qf["fused_ops"], "runtime_ops": qf["runtime_ops"],
+            "top1": onnx_top1(int8_path, splits.test, threads=threads),
+        }
+
+    # Teacher, fp32 student and INT8 student timed together, so their ratios share the machine's state.
+    target = get_target("onnxruntime-cpu", batch_size=batch_size, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch_size, *in_shape)).astype(np.float32)
+    items = {"teacher": target.prepare(_teacher_from_config(cfg), in_shape),
+             "onnx": _OrtRunnable(data, x, target.threads)}
+    if int8:
+        items["int8"] = _OrtRunnable(int8_path, x, target.threads)
+    log(f"export {plan}: timing {', '.join(items)} on ONNX Runtime CPU (batch {batch_size}, {target.threads} threads)")
+    stats = protocol_measure(items, target, Protocol.from_config(cfg.latency))
+    t_ms = stats["teacher"].median_ms
+
+    def timing(key: str) -> dict[str, Any]:
+        s = stats[key]
+        return {"latency_ms": s.median_ms, "latency_p10_ms": s.p10_ms, "latency_p90_ms": s.p90_ms,
+                "latency_n": s.n, "teacher_latency_ms": t_ms, "speedup": t_ms / s.median_ms if s.median_ms else None,
+                "batch_size": batch_size, "threads": target.threads}
+
+    onnx_sec.update(timing("onnx"))
+    patch: dict[str, Any] = {"onnx": onnx_sec}
+    if int8_sec is not None:
+        int8_sec.update(timing("int8"))
+        patch["int8"] = int8_sec
+        log(f"export {plan}: INT8 test top-1 {int8_sec['top1']:.2f}% (fp32 {onnx_sec['top1']:.2f}%), "
+            f"{int8_sec['latency_ms']:.3f} ms vs fp32 {onnx_sec['latency_ms']:.3f} ms, teacher {t_ms:.3f} ms")
+    else:
+        log(f"export {plan}: ONNX test top-1 {onnx_sec['top1']:.2f}%, {onnx_sec['latency_ms']:.3f} ms, "
+            f"teacher {t_ms:.3f} ms")
+    update_eval(out, patch)
+    return {"onnx": onnx_sec, "int8": int8_sec}

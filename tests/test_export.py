@@ -1,0 +1,114 @@
+"""Export: ONNX matches PyTorch, BN is folded, INT8 runs and is evaluated."""
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from hant.errors import HantError
+from hant.export import check_onnx, export, export_onnx, op_counts, ort_fusions
+from hant.student import finetune, load_student
+from hant.workspace import RunDir, read_json
+from student_run import layer_names, make_run, write_plan
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # See test_student.py: two threads per process crawl on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = make_run(tmp_path_factory.mktemp("export") / "run", epochs=0.5)
+    names = layer_names(run)
+    write_plan(run, "p", {names[1]: "proj", names[3]: "mb_k3_e1_relu"})
+    finetune(run, "p", log=lambda *_: None)
+    torch.set_num_threads(before)
+    return run
+
+
+def _conv_bn():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_onnx_export_folds_bn_has_dynamic_batch_and_matches_pytorch(tmp_path):
+    model = _conv_bn()
+    data = export_onnx(model, (1, 8, 8), tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == data
+    ops = op_counts(data)
+    assert ops.get("BatchNormalization", 0) == 0 and ops["Conv"] == 1
+    proto = onnx.load_from_string(data)
+    assert proto.opset_import[0].version == 17
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, 1, 8, 8)
+        assert check_onnx(data, model, x) < 1e-4
+    # ONNX Runtime fuses conv + ReLU; the report lists it.
+    fused = ort_fusions(data)
+    assert any("FusedConv" in k for k in fused["fused_ops"]), fused
+    assert fused["removed_ops"].get("Relu") == 1
+
+
+def test_check_onnx_refuses_a_graph_that_does_not_match():
+    model = _conv_bn()
+    data = export_onnx(model, (1, 8, 8))
+    with torch.no_grad():
+        model[5].bias.add_(1.0)
+    with pytest.raises(HantError, match="differs from PyTorch"):
+        check_onnx(data, model, torch.randn(2, 1, 8, 8))
+
+
+def test_export_needs_a_finetuned_student(tmp_path):
+    run = make_run(tmp_path / "run")
+    write_plan(run, "p", {layer_names(run)[1]: "proj"})
+    with pytest.raises(HantError, match="hant finetune"):
+        export(run, "p")
+
+
+def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run)
+    logs = []
+    res = export(run, "p", int8=True, calib_images=32, log=logs.append)
+    out = RunDir(run).student_dir("p")
+    assert (out / "model.onnx").exists() and (out / "model.int8.onnx").exists()
+    ev = read_json(out / "eval.json")
+    o, q = ev["onnx"], ev["int8"]
+    assert o == res["onnx"] and q == res["int8"]
+    assert o["max_abs_diff"] < 1e-3 and o["batchnorm_nodes"] == 0
+    assert o["fused_ops"] and "FusedConv" in " ".join(o["fused_ops"])
+    # fp32 ONNX classifies the test split as PyTorch does (tiny float differences may flip a tie).
+    assert abs(o["top1"] - ev["student"]["top1"]) <= 100.0 / 24 + 1e-9
+    assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32
+    for sec in (o, q):
+        assert sec["latency_p10_ms"] <= sec["latency_ms"] <= sec["latency_p90_ms"] and sec["speedup"] > 0
+    assert ev["student"]["top1"] is not None  # fine-tuning's fields are kept
+    qops = op_counts(out / "model.int8.onnx")
+    assert qops["QuantizeLinear"] > 0 and qops["DequantizeLinear"] > 0
+    # The INT8 model computes roughly the same function on the images it was calibrated for.
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.export import _session
+
+    train = load_data(RunConfig.load(RunDir(run).config).data).train
+    x = torch.stack([train[i][0] for i in range(16)])
+    got = _session(out / "model.int8.onnx").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = load_student(out)(x).numpy()
+    corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+    assert corr > 0.9
+    assert any("INT8 test top-1" in line for line in logs)

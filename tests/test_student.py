@@ -1,0 +1,285 @@
+"""Phase 3: assemble, save/load, fine-tune (and its resume), measure."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hant.errors import HantError
+from hant.layers import get_layer
+from hant.student import (_epoch_batches, _Dist, _lr_at, assemble, finetune, kd_loss, load_student, measure,
+                          read_plan, recalibrate_batchnorm, save_student, update_eval)
+from hant.teacher import load_teacher
+from hant.workspace import RunDir, load_safetensors, read_json, write_json
+from student_run import layer_names, make_run, write_plan
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine, two intra-op threads per process spin against other
+    # processes and run 20x slower; results do not depend on it, only the wall time.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("student") / "run")
+
+
+@pytest.fixture
+def run(base_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base_run, dst)
+    # The teacher checkpoint path in config.yaml points into the module's folder; it is read-only here.
+    return dst
+
+
+def _teacher(run):
+    from hant.config import RunConfig
+
+    cfg = RunConfig.load(RunDir(run).config)
+    return load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint)
+
+
+def _x(n=4, seed=0):
+    return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- assemble
+
+
+def test_assembled_layers_are_the_plan_specs_with_phase1_weights(run):
+    names = layer_names(run)
+    plan = {names[1]: "proj", names[3]: "mb_k3_e1_relu", names[0]: "teacher"}
+    write_plan(run, "p", plan)
+    model = assemble(run, "p")
+    teacher = _teacher(run)
+    assert {k: v["spec"] for k, v in model.hant_arch["layers"].items()} == plan
+    for name, spec in plan.items():
+        layer = get_layer(model, name)
+        if spec == "teacher":
+            ref = get_layer(teacher, name)
+            assert type(layer) is type(ref)
+            for (k, p), (_, q) in zip(layer.named_parameters(), ref.named_parameters()):
+                assert torch.equal(p, q), k
+            continue
+        saved = load_safetensors(RunDir(run).candidate_file(name, spec))
+        params = dict(layer.named_parameters())
+        assert params and set(params) <= set(saved)
+        for k, p in params.items():
+            assert torch.equal(p, saved[k]), (name, k)
+    # Unplanned layers stay the teacher's.
+    assert type(get_layer(model, names[2])) is type(get_layer(teacher, names[2]))
+    assert not model.training
+
+
+def test_bn_recalibration_only_when_a_layer_is_replaced(run):
+    names = layer_names(run)
+    write_plan(run, "one", {names[1]: "proj"})
+    recal = assemble(run, "one")
+    plain = assemble(run, "one", bn_recalibrate=False)
+    changed = [n for (n, a), (_, b) in zip(recal.named_buffers(), plain.named_buffers())
+               if "running_mean" in n and not torch.equal(a, b)]
+    assert changed, "re-estimating BatchNorm statistics changed nothing"
+    tracked = [b for n, b in recal.named_buffers() if n.endswith("num_batches_tracked")]
+    assert tracked and all(int(t) == 2 for t in tracked)  # cumulative over finetune.bn_batches=2 batches
+
+
+def test_all_teacher_plan_reproduces_the_teacher_exactly(run):
+    names = layer_names(run)
+    write_plan(run, "same", {n: "teacher" for n in names})
+    model = assemble(run, "same")  # bn_recalibrate=True, but nothing is replaced
+    teacher = _teacher(run)
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(model(x), teacher(x))
+    for (n, a), (_, b) in zip(model.named_buffers(), teacher.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_assemble_errors_say_what_to_do(run):
+    names = layer_names(run)
+    with pytest.raises(HantError, match="no plan 'nope'"):
+        assemble(run, "nope")
+    with pytest.raises(HantError, match="not a replaceable layer"):
+        assemble(run, {"head.fc": "proj"})
+    with pytest.raises(HantError, match="hant distill"):
+        assemble(run, {names[2]: "mb_k3_e3_silu"})  # no phase-1 weights saved for it
+    with pytest.raises(ValueError, match="zz"):
+        assemble(run, {names[2]: "zz_k3"})
+    # A candidate file altered after phase 1 is refused by its checksum.
+    f = RunDir(run).candidate_file(names[1], "proj")
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(HantError, match="checksum"):
+        assemble(run, {names[1]: "proj"})
+
+
+def test_recalibrate_batchnorm_is_a_cumulative_average_without_dropout():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.9))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 2, 4, 4, generator=g) * (i + 1) + i for i in range(3)]
+    used = recalibrate_batchnorm(model, batches, max_batches=3)
+    assert used == 3 and not model.training and not model[1].training
+    with torch.no_grad():
+        means = torch.stack([model[0](b).mean(dim=(0, 2, 3)) for b in batches])
+    assert torch.allclose(model[1].running_mean, means.mean(0), atol=1e-5)
+    assert model[1].momentum == 0.1  # restored
+    assert recalibrate_batchnorm(model, batches, max_batches=1) == 1
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_without_run_folder(run, tmp_path):
+    names = layer_names(run)
+    plan = {names[1]: "proj", names[4]: "mb_k3_e1_relu"}
+    model = assemble(run, plan)
+    out = save_student(model, tmp_path / "student", model.hant_arch)
+    arch = json.loads((out / "arch.json").read_text())
+    assert arch["version"] == 1 and arch["teacher"]["source"] == "timm:test_efficientnet"
+    assert arch["teacher"]["input_size"] == 32 and len(arch["mean"]) == 1
+    assert {k: v["spec"] for k, v in arch["layers"].items()} == plan
+    assert set(arch["layers"][names[1]]) >= {"spec", "in_chs", "out_chs", "stride"}
+    shutil.rmtree(run)  # neither the run folder nor the teacher checkpoint is needed
+    loaded = load_student(out)
+    x = _x(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert torch.equal(load_student(out / "student.safetensors")(x), loaded(x))
+    data = bytearray((out / "student.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "student.safetensors").write_bytes(bytes(data))
+    with pytest.raises(HantError, match="checksum"):
+        load_student(out)
+
+
+def test_update_eval_merges_sections(tmp_path):
+    update_eval(tmp_path, {"teacher": {"top1": 90.0}, "student": {"top1": 89.0}, "target": "x"})
+    merged = update_eval(tmp_path, {"teacher": {"latency_ms": 2.0}, "speedup": 2.0})
+    assert merged["teacher"] == {"top1": 90.0, "latency_ms": 2.0}
+    assert merged["student"] == {"top1": 89.0} and merged["speedup"] == 2.0
+    assert read_json(tmp_path / "eval.json")["version"] == 1
+
+
+# ----------------------------------------------------------------------------- fine-tune pieces
+
+
+def test_kd_loss_terms():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert torch.allclose(kd_loss(s, t, y, 0.0, 1.0, 2.0), ce)
+    assert kd_loss(t, t, y, 1.0, 0.0, 3.0).abs() < 1e-6  # identical logits: no KL
+    kl = kd_loss(s, t, y, 1.0, 0.0, 2.0)
+    p = torch.softmax(t / 2, 1)
+    ref = 4.0 * (p * (p.log() - torch.log_softmax(s / 2, 1))).sum(1).mean()
+    assert torch.allclose(kl, ref, atol=1e-6)
+    assert torch.allclose(kd_loss(s, t, y, 1.0, 0.5, 2.0), ref + 0.5 * ce, atol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [_lr_at(s, 100, 5, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] < 0.01
+
+
+def test_epoch_batches_are_deterministic_and_split_across_ranks():
+    data = list(range(50))
+    a = _epoch_batches(data, 8, 3, 0, _Dist())
+    assert a == _epoch_batches(data, 8, 3, 0, _Dist()) and a != _epoch_batches(data, 8, 4, 0, _Dist())
+    assert all(len(b) == 8 for b in a) and len(a) == 6
+    r0 = _epoch_batches(data, 4, 3, 0, _Dist(rank=0, world=2))
+    r1 = _epoch_batches(data, 4, 3, 0, _Dist(rank=1, world=2))
+    assert len(r0) == len(r1) and not set(sum(r0, [])) & set(sum(r1, []))
+
+
+# ----------------------------------------------------------------------------- fine-tune end to end
+
+
+def _plan(run):
+    names = layer_names(run)
+    write_plan(run, "p", {names[1]: "proj", names[3]: "mb_k3_e1_relu"})
+    return "p"
+
+
+def _weights(run, plan="p"):
+    return load_safetensors(RunDir(run).student_dir(plan) / "student.safetensors")
+
+
+def test_finetune_resumes_to_the_same_weights(run, tmp_path):
+    plan = _plan(run)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    logs = []
+    res = finetune(other, plan, log=logs.append)
+    # 80 train images (120 - 24 test - 16 held out), batch 16: 5 steps per epoch, 2 epochs.
+    assert res["steps"] == 10
+    assert any("fine-tune p:" in line for line in logs)
+    out = RunDir(other).student_dir(plan)
+    ev = read_json(out / "eval.json")
+    for who in ("teacher", "student"):
+        assert 0.0 <= ev[who]["top1"] <= 100.0
+    assert ev["student"]["top1_assembled"] is not None and ev["finetune"]["steps"] == 10
+    assert ev["params"] > 0 and ev["flops"] > 0
+    # The fine-tuned student loads on its own and is not the assembled one.
+    x = _x()
+    with torch.no_grad():
+        assert not torch.equal(load_student(out)(x), assemble(other, plan)(x))
+
+    env = {**os.environ, "HANT_FAULT": "finetune:after_epoch:1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code = f"import torch; torch.set_num_threads(1); from hant.student import finetune; finetune({str(run)!r}, {plan!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    state = read_json(RunDir(run).student_dir(plan) / "finetune.ckpt.json")
+    assert state["step"] == 5 and not state["done"]
+    assert not (RunDir(run).student_dir(plan) / "student.safetensors").exists()
+    logs = []
+    finetune(run, plan, log=logs.append)
+    assert any("resuming at step 5/10" in line for line in logs)
+    a, b = _weights(run), _weights(other)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_finetune_restarts_when_settings_change(run):
+    plan = _plan(run)
+    finetune(run, plan, epochs=0.5)
+    logs = []
+    res = finetune(run, plan, epochs=1.0, log=logs.append)
+    assert res["steps"] == 5
+    assert any("starting over" in line for line in logs)
+    with pytest.raises(HantError, match="positive"):
+        finetune(run, plan, epochs=0)
+
+
+def test_measure_writes_latency_into_eval(run):
+    plan = _plan(run)
+    update_eval(RunDir(run).student_dir(plan), {"student": {"top1": 50.0}})
+    logs = []
+    ev = measure(run, plan, log=logs.append)  # no fine-tuned student yet: times the assembled plan
+    assert any("assembled" in line for line in logs)
+    for who in ("teacher", "student"):
+        s = ev[who]
+        assert s["latency_p10_ms"] <= s["latency_ms"] <= s["latency_p90_ms"] and s["latency_ms"] > 0
+    assert ev["student"]["top1"] == 50.0  # merged, not overwritten
+    assert ev["speedup"] == pytest.approx(ev["teacher"]["latency_ms"] / ev["student"]["latency_ms"])
+    assert ev["target"] == "onnxruntime-cpu" and ev["batch_size"] == 1 and ev["predicted_ms"] == 0.5
+    assert ev["params"] < ev["teacher"]["params"]
