@@ -1,0 +1,242 @@
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hant.config import DataConfig
+from hant.errors import HantError
+from hant.teacher import (create_model, evaluate, load_teacher, one_cycle_lr, parse_source, read_checkpoint,
+                          teacher_meta_path, train_teacher)
+from hant.workspace import save_safetensors
+
+TINY = "timm:test_efficientnet"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy shared machine the
+    # thread barriers of every small op make them many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _out_shape(model, in_chans, size=32):
+    with torch.no_grad():
+        return tuple(model.eval()(torch.randn(2, in_chans, size, size)).shape)
+
+
+@pytest.mark.parametrize("source", ["timm:test_resnet", "timm:efficientnet_b0", "torchvision:resnet18"])
+def test_create_model_gray_input(source):
+    m = create_model(source, in_chans=1, num_classes=7)
+    assert _out_shape(m, 1) == (2, 7)
+
+
+def test_torchvision_three_channels_untouched():
+    m = create_model("torchvision:mobilenet_v3_small", in_chans=3, num_classes=5)
+    assert m.features[0][0].in_channels == 3 and _out_shape(m, 3) == (2, 5)
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "hant_test_factories.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        def small(in_chans, num_classes):
+            return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+
+        def fixed():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def anything(**kw):
+            return small(kw["in_chans"], kw["num_classes"])
+
+        def not_a_model(in_chans, num_classes):
+            return 42
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "hant_test_factories"
+    sys.modules.pop("hant_test_factories", None)
+
+
+def test_factory_sources(factory_module):
+    assert _out_shape(create_model(f"{factory_module}:small", 2, 6), 2) == (2, 6)
+    assert _out_shape(create_model(f"{factory_module}:anything", 1, 3), 1) == (2, 3)
+    assert _out_shape(create_model(f"{factory_module}:fixed", 1, 3), 3) == (2, 2)  # takes neither argument
+    with pytest.raises(HantError, match="not a torch nn.Module"):
+        create_model(f"{factory_module}:not_a_model", 1, 3)
+    with pytest.raises(HantError, match="no callable 'nope'"):
+        create_model(f"{factory_module}:nope", 1, 3)
+
+
+@pytest.mark.parametrize("source,match", [
+    ("timm:efficientnet_b99", "close matches: .*efficientnet"),
+    ("torchvision:resnet19", "unknown torchvision model 'resnet19'"),
+    ("efficientnet_b0", "did you mean timm:efficientnet_b0"),
+    ("no_such_package.models:build", "cannot import 'no_such_package.models'"),
+])
+def test_unknown_model_is_one_line(source, match):
+    with pytest.raises(HantError, match=match) as e:
+        create_model(source, 1, 10)
+    assert "\n" not in str(e.value)
+
+
+def test_parse_source():
+    assert parse_source("timm:resnet18") == ("timm", "resnet18")
+    assert parse_source("pkg.mod:make") == ("factory", "pkg.mod:make")
+
+
+def _tiny(num_classes=4):
+    torch.manual_seed(0)
+    return create_model("timm:test_resnet", 1, num_classes).eval()
+
+
+def test_safetensors_roundtrip(tmp_path):
+    m = _tiny()
+    save_safetensors(tmp_path / "w.safetensors", m.state_dict())
+    back = load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "w.safetensors")
+    assert not back.training
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(back(x), m(x))
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model", None])
+def test_torch_checkpoint_wrappers(tmp_path, wrap):
+    m = _tiny()
+    sd = {f"module.{k}": v for k, v in m.state_dict().items()} if wrap == "model" else m.state_dict()
+    torch.save({wrap: sd, "epoch": 3} if wrap else sd, tmp_path / "w.pt")
+    back = load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "w.pt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    m = _tiny()
+    torch.save(m, tmp_path / "whole.pt")
+    with pytest.raises(HantError, match="--trust-pickle") as e:
+        load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "whole.pt")
+    assert "\n" not in str(e.value)
+    back = load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "whole.pt", trust_pickle=True)
+    key = next(iter(m.state_dict()))
+    assert torch.equal(back.state_dict()[key], m.state_dict()[key])
+
+
+def test_mismatched_checkpoint_names_key(tmp_path):
+    save_safetensors(tmp_path / "w5.safetensors", _tiny(num_classes=5).state_dict())
+    with pytest.raises(HantError, match=r"key 'fc.weight' has shape \(5, .*\) in the file"):
+        load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "w5.safetensors")
+    sd = _tiny().state_dict()
+    missing = dict(sd)
+    missing.pop("fc.bias")
+    save_safetensors(tmp_path / "missing.safetensors", missing)
+    with pytest.raises(HantError, match="key 'fc.bias' is missing"):
+        load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "missing.safetensors")
+    save_safetensors(tmp_path / "extra.safetensors", {**sd, "head.extra": torch.zeros(1)})
+    with pytest.raises(HantError, match="unexpected key 'head.extra'"):
+        load_teacher("timm:test_resnet", 1, 4, checkpoint=tmp_path / "extra.safetensors")
+
+
+def test_unreadable_checkpoints(tmp_path):
+    with pytest.raises(HantError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(HantError, match="not a"):
+        read_checkpoint(tmp_path / "junk.pt")
+    torch.save({"epoch": 1, "note": "no weights"}, tmp_path / "empty.pt")
+    with pytest.raises(HantError, match="no state dict"):
+        read_checkpoint(tmp_path / "empty.pt")
+
+
+def test_one_cycle_lr_shape():
+    lrs = [one_cycle_lr(s, 100, 1.0) for s in range(101)]
+    assert lrs[0] == pytest.approx(1 / 25)
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 15
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
+
+
+def _cfg():
+    return DataConfig(spec="synthetic:300", input_size=16, heldout=20, batch_size=16)
+
+
+def test_train_teacher_learns_and_writes_files(tmp_path):
+    out = tmp_path / "teacher.safetensors"
+    r = train_teacher(TINY, _cfg(), epochs=4, out=out, lr=5e-3, seed=0, max_train_images=200, command="hant test")
+    assert out.exists() and teacher_meta_path(out).exists()
+    assert not out.with_suffix(".partial.safetensors").exists()
+    meta = json.loads(teacher_meta_path(out).read_text())
+    for key in ("source", "in_chans", "num_classes", "input_size", "data", "mean", "std", "test_top1", "epochs",
+                "train_time_s", "images_per_s", "command", "version"):
+        assert key in meta, key
+    assert (meta["source"], meta["in_chans"], meta["num_classes"], meta["input_size"]) == (TINY, 1, 10, 16)
+    assert meta["train_images"] == 200 and meta["command"] == "hant test" and meta["epochs"] == 4
+    # Ten classes: chance is 10%.
+    assert r["test_top1"] > 40, r
+    assert len(r["history"]) == 4 and r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
+    # The saved weights are the evaluated ones.
+    from hant.data import load_data, make_loader
+
+    splits = load_data(_cfg())
+    teacher = load_teacher(TINY, 1, 10, checkpoint=out)
+    assert evaluate(teacher, make_loader(splits.test, 64))["top1"] == pytest.approx(r["test_top1"], abs=1e-3)
+
+
+def test_train_teacher_resumes_after_interrupt(tmp_path):
+    kw = dict(epochs=2, lr=5e-3, seed=1, max_train_images=96, eval_each_epoch=False, command="x")
+    straight = train_teacher(TINY, _cfg(), out=tmp_path / "a.safetensors", **kw)
+
+    def stop_after_first_epoch(msg):
+        if msg.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(TINY, _cfg(), out=out, log=stop_after_first_epoch, **kw)
+    partial = out.with_suffix(".partial.safetensors")
+    assert partial.exists() and not out.exists()
+    with pytest.raises(HantError, match="other settings"):
+        train_teacher(TINY, _cfg(), out=out, **{**kw, "lr": 1e-3})
+    logged = []
+    resumed = train_teacher(TINY, _cfg(), out=out, log=logged.append, **kw)
+    assert any(m.startswith("resuming") for m in logged) and not partial.exists()
+    assert resumed["history"][0] == straight["history"][0]
+    a = read_checkpoint(tmp_path / "a.safetensors")
+    b = read_checkpoint(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_train_teacher_bad_arguments(tmp_path):
+    with pytest.raises(HantError, match="--epochs"):
+        train_teacher(TINY, _cfg(), epochs=0, out=tmp_path / "t.safetensors")
+    with pytest.raises(HantError, match=".json goes beside"):
+        train_teacher(TINY, _cfg(), epochs=1, out=tmp_path / "t.json")
+
+
+def test_cli_train_teacher(tmp_path, capsys):
+    from hant.cli import main
+
+    out = tmp_path / "t.safetensors"
+    rc = main(["train-teacher", "--model", TINY, "--data", "synthetic:120", "--input-size", "16", "--epochs", "0.5",
+               "--batch-size", "16", "--out", str(out)])
+    assert rc == 0 and out.exists()
+    assert "test top-1" in capsys.readouterr().out
+    assert json.loads(teacher_meta_path(out).read_text())["epochs"] == 0.5
+    assert main(["train-teacher", "--model", "timm:nope_net", "--data", "synthetic:120", "--out", str(out)]) == 2
+    assert "unknown timm model" in capsys.readouterr().err
+
+
+def test_evaluate_counts(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        model[1].bias.zero_()
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]]).view(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 1, 1])
+    r = evaluate(model, [(x, y)])
+    assert r["top1"] == 75.0 and r["n"] == 4 and r["loss"] > 0
