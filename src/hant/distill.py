@@ -1,0 +1,1243 @@
+"""Phase 1: train every candidate of every layer by layer-wise distillation.
+
+For each batch of the train split the teacher runs once (eval mode, no grad); forward
+hooks capture each replaced layer's input x and output y, and every pending candidate
+of that layer takes one optimiser step on the normalised MSE
+
+    ||o(x) - y||^2 / ||y||^2        (sums over the batch)
+
+so that losses compare across layers. Candidates are independent: each has its own
+parameters, optimiser state and random stream, so the result of one does not depend
+on which others trained beside it, in which group, on which rank, or whether the run
+was interrupted.
+
+Two levels of API:
+
+- `train_pool(teacher, candidates, train_set, heldout_set, options)` — the engine, on
+  plain torch modules: groups the candidates under a memory budget, streams the data,
+  evaluates on the held-out set, checkpoints and resumes (given a work folder);
+- `distill(run, images=None, max_memory_mb=None)` — the stage: reads RUN/config.yaml
+  and RUN/layers.json, builds and initialises the candidates, shards them across
+  torchrun ranks, writes RUN/candidates/<layer>/<spec>.safetensors and
+  RUN/candidates/index.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from hant.errors import HantError
+
+__all__ = [
+    "Candidate",
+    "Phase1Options",
+    "BatchPlan",
+    "LayerTap",
+    "train_pool",
+    "evaluate_pool",
+    "measure_candidate",
+    "pack_groups",
+    "partition",
+    "candidate_seed",
+    "distill",
+    "default_max_memory_mb",
+    "FAULT_ENV",
+]
+
+FAULT_ENV = "HANT_FAULT"
+INDEX_VERSION = 1
+_MB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class Candidate:
+    """One candidate operation for one layer.
+
+    `module` maps the layer's input to its output. `train=False` keeps it as it is
+    (the teacher's own layer): it is only evaluated. `init` is recorded in the index.
+    `cost` (FLOPs per image) balances ranks; `state_bytes` and `act_bytes` (per image)
+    are measured by `measure_candidate` and pack groups.
+    """
+
+    layer: str
+    spec: str
+    module: nn.Module
+    init: str = "random"
+    train: bool = True
+    cost: float = 0.0
+    state_bytes: int = 0
+    act_bytes: float = 0.0
+    clone_input: bool = False  # the module writes into its input: give it a copy
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.layer, self.spec)
+
+    @property
+    def trainable(self) -> bool:
+        return self.train and any(p.requires_grad for p in self.module.parameters())
+
+
+@dataclass
+class Phase1Options:
+    """How the engine trains (see `DistillConfig` for the user-facing names).
+
+    steps: optimiser steps per candidate (images per candidate / batch_size).
+    max_memory_bytes: budget for one group of candidates (None: no grouping).
+    checkpoint_minutes: how often the group in progress is saved (needs a work folder).
+    device: None picks CUDA when present. channels_last / autocast: None picks the fast
+    choice for the device (channels_last on CPU, bf16 autocast on CUDA).
+    """
+
+    steps: int
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_frac: float = 0.05
+    seed: int = 0
+    max_memory_bytes: int | None = None
+    checkpoint_minutes: float = 5.0
+    device: str | torch.device | None = None
+    channels_last: bool | None = None
+    autocast: bool | None = None
+    workers: int = 0
+    heldout_batch_size: int | None = None
+    progress: bool = True
+    tail_frac: float = 0.1  # train_loss is the mean over this last share of the steps
+
+
+def candidate_seed(seed: int, layer: str, spec: str, step: int = -1) -> int:
+    """A seed that depends only on the run seed, the candidate and the step.
+
+    Random init and any randomness inside a candidate (dropout) use it, so a candidate
+    trains the same in any group, on any rank and after a resume.
+    """
+    h = hashlib.sha256(f"{seed}|{layer}|{spec}|{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class BatchPlan:
+    """The deterministic order of training batches: batch `step` is a function of (seed, step).
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the last partial batch of
+    an epoch is dropped so that every step has `batch_size` images.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise HantError("the train split is empty; use a larger dataset")
+        self.n = n
+        self.batch_size = max(1, min(batch_size, n))
+        self.seed = seed
+        self.per_epoch = n // self.batch_size
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Positions in the dataset of the images of batch `step`."""
+        epoch, i = divmod(step, self.per_epoch)
+        perm = self._perm.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            self._perm = {epoch: perm}  # steps go forward; one epoch kept
+        return perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def _load_images(dataset, idx: torch.Tensor) -> torch.Tensor:
+    get_batch = getattr(dataset, "get_batch", None)
+    if callable(get_batch):
+        return get_batch(idx)[0]
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerTap:
+    """Forward hooks that capture named layers' (input, output) during one teacher forward.
+
+    `tap(images)` runs the teacher once (no grad) and returns {layer: (x, y)}. The
+    forward stops as soon as every requested layer has been seen, so the part of the
+    teacher after the last of them is not computed. Should a later op write into a
+    captured tensor in place, the batch is rerun with copies (and copies are kept from
+    then on).
+    """
+
+    def __init__(self, teacher: nn.Module, layer_names: Iterable[str]):
+        self.teacher = teacher
+        self.modules = {name: teacher.get_submodule(name) for name in layer_names}
+        self.clone = False
+        self.passes = 0
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor, layers: Iterable[str], autocast: bool = False
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        want = set(layers)
+        unknown = want - set(self.modules)
+        if unknown:
+            raise KeyError(f"layer {sorted(unknown)[0]!r} is not tapped")
+        for attempt in range(2):
+            got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            versions: list[tuple[torch.Tensor, int]] = []
+
+            def hook(name):
+                def fn(module, args, output):
+                    if name in got:
+                        raise HantError(f"layer {name} runs more than once per forward; exclude it with --exclude")
+                    x = args[0] if args else None
+                    if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+                        raise HantError(f"layer {name} does not map one tensor to one tensor; exclude it")
+                    x, y = x.detach(), output.detach()
+                    if self.clone:
+                        x, y = x.clone(), y.clone()
+                    versions.extend([(x, x._version), (y, y._version)])
+                    got[name] = (x, y)
+                    if len(got) == len(want):
+                        raise _StopForward
+
+                return fn
+
+            handles = [self.modules[n].register_forward_hook(hook(n)) for n in want]
+            try:
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+                with torch.no_grad(), ctx:
+                    self.teacher(images)
+            except _StopForward:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            self.passes += 1
+            self.images += len(images)
+            if len(got) != len(want):
+                missing = sorted(want - set(got))[0]
+                raise HantError(f"layer {missing} did not run in the teacher's forward; exclude it")
+            if all(t._version == v for t, v in versions) or self.clone:
+                return got
+            self.clone = True  # something wrote into a captured tensor: copy from now on
+        return got
+
+
+def _nmse_parts(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (o.float() - y.float()).pow(2).sum()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def measure_candidate(cand: Candidate, x: torch.Tensor, y: torch.Tensor, optimizer: str = "adamw",
+                      autocast: bool = False) -> None:
+    """Measure what one candidate costs to train, in place on `cand`.
+
+    Runs one forward and backward on the sample (x, y) (a few images of the layer's
+    input and output) and records: `act_bytes`, bytes per image of the tensors autograd
+    keeps for the backward pass (counted through saved-tensor hooks, each storage once)
+    plus the output and its gradient; `state_bytes`, parameters, their gradients and the
+    optimiser's per-parameter state, plus buffers; `cost`, forward FLOPs per image
+    (counted by torch's FlopCounterMode); and `clone_input` when the module writes into
+    its input. The module's weights are restored afterwards (BatchNorm statistics too).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = cand.module
+    params = [p for p in m.parameters() if p.requires_grad]
+    n_state = {"adamw": 2, "sgd": 1}.get(optimizer, 2) if cand.trainable else -1
+    p_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    b_bytes = sum(b.numel() * b.element_size() for b in m.buffers())
+    cand.state_bytes = int(p_bytes * (2 + n_state) + b_bytes) if cand.trainable else int(p_bytes + b_bytes)
+    saved = dict(m.state_dict())
+    snapshot = {k: v.detach().clone() for k, v in saved.items()}
+    modes = [(mod, mod.training) for mod in m.modules()]
+    try:
+        m.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(x[:1].clone())
+        cand.cost = float(fc.get_total_flops())
+        if not cand.trainable:
+            with torch.no_grad():
+                o = m(x)
+            cand.act_bytes = 2.0 * o.numel() * o.element_size() / len(x)
+            return
+        m.train()
+        seen = {_storage_key(p) for p in m.parameters()} | {_storage_key(b) for b in m.buffers()}
+        seen.add(_storage_key(x))
+        total = [0]
+
+        def pack(t):
+            k = _storage_key(t)
+            if k not in seen:
+                seen.add(k)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        xv = x._version
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+            o = m(x)
+        cand.clone_input = x._version != xv
+        loss = _nmse_parts(o, y)
+        loss.backward()
+        cand.act_bytes = (total[0] + 2.0 * o.numel() * o.element_size()) / len(x)
+        for p in params:
+            p.grad = None
+    finally:
+        m.load_state_dict(snapshot)
+        for mod, training in modes:
+            mod.training = training
+
+
+def pack_groups(cands: Sequence[Candidate], budget_bytes: int | None, batch_size: int,
+                layer_bytes: dict[str, float] | None = None) -> list[list[int]]:
+    """Split candidates (kept in order) into groups that fit in `budget_bytes` each.
+
+    A group needs the persistent state of all its candidates, the activations of the
+    largest one (candidates step one after another, so only one backward is alive at a
+    time) and the captured teacher tensors of its layers (`layer_bytes`, per image).
+    Returns lists of indices. A candidate too large on its own gets a group of its own.
+    """
+    if budget_bytes is None:
+        return [list(range(len(cands)))] if cands else []
+    layer_bytes = layer_bytes or {}
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    state = act = 0.0
+    layers: set[str] = set()
+
+    def need(s, a, ls):
+        return s + a * batch_size + sum(layer_bytes.get(l, 0.0) for l in ls) * batch_size
+
+    for i, c in enumerate(cands):
+        s2, a2, l2 = state + c.state_bytes, max(act, c.act_bytes), layers | {c.layer}
+        if cur and need(s2, a2, l2) > budget_bytes:
+            groups.append(cur)
+            cur, state, act, layers = [], 0.0, 0.0, set()
+            s2, a2, l2 = c.state_bytes, c.act_bytes, {c.layer}
+        cur.append(i)
+        state, act, layers = s2, a2, l2
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def partition(costs: Sequence[float], world_size: int) -> list[list[int]]:
+    """Assign items to `world_size` ranks balancing the summed cost (largest first, to the lightest rank).
+
+    Deterministic: ties break by index. Returns, per rank, the item indices in their original order.
+    """
+    loads = [0.0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[r] += costs[i]
+        out[r].append(i)
+    return [sorted(o) for o in out]
+
+
+def default_max_memory_mb(device: torch.device | None = None) -> int:
+    """A safe share of memory for one group: half of the available RAM (80% of free GPU memory)."""
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.8 / _MB)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * 0.5 / _MB)
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages * 0.5 / _MB)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class _ActivationCache:
+    """Captured teacher tensors of past batches, on disk, for groups that run after the first.
+
+    One safetensors file per (split, step); a tensor shared by two layers (the output of
+    one is the input of the next) is stored once.
+    """
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder
+        meta = folder / "meta.json"
+        if folder.exists():
+            try:
+                ok = json.loads(meta.read_text()).get("key") == key
+            except (OSError, json.JSONDecodeError):
+                ok = False
+            if not ok:
+                shutil.rmtree(folder)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            from hant.workspace import atomic_write_text
+
+            atomic_write_text(meta, json.dumps({"key": key}))
+        self.bytes_written = 0
+
+    def _path(self, split: str, step: int) -> Path:
+        return self.folder / f"{split}-{step:07d}.safetensors"
+
+    def get(self, split: str, step: int, layers: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        from safetensors import safe_open
+
+        path = self._path(split, step)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = json.loads(f.metadata()["layers"])
+                if not layers <= set(names):
+                    return None
+                out = {}
+                for layer in layers:
+                    xk, yk = names[layer]
+                    out[layer] = (f.get_tensor(xk), f.get_tensor(yk))
+                return out
+        except Exception:  # a torn or foreign file: recompute the batch
+            return None
+
+    def put(self, split: str, step: int, acts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from hant.workspace import save_safetensors
+
+        tensors: dict[str, torch.Tensor] = {}
+        by_ptr: dict[tuple[int, tuple, tuple], str] = {}
+        names: dict[str, tuple[str, str]] = {}
+        for layer, pair in acts.items():
+            keys = []
+            for t in pair:
+                ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+                k = by_ptr.get(ident)
+                if k is None:
+                    k = f"t{len(tensors)}"
+                    by_ptr[ident] = k
+                    tensors[k] = t
+                keys.append(k)
+            names[layer] = tuple(keys)
+        save_safetensors(self._path(split, step), tensors, metadata={"layers": json.dumps(names)})
+        self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _Source:
+    """Gives each step's captured (x, y) per layer: from the cache, else one teacher pass.
+
+    Layers that groups still to come will need are written to the cache on the way, so
+    the teacher runs at most once per batch over the whole phase.
+    """
+
+    def __init__(self, tap: LayerTap, device: torch.device, channels_last: bool, autocast: bool,
+                 cache: _ActivationCache | None):
+        self.tap, self.device, self.channels_last, self.autocast = tap, device, channels_last, autocast
+        self.cache = cache
+
+    def _prep(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, non_blocking=True)
+        if self.channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def get(self, split: str, step: int, load: Callable[[], torch.Tensor], layers: set[str],
+            keep: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self.cache is not None:
+            hit = self.cache.get(split, step, layers | keep)
+            if hit is not None:
+                return {k: (self._prep(x), self._prep(y)) for k, (x, y) in hit.items() if k in layers}
+        images = self._prep(load())
+        acts = self.tap(images, layers | keep, autocast=self.autocast)
+        if keep and self.cache is not None:
+            self.cache.put(split, step, {k: acts[k] for k in layers | keep})
+        return {k: acts[k] for k in layers}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    # torch.manual_seed also walks every accelerator backend: ~0.6 ms, too slow once per
+    # candidate per step. Seed only the generators this device uses.
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def _lr_at(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine to zero over the candidate's budget."""
+    w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return w * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+
+
+class _Group:
+    """The candidates that train together: one optimiser, per-candidate parameter groups.
+
+    Optimisers whose update is elementwise per parameter (AdamW, SGD with momentum) keep
+    every candidate independent even inside one torch optimiser; a candidate whose loss
+    turns non-finite stops getting gradients and so stops changing.
+    """
+
+    def __init__(self, cands: list[Candidate], opts: Phase1Options, device: torch.device):
+        self.cands = cands
+        self.opts = opts
+        self.device = device
+        self.status = ["pending"] * len(cands)
+        self.reason: list[str | None] = [None] * len(cands)
+        self.first: list[float | None] = [None] * len(cands)
+        self.tail: list[list[float]] = [[] for _ in cands]
+        self.steps_done = 0
+        self.tail_from = max(0, opts.steps - max(1, round(opts.steps * opts.tail_frac)))
+        groups = []
+        for i, c in enumerate(cands):
+            if not c.trainable:
+                continue
+            decay = [p for p in c.module.parameters() if p.requires_grad and p.dim() > 1]
+            rest = [p for p in c.module.parameters() if p.requires_grad and p.dim() <= 1]
+            if decay:
+                groups.append({"params": decay, "weight_decay": opts.weight_decay})
+            if rest:
+                groups.append({"params": rest, "weight_decay": 0.0})
+        self.opt = None
+        if groups:
+            fused = device.type in ("cpu", "cuda")
+            if opts.optimizer == "adamw":
+                self.opt = torch.optim.AdamW(groups, lr=opts.lr, fused=fused)
+            elif opts.optimizer == "sgd":
+                self.opt = torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, nesterov=True, fused=fused)
+            else:
+                raise HantError(f"unknown optimizer '{opts.optimizer}'; use adamw or sgd")
+        self.warmup = max(1, round(opts.steps * opts.warmup_frac))
+
+    def active(self) -> list[int]:
+        return [i for i, c in enumerate(self.cands) if c.trainable and self.status[i] == "pending"]
+
+    def fail(self, i: int, reason: str) -> None:
+        self.status[i] = "failed"
+        self.reason[i] = reason
+        for p in self.cands[i].module.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+
+    def step(self, step: int, acts: dict[str, tuple[torch.Tensor, torch.Tensor]], autocast: bool) -> None:
+        scale = _lr_at(step, self.opts.steps, self.warmup)
+        if self.opt is not None:
+            for g in self.opt.param_groups:
+                g["lr"] = self.opts.lr * scale
+        denom: dict[str, torch.Tensor] = {}
+        losses, who = [], []
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        for i in self.active():
+            c = self.cands[i]
+            x, y = acts[c.layer]
+            if c.layer not in denom:
+                denom[c.layer] = y.float().pow(2).sum().clamp_min(1e-12)
+            _seed(self.device, candidate_seed(self.opts.seed, c.layer, c.spec, step))
+            c.module.train()
+            try:
+                with ctx:
+                    o = c.module(x.clone() if c.clone_input else x)
+                loss = _nmse_parts(o, y) / denom[c.layer]
+                loss.backward()
+            except RuntimeError as e:
+                self.fail(i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+                continue
+            losses.append(loss.detach())
+            who.append(i)
+        if losses:
+            values = torch.stack(losses).cpu().tolist()
+            for i, v in zip(who, values):
+                if not math.isfinite(v):
+                    self.fail(i, f"training loss became {v} at step {step}")
+                    continue
+                if self.first[i] is None:
+                    self.first[i] = v
+                if step >= self.tail_from:
+                    self.tail[i].append(v)
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.steps_done = step + 1
+
+    # -- checkpoint: weights, optimiser state and loss records of every candidate
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, c in enumerate(self.cands):
+            for k, v in c.module.state_dict().items():
+                out[f"{i}.m.{k}"] = v
+            if self.opt is None:
+                continue
+            for j, p in enumerate(c.module.parameters()):
+                for k, v in self.opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor):
+                        out[f"{i}.o.{j}.{k}"] = v
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "status": self.status, "reason": self.reason,
+                "first": self.first, "tail": self.tail}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for i, c in enumerate(self.cands):
+            sd = {k[len(f"{i}.m."):]: v for k, v in tensors.items() if k.startswith(f"{i}.m.")}
+            c.module.load_state_dict(sd)
+            if self.opt is None:
+                continue
+            for j, p in enumerate(c.module.parameters()):
+                prefix = f"{i}.o.{j}."
+                st = {}
+                for k, v in tensors.items():
+                    if k.startswith(prefix):
+                        name = k[len(prefix):]
+                        if v.shape == p.shape:
+                            v = torch.empty_like(p).copy_(v)  # same layout as the parameter
+                        st[name] = v.to(p.device)
+                if st:
+                    self.opt.state[p] = st
+        self.steps_done = meta["steps_done"]
+        self.first, self.tail = meta["first"], meta["tail"]
+        for i, (s, r) in enumerate(zip(meta["status"], meta["reason"])):
+            if s == "failed":
+                self.fail(i, r)
+
+
+def _group_key(cands: Sequence[Candidate], opts: Phase1Options) -> str:
+    ident = {"cands": [[c.layer, c.spec, c.init] for c in cands], "steps": opts.steps, "bs": opts.batch_size,
+             "opt": opts.optimizer, "lr": opts.lr, "wd": opts.weight_decay, "warm": opts.warmup_frac,
+             "seed": opts.seed}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault(point: str) -> None:
+    # Tests kill the process at a named point (`distill:after_checkpoint`), or at its N-th
+    # passage (`distill:after_checkpoint@N`), to check that a restart resumes correctly.
+    want = os.environ.get(FAULT_ENV, "")
+    name, _, nth = want.partition("@")
+    if name != f"distill:{point}":
+        return
+    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+    if _FAULT_COUNTS[point] >= (int(nth) if nth.isdigit() else 1):
+        os._exit(1)
+
+
+class _Checkpoints:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _meta(self, key: str) -> Path:
+        return self.folder / f"group-{key}.json"
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        from hant.workspace import load_safetensors
+
+        path = self._meta(key)
+        if not path.exists():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            tensors = load_safetensors(self.folder / meta["file"], expect_sha256=meta["sha256"])
+        except (OSError, json.JSONDecodeError, KeyError, HantError):
+            return None
+        return tensors, meta
+
+    def save(self, key: str, group: _Group) -> None:
+        from hant.workspace import atomic_write_text, save_safetensors
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"group-{key}-{group.steps_done:07d}.safetensors"
+        sha = save_safetensors(self.folder / name, group.state_tensors())
+        old = self.load_meta(key)
+        atomic_write_text(self._meta(key), json.dumps({**group.meta(), "file": name, "sha256": sha}))
+        if old and old.get("file") != name:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / old["file"]).unlink()
+
+    def load_meta(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._meta(key).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def drop(self, key: str) -> None:
+        meta = self.load_meta(key)
+        with contextlib.suppress(FileNotFoundError):
+            self._meta(key).unlink()
+            if meta:
+                (self.folder / meta["file"]).unlink()
+
+
+def _resolve_device(opts: Phase1Options) -> tuple[torch.device, bool, bool]:
+    device = torch.device(opts.device) if opts.device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
+    autocast = opts.autocast if opts.autocast is not None else device.type == "cuda"
+    return device, channels_last, autocast
+
+
+@torch.no_grad()
+def evaluate_pool(cands: Sequence[Candidate], source: _Source, dataset, batch_size: int,
+                  keep: set[str] = frozenset(), autocast: bool = False, tick: Callable[[int], None] | None = None
+                  ) -> list[float]:
+    """Held-out normalised MSE of each candidate (eval mode): sum of squared errors over sum of y^2."""
+    layers = {c.layer for c in cands}
+    num = [0.0] * len(cands)
+    den: dict[str, float] = {layer: 0.0 for layer in layers}
+    n = len(dataset)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    for c in cands:
+        c.module.eval()
+    for step, start in enumerate(range(0, n, batch_size)):
+        idx = torch.arange(start, min(n, start + batch_size))
+        acts = source.get("heldout", step, lambda: _load_images(dataset, idx), layers, set(keep))
+        for layer in layers:
+            den[layer] += float(acts[layer][1].float().pow(2).sum())
+        for i, c in enumerate(cands):
+            x, y = acts[c.layer]
+            try:
+                with ctx:
+                    o = c.module(x.clone() if c.clone_input else x)
+                num[i] += float(_nmse_parts(o, y))
+            except RuntimeError:
+                num[i] = float("nan")
+        if tick:
+            tick(len(idx))
+    return [num[i] / max(den[c.layer], 1e-12) for i, c in enumerate(cands)]
+
+
+def train_pool(
+    teacher: nn.Module,
+    candidates: Sequence[Candidate],
+    train_set,
+    heldout_set,
+    opts: Phase1Options,
+    workdir: str | os.PathLike | None = None,
+    on_group_done: Callable[[list[Candidate], list[dict[str, Any]]], None] | None = None,
+    log: Callable[[str], None] = print,
+    sample: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Train `candidates` by layer-wise distillation from `teacher`; the engine of phase 1.
+
+    Takes the teacher (any nn.Module whose named submodules are the candidates' layers),
+    the candidates (modules are trained in place), the train and held-out datasets (items
+    `(image, label)` or images), the options, and optionally a work folder (for
+    checkpoints and the activation cache; needed to resume) and a callback called after
+    each group with its candidates and their result entries (`layer`, `spec`, `status`,
+    `init`, `train_loss`, `train_loss_first`, `heldout_loss`, `steps`, `images`,
+    `reason`). `sample` is a batch of images used to measure memory (default: the first
+    images of the first batch).
+
+    Returns {"entries": [...], "groups", "teacher_passes", "teacher_images",
+    "cache_mb", "train_s", "eval_s"}. Raises HantError for a user-fixable problem (a
+    layer that does not run, an unknown optimiser).
+    """
+    device, channels_last, autocast = _resolve_device(opts)
+    teacher.eval().to(device)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    cands = list(candidates)
+    for c in cands:
+        c.module.to(device)
+        if channels_last:
+            c.module.to(memory_format=torch.channels_last)
+    layer_order = list(dict.fromkeys(c.layer for c in cands))
+    tap = LayerTap(teacher, layer_order)
+    plan = BatchPlan(len(train_set), opts.batch_size, opts.seed)
+    bs = plan.batch_size
+    hbs = opts.heldout_batch_size or bs
+    work = Path(workdir) if workdir is not None else None
+    t_start = time.time()
+
+    # Measure each candidate on a few real images of its layer.
+    if cands:
+        if sample is None:
+            sample = _load_images(train_set, plan.indices(0)[: min(8, bs)])
+        src0 = _Source(tap, device, channels_last, autocast, None)
+        sample_acts = src0.get("probe", 0, lambda: sample, set(layer_order), set())
+        layer_bytes = {layer: (x.numel() * x.element_size() + y.numel() * y.element_size()) / len(x)
+                       for layer, (x, y) in sample_acts.items()}
+        for c in cands:
+            x, y = sample_acts[c.layer]
+            measure_candidate(c, x, y, opts.optimizer, autocast)
+        tap.passes, tap.images = 0, 0  # the probe is not a training pass
+    else:
+        layer_bytes = {}
+    groups = pack_groups(cands, opts.max_memory_bytes, bs, layer_bytes)
+    n_groups = len(groups)
+    if n_groups > 1:
+        log(f"{len(cands)} candidates in {n_groups} groups under {opts.max_memory_bytes / _MB:.0f} MB; "
+            "later groups replay the teacher's activations from disk")
+
+    cache = None
+    if n_groups > 1:
+        if work is None:
+            raise HantError("several groups need a work folder for the activation cache; pass workdir=")
+        cache_key = json.dumps({"n": len(train_set), "h": len(heldout_set), "bs": bs, "hbs": hbs, "seed": opts.seed,
+                                "steps": opts.steps})
+        cache = _ActivationCache(work / "cache", hashlib.sha256(cache_key.encode()).hexdigest()[:20])
+    source = _Source(tap, device, channels_last, autocast, cache)
+    ckpt = _Checkpoints(work / "checkpoints") if work is not None else None
+
+    n_held_batches = math.ceil(len(heldout_set) / hbs) if len(heldout_set) else 0
+    total_images = n_groups * (opts.steps * bs + len(heldout_set))
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_images, unit="img", unit_scale=True, dynamic_ncols=True, desc="phase 1",
+                   mininterval=1.0)
+    entries: list[dict[str, Any]] = []
+    done_count = 0
+    train_s = eval_s = 0.0
+    interval = opts.checkpoint_minutes * 60.0
+
+    for gi, idxs in enumerate(groups):
+        group_cands = [cands[i] for i in idxs]
+        g = _Group(group_cands, opts, device)
+        layers = {c.layer for c in group_cands}
+        later = {cands[i].layer for later_idxs in groups[gi + 1 :] for i in later_idxs}
+        key = _group_key(group_cands, opts)
+        if ckpt is not None and any(c.trainable for c in group_cands):
+            loaded = ckpt.load(key)
+            if loaded is not None:
+                g.load(*loaded)
+                log(f"group {gi + 1}/{n_groups}: resuming at step {g.steps_done}/{opts.steps}")
+        if bar is not None:
+            bar.update(g.steps_done * bs)
+        t0 = time.time()
+        last_ckpt = time.time()
+        if g.active():
+            for step in range(g.steps_done, opts.steps):
+                acts = source.get("train", step, lambda s=step: _load_images(train_set, plan.indices(s)), layers,
+                                  later)
+                g.step(step, acts, autocast)
+                del acts
+                if bar is not None:
+                    bar.update(bs)
+                    bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
+                                        refresh=False)
+                if ckpt is not None and step + 1 < opts.steps and time.time() - last_ckpt >= interval:
+                    ckpt.save(key, g)
+                    last_ckpt = time.time()
+                    _fault("after_checkpoint")
+                if not g.active():
+                    break
+        train_s += time.time() - t0
+        t0 = time.time()
+        held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
+                             tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
+            float("nan")] * len(group_cands)
+        eval_s += time.time() - t0
+        group_entries = []
+        for i, c in enumerate(group_cands):
+            tail = g.tail[i]
+            status, reason = g.status[i], g.reason[i]
+            if status == "pending":
+                status = "done"
+            if status == "done" and not math.isfinite(held[i]):
+                status, reason = "failed", f"held-out loss is {held[i]}"
+            trained = c.trainable
+            e = {
+                "layer": c.layer,
+                "spec": c.spec,
+                "status": status,
+                "init": c.init,
+                "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
+                "train_loss_first": g.first[i] if trained else None,
+                "heldout_loss": held[i] if math.isfinite(held[i]) else None,
+                "steps": g.steps_done if trained else 0,
+                "images": g.steps_done * bs if trained else 0,
+                "flops": c.cost,
+            }
+            if reason:
+                e["reason"] = reason
+            group_entries.append(e)
+        if on_group_done is not None:
+            on_group_done(group_cands, group_entries)
+        _fault("after_group")
+        if ckpt is not None:
+            ckpt.drop(key)
+        entries.extend(group_entries)
+        done_count += len(group_cands)
+        if bar is not None:
+            bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done")
+        # Later groups replay from disk; free this group's memory before they start.
+        for c in group_cands:
+            c.module.to("cpu")
+        del g
+    if bar is not None:
+        bar.close()
+    if cache is not None:
+        shutil.rmtree(cache.folder, ignore_errors=True)
+    return {
+        "entries": entries,
+        "groups": n_groups,
+        "teacher_passes": tap.passes,
+        "teacher_images": tap.images,
+        "cache_mb": (cache.bytes_written / _MB) if cache is not None else 0.0,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "wall_s": time.time() - t_start,
+        "batch_size": bs,
+        "device": str(device),
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _dist_env() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return rank, world, local, local_world
+
+
+@contextlib.contextmanager
+def _process_group(world: int, device: torch.device) -> Iterator[None]:
+    import datetime
+
+    import torch.distributed as dist
+
+    own = False
+    if world > 1 and not dist.is_initialized():
+        # Ranks wait for each other only at the end, when one may still be training its
+        # last group: the timeout must cover a whole phase 1.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=48))
+        own = True
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _agree(world: int, error: str | None) -> None:
+    """Raise on every rank when one rank failed to start (so none waits forever)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        msgs: list[str | None] = [None] * world
+        dist.all_gather_object(msgs, error)
+        error = next((m for m in msgs if m), None)
+    if error:
+        raise HantError(error)
+
+
+def images_per_candidate(cfg, images: int | None, n_train: int) -> int:
+    """Training images per candidate: `images`, else `distill.images`, else `distill.epochs` epochs."""
+    if images is None:
+        images = cfg.distill.images
+    if images is None:
+        images = int(round(cfg.distill.epochs * n_train))
+    if images < 1:
+        raise HantError(f"images per candidate must be at least 1, got {images}; pass --images N")
+    return int(images)
+
+
+def _read_entries(path: Path) -> list[dict[str, Any]]:
+    from hant.workspace import read_json
+
+    if not path.exists():
+        return []
+    try:
+        return list(read_json(path).get("candidates", []))
+    except HantError:
+        return []  # a torn or foreign file: its candidates are trained again
+
+
+def _finished(rd, entries: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Entries that need no more work: failed, or done with their weights file present."""
+    out = {}
+    for e in entries:
+        status = e.get("status")
+        if status == "failed" or (status == "done" and e.get("file") and (rd.root / e["file"]).is_file()):
+            out[(e["layer"], e["spec"])] = e
+    return out
+
+
+def _write_index(rd, order: list[tuple[str, str]], entries: dict[tuple[str, str], dict[str, Any]],
+                 summary: dict[str, Any] | None = None) -> None:
+    from hant.workspace import write_json
+
+    doc: dict[str, Any] = {"version": INDEX_VERSION, "candidates": [entries[k] for k in order if k in entries]}
+    if summary is not None:
+        doc["phase1"] = summary
+    write_json(rd.candidates_index, doc)
+
+
+def _candidate_costs(layers, teacher: nn.Module, seed: int) -> dict[tuple[str, str], float]:
+    """Forward FLOPs per image of every candidate, counted (built from its seed, then dropped)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hant import ops
+
+    costs = {}
+    for info in layers:
+        t_layer = teacher.get_submodule(info.name)
+        x = torch.zeros(1, *info.in_shape)
+        for spec in info.candidates:
+            if spec == "teacher":
+                costs[(info.name, spec)] = float(info.flops)
+                continue
+            m = ops.build(spec, info.in_chs, info.out_chs, info.stride, t_layer, check=False).eval()
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                m(x)
+            # Training costs about three forwards; the +1 keeps parameter-free ops from being free.
+            costs[(info.name, spec)] = 3.0 * float(fc.get_total_flops()) + 1.0
+    return costs
+
+
+@dataclass
+class _LayerPool:
+    name: str
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    stride: int
+    in_chs: int
+    out_chs: int
+    flops: int
+    candidates: list[str] = field(default_factory=list)
+
+
+def _layer_pools(doc: dict[str, Any]) -> list[_LayerPool]:
+    from hant.layers import LayerInfo
+
+    out = []
+    for d in doc.get("layers", []):
+        info = LayerInfo.from_dict(d)
+        out.append(_LayerPool(info.name, info.in_shape, info.out_shape, info.stride, info.in_chs, info.out_chs,
+                              info.flops, list(d.get("candidates") or [])))
+    return out
+
+
+def _build_candidates(pools: list[_LayerPool], keys: list[tuple[str, str]], teacher: nn.Module,
+                      sample: dict[str, torch.Tensor], seed: int) -> list[Candidate]:
+    from hant import ops
+    from hant.teacher_init import INIT_TEACHER, init_from_teacher
+
+    by_name = {p.name: p for p in pools}
+    out = []
+    for layer, spec in keys:
+        p = by_name[layer]
+        t_layer = teacher.get_submodule(layer)
+        torch.manual_seed(candidate_seed(seed, layer, spec))
+        module = ops.build(spec, p.in_chs, p.out_chs, p.stride, t_layer, in_hw=tuple(p.in_shape[1:]),
+                           out_hw=tuple(p.out_shape[1:]))
+        if spec == "teacher":
+            out.append(Candidate(layer, spec, module.eval(), init=INIT_TEACHER, train=False))
+            continue
+        init = init_from_teacher(module, t_layer, sample.get(layer))
+        out.append(Candidate(layer, spec, module, init=init))
+    return out
+
+
+def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: int | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Phase 1 on a run folder: train every unfinished candidate, evaluate it, write its weights.
+
+    Reads RUN/config.yaml and RUN/layers.json (from `hant init`). `images` (per
+    candidate) overrides `distill.images`/`distill.epochs`; `max_memory_mb` (per group)
+    overrides `distill.max_memory_mb` (default: half of the available RAM, 80% of free GPU
+    memory). Under torchrun, candidates are shared among the ranks by FLOPs; rank 0
+    merges the index. Writes RUN/candidates/<layer>/<spec>.safetensors and
+    RUN/candidates/index.json. Candidates already done (or failed) are kept; a group
+    interrupted mid-way resumes from its last checkpoint.
+
+    Returns a summary dict (candidates, done, failed, groups, teacher_passes,
+    images_per_candidate, wall_s, peak_rss_mb, ...). Raises HantError when init has not
+    run, the teacher checkpoint changed since init, or the data cannot be loaded.
+    """
+    from hant.config import RunConfig
+    from hant.workspace import RunDir, read_json, run_lock, save_safetensors, sha256_file, write_json
+
+    t0 = time.time()
+    rd = RunDir(run)
+    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    doc = read_json(rd.require(rd.layers, "init"))
+    rank, world, local, local_world = _dist_env()
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    quiet = (lambda msg: None) if rank != 0 else log
+
+    with _process_group(world, device), contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(run_lock(rd.root, log=log))
+            except HantError as e:
+                error = str(e)
+        _agree(world, error)
+
+        from hant.data import load_data
+        from hant.teacher import load_teacher
+
+        sha = doc.get("checkpoint_sha256")
+        if sha and cfg.model.checkpoint and Path(cfg.model.checkpoint).is_file():
+            if sha256_file(cfg.model.checkpoint) != sha:
+                raise HantError(f"teacher checkpoint {cfg.model.checkpoint} changed since `hant init`; "
+                                "initialise a new run folder for the new teacher")
+        splits = load_data(cfg.data)
+        teacher = load_teacher(cfg.model.source, cfg.data.in_chans or splits.in_chans,
+                               cfg.data.num_classes or splits.num_classes, cfg.model.checkpoint,
+                               cfg.model.trust_pickle)
+        pools = _layer_pools(doc)
+        order = [(p.name, s) for p in pools for s in p.candidates]
+        n_img = images_per_candidate(cfg, images, len(splits.train))
+        plan = BatchPlan(len(splits.train), cfg.distill.batch_size, cfg.seed)
+        steps = math.ceil(n_img / plan.batch_size)
+
+        parts_dir = rd.candidates_dir / ".parts"
+        previous = _read_entries(rd.candidates_index)
+        for part in sorted(parts_dir.glob("rank*.json")) if parts_dir.exists() else []:
+            previous += _read_entries(part)
+        finished = _finished(rd, previous)
+
+        # Shares are computed over all candidates, finished or not, so that a restart
+        # gives every rank the same share (and its checkpoints stay valid).
+        if world > 1:
+            costs = _candidate_costs(pools, teacher, cfg.seed)
+            share = partition([costs[k] for k in order], world)[rank]
+            mine = [order[i] for i in share]
+        else:
+            mine = list(order)
+        pending = [k for k in mine if k not in finished]
+        quiet(f"phase 1: {len(order)} candidates, {len(finished)} finished, "
+              f"{len(order) - len(finished)} to train on {world} process{'es' if world > 1 else ''} "
+              f"({n_img} images each, batch {plan.batch_size}, {steps} steps, device {device.type})")
+
+        budget_mb = max_memory_mb if max_memory_mb is not None else cfg.distill.max_memory_mb
+        if budget_mb is None:
+            budget_mb = default_max_memory_mb(device) // max(1, local_world)
+        opts = Phase1Options(
+            steps=steps, batch_size=plan.batch_size, optimizer=cfg.distill.optimizer, lr=cfg.distill.lr,
+            weight_decay=cfg.distill.weight_decay, seed=cfg.seed, max_memory_bytes=int(budget_mb) * _MB,
+            checkpoint_minutes=cfg.distill.checkpoint_minutes, device=device, workers=cfg.data.workers,
+            progress=(rank == 0),
+        )
+
+        # A few real images of each layer's input: for folding SE gates and measuring memory.
+        pending_layers = list(dict.fromkeys(layer for layer, _ in pending))
+        sample_images = _load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
+        sample = {}
+        if pending_layers:
+            tap = LayerTap(teacher, pending_layers)
+            sample = {k: x for k, (x, _) in tap(sample_images, pending_layers).items()}
+        cands = _build_candidates(pools, pending, teacher, sample, cfg.seed)
+        del sample
+
+        entries_mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
+        all_entries = dict(finished)
+
+        def on_group_done(group: list[Candidate], group_entries: list[dict[str, Any]]) -> None:
+            for c, e in zip(group, group_entries):
+                if e["status"] == "done":
+                    path = rd.candidate_file(c.layer, c.spec)
+                    state = {k: v.detach().cpu() for k, v in c.module.state_dict().items()}
+                    e["sha256"] = save_safetensors(path, state, metadata={"layer": c.layer, "spec": c.spec,
+                                                                          "init": c.init})
+                    e["file"] = str(path.relative_to(rd.root))
+                else:
+                    e["file"], e["sha256"] = None, None
+                entries_mine[c.key] = e
+                all_entries[c.key] = e
+            if world == 1:
+                _write_index(rd, order, all_entries)
+            else:
+                write_json(parts_dir / f"rank{rank}.json", {"candidates": list(entries_mine.values())})
+
+        workdir = rd.candidates_dir / ".work" / f"rank{rank}-of{world}"
+        result = train_pool(teacher, cands, splits.train, splits.heldout, opts, workdir=workdir,
+                            on_group_done=on_group_done, log=quiet, sample=sample_images[:8])
+        stats = {k: v for k, v in result.items() if k != "entries"}
+        trained_images = sum(e["images"] for e in result["entries"])
+        stats["candidate_images"] = trained_images
+        stats["peak_rss_mb"] = peak_rss_mb()
+
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (list(entries_mine.values()), stats))
+            per_rank = [g[1] for g in gathered]
+            for ents, _ in gathered:
+                for e in ents:
+                    all_entries[(e["layer"], e["spec"])] = e
+        else:
+            per_rank = [stats]
+
+        summary = {
+            "world_size": world,
+            "device": device.type,
+            "images_per_candidate": n_img,
+            "batch_size": plan.batch_size,
+            "steps": steps,
+            "groups": sum(s["groups"] for s in per_rank),
+            "teacher_passes": sum(s["teacher_passes"] for s in per_rank),
+            "teacher_images": sum(s["teacher_images"] for s in per_rank),
+            "candidate_images": sum(s["candidate_images"] for s in per_rank),
+            "train_s": max(s["train_s"] for s in per_rank),
+            "eval_s": max(s["eval_s"] for s in per_rank),
+            "cache_mb": sum(s["cache_mb"] for s in per_rank),
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in per_rank),
+            "max_memory_mb": int(budget_mb),
+            "wall_s": time.time() - t0,
+        }
+        summary["candidate_images_per_s"] = summary["candidate_images"] / max(summary["train_s"], 1e-9)
+        if rank == 0:
+            _write_index(rd, order, all_entries, summary=summary)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(rd.candidates_dir / ".work", ignore_errors=True)
+
+    n_done = sum(1 for k in order if all_entries.get(k, {}).get("status") == "done")
+    failed = [all_entries[k] for k in order if all_entries.get(k, {}).get("status") == "failed"]
+    missing = [k for k in order if k not in all_entries]
+    summary.update(candidates=len(order), done=n_done, failed=len(failed))
+    msg = (f"phase 1: {n_done}/{len(order)} candidates done in {summary['wall_s']:.0f} s, "
+           f"{summary['teacher_passes']} teacher passes, {summary['candidate_images_per_s']:.0f} candidate-images/s, "
+           f"peak RSS {summary['peak_rss_mb']:.0f} MB -> {rd.candidates_index}")
+    if failed:
+        msg += f"; {len(failed)} failed (e.g. {failed[0]['layer']}/{failed[0]['spec']}: {failed[0].get('reason')})"
+    quiet(msg)
+    if missing:
+        raise HantError(f"{len(missing)} candidates have no result (e.g. {missing[0][0]}/{missing[0][1]}); "
+                        f"rerun `hant distill --run {run}`")
+    return summary
