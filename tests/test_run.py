@@ -1,0 +1,135 @@
+"""`hant init`: config.yaml and layers.json, precedence of arguments, refusal to clobber."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from hant import ops
+from hant.cli import main
+from hant.config import RunConfig
+from hant.errors import HantError
+from hant.run import init_run
+from hant.workspace import read_json
+
+
+def mini_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
+    """Stem, two MBConv blocks (one strided), a head; deterministic."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(
+            stem=nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()),
+            blocks=nn.Sequential(nn.Sequential(ops.build("mb_k3_e2_silu", 8, 16, 2),
+                                               ops.build("mb_k3_e2_silu", 16, 16, 1))),
+            head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)),
+        )).eval()
+
+
+MODEL = "test_run:mini_net"
+QUIET = dict(log=lambda m: None)
+
+
+def _init(run, **kw):
+    args = dict(model=MODEL, data="synthetic:200", input_size=16, space="tiny")
+    args.update(kw)
+    return init_run(run, **args, **QUIET)
+
+
+def test_init_writes_config_and_layers(tmp_path):
+    run = tmp_path / "run"
+    cfg = _init(run)
+    assert isinstance(cfg, RunConfig)
+    saved = RunConfig.load(run / "config.yaml")
+    assert saved.to_dict() == cfg.to_dict()
+    # Filled in from the data, so later stages can rebuild the teacher without it.
+    assert (saved.data.in_chans, saved.data.num_classes) == (1, 10)
+    assert len(saved.data.mean) == 1 and len(saved.data.std) == 1
+    doc = read_json(run / "layers.json")
+    assert doc["version"] == 1 and doc["model"] == MODEL and doc["space"] == "tiny"
+    assert doc["input_size"] == [1, 16, 16]
+    names = [d["name"] for d in doc["layers"]]
+    assert names == ["blocks.0.0", "blocks.0.1"]
+    first, second = doc["layers"]
+    assert first["in_shape"] == [8, 16, 16] and first["out_shape"] == [16, 8, 8] and first["stride"] == 2
+    assert first["params"] == sum(p.numel() for p in mini_net().blocks[0][0].parameters())
+    assert first["flops"] > 0
+    # Every pool has the teacher and proj; skip only where the shape is kept.
+    assert "teacher" in first["candidates"] and "proj" in first["candidates"]
+    assert "skip" not in first["candidates"] and "skip" in second["candidates"]
+    assert isinstance(doc["skipped"], list)
+    assert not (run / ".lock").exists()
+
+
+def test_init_again_with_the_same_config_is_a_no_op(tmp_path):
+    run = tmp_path / "run"
+    _init(run)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    cfg = _init(run)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert cfg.space == "tiny"
+
+
+def test_init_refuses_another_config(tmp_path):
+    run = tmp_path / "run"
+    _init(run)
+    with pytest.raises(HantError) as e:
+        _init(run, input_size=32)
+    msg = str(e.value)
+    assert "data.input_size" in msg and "16" in msg and "32" in msg and "\n" not in msg
+    assert RunConfig.load(run / "config.yaml").data.input_size == 16
+
+
+def test_init_arguments_override_the_config_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"space": "default", "data": {"spec": "synthetic:200", "input_size": 16},
+                                    "distill": {"images": 777}, "layers": {"exclude": ["blocks.0.1"]}}))
+    run = tmp_path / "run"
+    cfg = init_run(run, model=MODEL, space="tiny", config=str(base), **QUIET)
+    assert cfg.space == "tiny"  # the argument wins
+    assert cfg.distill.images == 777 and cfg.data.spec == "synthetic:200"  # the file fills the rest
+    assert [d["name"] for d in read_json(run / "layers.json")["layers"]] == ["blocks.0.0"]
+    # Empty include/exclude from the command line keep the file's.
+    run2 = tmp_path / "run2"
+    cfg2 = init_run(run2, model=MODEL, include=[], exclude=[], config=str(base), **QUIET)
+    assert cfg2.layers.exclude == ["blocks.0.1"]
+
+
+def test_init_records_paths_absolute_and_checks_the_checkpoint(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    save_file(mini_net().state_dict(), "teacher.safetensors")
+    cfg = _init(tmp_path / "run", checkpoint="teacher.safetensors")
+    assert cfg.model.checkpoint == str(tmp_path / "teacher.safetensors")
+    assert len(read_json(tmp_path / "run" / "layers.json")["checkpoint_sha256"]) == 64
+    with pytest.raises(HantError, match="not found"):
+        _init(tmp_path / "run2", checkpoint="missing.safetensors")
+    # Weights of another network fail at init, not later.
+    save_file({"x": torch.zeros(1)}, "wrong.safetensors")
+    with pytest.raises(HantError):
+        _init(tmp_path / "run3", checkpoint="wrong.safetensors")
+    assert not (tmp_path / "run3" / "layers.json").exists()
+
+
+def test_init_bad_inputs_fail_with_one_line(tmp_path, capsys):
+    with pytest.raises(HantError, match="unknown space"):
+        _init(tmp_path / "a", space="nope")
+    with pytest.raises(HantError):
+        _init(tmp_path / "b", include=["nothing.*"])
+    code = main(["init", "--run", str(tmp_path / "c"), "--model", MODEL, "--data", "synthetic:200",
+                 "--input-size", "16", "--space", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("hant: error:") and "\n" not in err
+
+
+def test_cli_init(tmp_path, capsys):
+    code = main(["init", "--run", str(tmp_path / "run"), "--model", MODEL, "--data", "synthetic:200",
+                 "--input-size", "16", "--space", "tiny", "--exclude", "blocks.0.0"])
+    assert code == 0
+    doc = json.loads((tmp_path / "run" / "layers.json").read_text())
+    assert [d["name"] for d in doc["layers"]] == ["blocks.0.1"]
