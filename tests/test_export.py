@@ -93,7 +93,7 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     assert o["fused_ops"] and "FusedConv" in " ".join(o["fused_ops"])
     # fp32 ONNX classifies the test split as PyTorch does (tiny float differences may flip a tie).
     assert abs(o["top1"] - ev["student"]["top1"]) <= 100.0 / 24 + 1e-9
-    assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32
+    assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32 and q["scheme"]["activations"] == "uint8"
     for sec in (o, q):
         assert sec["latency_p10_ms"] <= sec["latency_ms"] <= sec["latency_p90_ms"] and sec["speedup"] > 0
     assert ev["student"]["top1"] is not None  # fine-tuning's fields are kept

@@ -283,3 +283,28 @@ def test_measure_writes_latency_into_eval(run):
     assert ev["speedup"] == pytest.approx(ev["teacher"]["latency_ms"] / ev["student"]["latency_ms"])
     assert ev["target"] == "onnxruntime-cpu" and ev["batch_size"] == 1 and ev["predicted_ms"] == 0.5
     assert ev["params"] < ev["teacher"]["params"]
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_with_two_processes(run):
+    plan = _plan(run)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys, json; from hant.student import finetune; "
+            "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None); print('RESULT', json.dumps(r))")
+    script = run.parent / "ddp_finetune.py"
+    script.write_text(code)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run), plan],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2 and results[0] == results[1]  # every rank returns rank 0's result
+    ev = read_json(RunDir(run).student_dir(plan) / "eval.json")
+    # 80 train images, global batch 16 split over 2 ranks: 5 steps for one epoch.
+    assert ev["finetune"]["processes"] == 2 and ev["finetune"]["steps"] == 5 and ev["finetune"]["batch_size"] == 16
+    x = _x()
+    with torch.no_grad():
+        assert not torch.equal(load_student(RunDir(run).student_dir(plan))(x), assemble(run, plan)(x))

@@ -158,7 +158,8 @@ def _replace_layers(model: nn.Module, plan_layers: Mapping[str, str], shapes: Ma
         out_hw = tuple(entry["out_shape"][1:]) if "out_shape" in entry else None
         module = build(spec, entry["in_chs"], entry["out_chs"], entry["stride"],
                        teacher_layer=get_layer(model, name), in_hw=in_hw, out_hw=out_hw)
-        state = weights(name, spec)
+        # An op without parameters or buffers (skip) needs no phase-1 file.
+        state = weights(name, spec) if module.state_dict() else None
         if state is not None:
             try:
                 module.load_state_dict(state, strict=True)
