@@ -176,6 +176,11 @@ def test_count_params():
     assert ops.count_params("proj", 8, 16, 2) == 8 * 16 + 2 * 16
     assert ops.count_params("skip", 8, 8, 1) == 0
     assert ops.count_params("mb_k3_e6_se_silu", 8, 8, 1) > ops.count_params("mb_k3_e6_silu", 8, 8, 1)
+    for spec in ["mb_k5_e3_se_silu", "fmb_k3_e4_relu", "bottle_k3_e4_relu", "ds_k3_se_hswish"]:
+        built = ops.build(spec, 8, 16, 2)
+        assert ops.count_params(spec, 8, 16, 2) == sum(p.numel() for p in built.parameters())
+    teacher = ops.build("mb_k3_e6_se_silu", 8, 16, 2)
+    assert ops.count_params("teacher", 8, 16, 2, teacher) == sum(p.numel() for p in teacher.parameters())
 
 
 def test_round_trip_every_full_spec():

@@ -159,7 +159,8 @@ def test_candidates_rejects_bad_shape():
 
 @pytest.mark.slow
 def test_every_full_candidate_builds_with_the_right_shape():
-    for shape in [(8, 8, 1), (8, 16, 2)]:
-        teacher = ops.build("mb_k3_e6_se_silu", *shape)
-        for s in load_space("full").candidates(*shape):
-            ops.build(s, *shape, teacher_layer=teacher, in_hw=(7, 7))
+    # One stride-2 shape covers every family but skip (built elsewhere); odd input
+    # size catches padding that rounds differently from the teacher's ceil(H / 2).
+    teacher = ops.build("mb_k3_e6_se_silu", 8, 16, 2)
+    for s in load_space("full").candidates(8, 16, 2):
+        ops.build(s, 8, 16, 2, teacher_layer=teacher, in_hw=(7, 7))

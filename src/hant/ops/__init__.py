@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from hant.ops import conv, dsconv, fused, mbconv, resnet, simple
@@ -119,8 +120,13 @@ def count_params(
     *,
     registry: Registry | None = None,
 ) -> int:
-    """Number of parameters of the op (built, not run, then counted)."""
-    module = build(spec, in_chs, out_chs, stride, teacher_layer, check=False, registry=registry)
+    """Number of parameters of the op, without allocating or initialising its weights.
+
+    The op is built on the `meta` device (shapes only), so this is cheap even
+    for the largest candidates. Raises as `build` does for a bad spec.
+    """
+    with torch.device("meta"):
+        module = build(spec, in_chs, out_chs, stride, teacher_layer, check=False, registry=registry)
     return sum(p.numel() for p in module.parameters())
 
 
