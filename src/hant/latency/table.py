@@ -1,0 +1,613 @@
+"""The latency table of a run: build it, resume it, check it end to end, predict from it.
+
+Model. A network's latency is the fixed part plus, for every replaceable layer, the
+entry of the candidate chosen there:
+
+    predicted = fixed_ms + sum_l entry(l, spec_l)        (then a fitted calibration, if any)
+
+Entries. Each candidate is timed alone at its layer's input shape, interleaved with the
+other candidates of its layer (protocol.py). A standalone call carries a cost that a layer
+inside a network does not: the runtime's per-call overhead (argument conversion, output
+allocation, Python). So every layer's group also times an identity at the same shape,
+and entries are stored net of it (`raw_median_ms` keeps the gross number). A `skip`
+candidate therefore costs about zero, as it does inside the network.
+
+Fixed part. The issue asks for "the teacher with every replaceable layer removed". That
+network does not run in general (layers change shapes), so the nearest network that does
+is timed: every layer replaced by its cheapest measured candidate (`skip` where shapes
+allow, a strided 1x1 projection where not), end to end, and the (small) sum of those
+entries is subtracted. Taking the fixed part from the teacher instead (end to end minus
+the sum of the teacher's entries) would subtract a large, noisy sum and would make the
+teacher's own prediction exact by construction, hiding the table's error; this way the
+teacher is a genuine check. Anything per-layer that the net entries still miss (a
+constant boundary cost) is absorbed by the fixed part, since every network has exactly
+one op per layer.
+
+Validation (`validate=K`). K random networks drawn from the pool (each keeps the teacher's
+layer with a random probability q ~ U(0, 1) and otherwise takes a uniformly drawn
+candidate, so that they span the range between teacher and all-cheap where selection
+works), plus the teacher and the all-cheapest network, are predicted and timed end to
+end with the same protocol. A calibration (an offset, or a linear map) is kept only if
+it lowers the leave-one-out error by at least a tenth; the reported errors are then the
+leave-one-out ones, never in-sample.
+
+File naming. `RUN/latency/<target>.json` for batch size 1 and
+`RUN/latency/<target>-b<B>.json` otherwise, so `--target onnxruntime-cpu` names the
+batch-1 table and `--target onnxruntime-cpu-b64` the other; `load_table` also accepts a
+target id with `batch_size`, or a target id alone when only one table exists for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hant.errors import HantError
+from hant.latency.base import Target, get_target, torch_threads
+from hant.latency.protocol import Protocol, Stats, measure
+from hant.workspace import RunDir, read_json, run_lock, write_json
+
+__all__ = [
+    "table_id",
+    "table_path",
+    "load_table",
+    "predict_ms",
+    "build_network",
+    "measure_table",
+    "validate_table",
+]
+
+TABLE_VERSION = 1
+_NULL = "__identity__"
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming and loading
+
+
+def table_id(target: str, batch_size: int) -> str:
+    """The table's name: the target id at batch size 1, else `<target>-b<batch_size>`."""
+    return target if int(batch_size) == 1 else f"{target}-b{int(batch_size)}"
+
+
+def table_path(run: str | Path, target: str, batch_size: int) -> Path:
+    """RUN/latency/<table_id>.json for a target id and batch size."""
+    return RunDir(run).latency_table(table_id(target, batch_size))
+
+
+def load_table(run: str | Path, target: str, batch_size: int | None = None) -> dict[str, Any]:
+    """Read a latency table for the selection stage.
+
+    `target` is a table id (`onnxruntime-cpu`, `onnxruntime-cpu-b64`) or a target id with
+    `batch_size`; a target id alone also resolves when the run has exactly one table for
+    it. The fingerprint is not checked here: a table measured on the target device may be
+    used for selection anywhere. Raises HantError listing the run's tables when none matches.
+    """
+    folder = RunDir(run).root / "latency"
+    if batch_size is not None:
+        path = table_path(run, target, batch_size)
+    else:
+        path = folder / f"{target}.json"
+        if not path.exists():
+            others = sorted(folder.glob(f"{target}-b*.json"))
+            others = [p for p in others if p.stem[len(target) + 2:].isdigit()]
+            if len(others) == 1:
+                path = others[0]
+            elif len(others) > 1:
+                names = ", ".join(p.stem for p in others)
+                raise HantError(f"{folder} has several tables for {target} ({names}); name one, e.g. --target {others[0].stem}")
+    if not path.exists():
+        have = sorted(p.stem for p in folder.glob("*.json")) if folder.exists() else []
+        hint = f"tables in this run: {', '.join(have)}" if have else "this run has no latency table yet"
+        bs = batch_size or 1
+        raise HantError(f"no latency table {path.name} ({hint}); measure it with "
+                        f"`hant latency --run {run} --target {target} --batch-size {bs}`")
+    table = read_json(path)
+    if table.get("fixed_ms") is None:
+        raise HantError(f"{path} is incomplete; finish it with `hant latency --run {run} --target "
+                        f"{table.get('target', target)} --batch-size {table.get('batch_size', 1)}`")
+    return table
+
+
+def _lookup(table: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    return {(e["layer"], e["spec"]): float(e["median_ms"]) for e in table.get("entries", [])}
+
+
+def predict_ms(table: Mapping[str, Any], plan_layers: Mapping[str, str], calibrated: bool = True) -> float:
+    """Predicted latency (ms) of the network that puts `plan_layers[name]` at each layer.
+
+    Layers missing from `plan_layers` keep the teacher's own layer. The fixed part plus
+    the sum of entries, mapped through the table's calibration when it has one and
+    `calibrated`. Raises HantError for a layer or candidate the table does not have.
+    """
+    if table.get("fixed_ms") is None:
+        raise HantError("this latency table has no fixed part yet; rerun `hant latency` to finish it")
+    lookup = _lookup(table)
+    layers = list(table.get("layers") or dict.fromkeys(layer for layer, _ in lookup))
+    unknown = [name for name in plan_layers if name not in layers]
+    if unknown:
+        raise HantError(f"layer {unknown[0]!r} is not in the latency table ({table.get('table_id')}); "
+                        "the plan and the table come from different runs")
+    total = float(table["fixed_ms"])
+    for layer in layers:
+        spec = plan_layers.get(layer, "teacher")
+        if (layer, spec) not in lookup:
+            raise HantError(f"the latency table has no entry for {layer}/{spec}; "
+                            "rerun `hant latency` so that it measures what is missing")
+        total += lookup[(layer, spec)]
+    cal = table.get("calibration") if calibrated else None
+    return _apply_calibration(cal, total)
+
+
+def _apply_calibration(cal: Mapping[str, Any] | None, raw: float) -> float:
+    if not cal:
+        return raw
+    return float(cal.get("a", 1.0)) * raw + float(cal.get("b", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: config, layers, pools, teacher
+
+
+class _Run:
+    """What the latency stage reads from a run folder; the teacher is loaded on first use."""
+
+    def __init__(self, run: str | Path):
+        from hant.config import RunConfig
+        from hant.layers import LayerInfo
+
+        self.rd = RunDir(run)
+        self.cfg = RunConfig.load(self.rd.require(self.rd.config, "init"))
+        data = read_json(self.rd.require(self.rd.layers, "init"))
+        raw = data.get("layers") or []
+        if not raw:
+            raise HantError(f"{self.rd.layers} lists no layers; re-create the run with `hant init`")
+        self.layers = [LayerInfo.from_dict(d) for d in raw]
+        self.pools = {d["name"]: list(d.get("candidates") or ["teacher"]) for d in raw}
+        size = data.get("input_size")
+        self.input_size = tuple(int(v) for v in size) if size else (
+            int(self.cfg.data.in_chans or 1), self.cfg.data.input_size, self.cfg.data.input_size)
+        self.model = data.get("model", self.cfg.model.source)
+        self._teacher: nn.Module | None = None
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            from hant.teacher import load_teacher
+
+            c = self.cfg
+            self._teacher = load_teacher(c.model.source, c.data.in_chans, c.data.num_classes, c.model.checkpoint,
+                                         c.model.trust_pickle).eval()
+        return self._teacher
+
+    def build(self, layer, spec: str) -> nn.Module:
+        from hant import ops
+        from hant.layers import get_layer
+
+        teacher_layer = get_layer(self.teacher, layer.name) if spec == "teacher" else None
+        return ops.build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer,
+                         in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:])).eval()
+
+
+def build_network(teacher: nn.Module, layers: Sequence[Any], plan: Mapping[str, str],
+                  build: Callable[[Any, str], nn.Module]) -> nn.Module:
+    """A copy of `teacher` with each layer's module replaced by `build(layer, plan[layer.name])`.
+
+    Layers absent from `plan` or planned as `teacher` keep the teacher's module. Eval mode.
+    """
+    from hant.layers import set_layer
+
+    net = copy.deepcopy(teacher).eval()
+    for layer in layers:
+        spec = plan.get(layer.name, "teacher")
+        if spec != "teacher":
+            set_layer(net, layer.name, build(layer, spec))
+    return net.eval()
+
+
+def _calibration_inputs(ctx: _Run, n: int = 32) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], str]:
+    """Real network inputs and each layer's real inputs (for INT8 calibration), or random ones.
+
+    Returns (images or None, {layer: inputs}, a description of the source).
+    """
+    from hant.layers import get_layer
+
+    try:
+        from hant.data import load_data
+
+        splits = load_data(ctx.cfg.data)
+        n = min(n, len(splits.train))
+        images = torch.stack([splits.train[i][0] for i in range(n)]).float()
+    except Exception as e:  # any failure here only degrades calibration to random inputs
+        return None, {}, f"random-normal ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for layer in ctx.layers:
+        def hook(m, args, name=layer.name):
+            captured[name] = args[0].detach().clone()
+        hooks.append(get_layer(ctx.teacher, layer.name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            ctx.teacher.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return images, captured, f"real: {n} train images of {ctx.cfg.data.spec}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the table
+
+
+def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} here {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _layer_signature(layer) -> dict[str, Any]:
+    return {"name": layer.name, "in_shape": list(layer.in_shape), "out_shape": list(layer.out_shape),
+            "stride": layer.stride}
+
+
+def _net(stats: Stats, null: Stats | None) -> dict[str, Any]:
+    base = null.median_ms if null is not None else 0.0
+    return {"median_ms": max(0.0, stats.median_ms - base), "p10_ms": max(0.0, stats.p10_ms - base),
+            "p90_ms": max(0.0, stats.p90_ms - base), "n": stats.n, "raw_median_ms": stats.median_ms}
+
+
+def _entry_list(ctx: _Run, entries: Mapping[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for layer in ctx.layers:
+        for spec in ctx.pools[layer.name]:
+            e = entries.get((layer.name, spec))
+            if e is not None:
+                out.append({"layer": layer.name, "spec": spec, **e})
+    return out
+
+
+def _cheapest_plan(ctx: _Run, entries: Mapping[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
+    plan = {}
+    for layer in ctx.layers:
+        have = [(float(entries[(layer.name, s)]["median_ms"]), i, s) for i, s in enumerate(ctx.pools[layer.name])
+                if (layer.name, s) in entries]
+        plan[layer.name] = min(have)[2] if have else "teacher"
+    return plan
+
+
+def _sum_entries(entries: Mapping[tuple[str, str], dict[str, Any]], plan: Mapping[str, str]) -> float:
+    return float(sum(entries[(name, spec)]["median_ms"] for name, spec in plan.items()))
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="op", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                smoothing=0.05)
+
+
+def measure_table(
+    run: str | Path,
+    target: str = "onnxruntime-cpu",
+    batch_size: int = 1,
+    validate: int = 0,
+    force: bool = False,
+    threads: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure (or finish) the latency table of `run` on `target` at `batch_size`; write it.
+
+    Times every (layer, candidate) of RUN/layers.json that the table lacks (a restarted
+    run measures only what is missing; the table is saved after every layer), then the
+    fixed part, then, with `validate=K`, K random networks end to end (see the module
+    docstring). `threads` overrides the config's latency.threads; `options` are passed to
+    the target (e.g. {"peak_gflops": 500} for `analytic`). Writes
+    RUN/latency/<table_id>.json atomically and returns the table.
+
+    Raises HantError for an unknown target, a target that cannot run here, a missing run
+    folder, or an existing table measured with another fingerprint (unless `force`).
+    """
+    t_start = time.perf_counter()
+    ctx = _Run(run)
+    cfg = ctx.cfg
+    tgt = get_target(target, batch_size=batch_size, threads=threads or cfg.latency.threads, **dict(options or {}))
+    proto = Protocol.from_config(cfg.latency, seed=cfg.seed)
+    tid = table_id(target, batch_size)
+    path = ctx.rd.latency_table(tid)
+    fingerprint = tgt.fingerprint()
+
+    # Building, folding and exporting candidates is torch work outside any timing; one thread
+    # does it fastest on a busy machine (several threads wait on each other's preempted cores).
+    with run_lock(ctx.rd.root, log=log), torch_threads(1):
+        table, entries = _start_table(ctx, path, tid, tgt, fingerprint, force, log)
+        failed = {(f["layer"], f["spec"]): f for f in table.get("failed", [])}
+        missing = {layer.name: [s for s in ctx.pools[layer.name] if (layer.name, s) not in entries
+                                and (layer.name, s) not in failed] for layer in ctx.layers}
+        n_missing = sum(len(v) for v in missing.values())
+        calib_source = None
+        layer_inputs: dict[str, torch.Tensor] = {}
+        images = None
+        if tgt.precision == "int8" and (n_missing or validate or table.get("fixed_ms") is None):
+            images, layer_inputs, calib_source = _calibration_inputs(ctx)
+            table["quant_calibration"] = calib_source
+
+        def save(complete: bool) -> None:
+            table["entries"] = _entry_list(ctx, entries)
+            table["failed"] = list(failed.values())
+            table["complete"] = complete
+            table["build_time_s"] = round(float(table.get("build_time_s_before", 0.0))
+                                          + time.perf_counter() - t_start, 1)
+            write_json(path, {k: v for k, v in table.items() if k != "build_time_s_before"})
+
+        if n_missing:
+            log(f"latency {tid}: timing {n_missing} candidates over "
+                f"{sum(1 for v in missing.values() if v)} layers on {tgt.threads} thread(s), batch {tgt.batch_size}")
+            table["fixed_ms"] = None
+            table["validation"] = None
+            table["calibration"] = None
+            _measure_entries(ctx, tgt, proto, missing, entries, failed, table, layer_inputs, save, progress, log)
+        if table.get("fixed_ms") is None:
+            _measure_fixed(ctx, tgt, proto, entries, table, images)
+            table["validation"] = None
+            table["calibration"] = None
+            save(complete=True)
+        if validate:
+            validation, calibration = validate_table(ctx, table, tgt, proto, int(validate), images=images,
+                                                     progress=progress)
+            table["validation"], table["calibration"] = validation, calibration
+        save(complete=True)
+    v = table.get("validation")
+    msg = (f"latency {tid}: {len(table['entries'])} entries, fixed part {table['fixed_ms']:.3f} ms, "
+           f"teacher {table['teacher_ms']:.3f} ms measured -> {path}")
+    if v:
+        msg += (f"; validation on {v['samples']} networks: median |error| {v['median_abs_pct_error']:.1f}%, "
+                f"max {v['max_abs_pct_error']:.1f}%, Kendall tau {v['kendall_tau']:.3f}"
+                + (f" ({table['calibration']['kind']} calibration kept)" if table.get("calibration") else ""))
+    log(msg)
+    if failed:
+        log(f"latency {tid}: {len(failed)} candidates could not be timed (listed under 'failed' in the table)")
+    return {k: v for k, v in table.items() if k != "build_time_s_before"}
+
+
+def _start_table(ctx: _Run, path: Path, tid: str, tgt: Target, fingerprint: dict[str, Any], force: bool,
+                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
+    """The table to continue (existing, checked) or a new one, and its entries by (layer, spec)."""
+    signatures = [_layer_signature(layer) for layer in ctx.layers]
+    fresh = {
+        "version": TABLE_VERSION, "target": tgt.id, "table_id": tid, "batch_size": tgt.batch_size,
+        "fingerprint": fingerprint, "model": ctx.model, "input_size": list(ctx.input_size),
+        "layers": [layer.name for layer in ctx.layers], "layer_shapes": signatures,
+        "fixed_ms": None, "teacher_ms": None, "fixed": None, "overheads": {}, "entries": [], "failed": [],
+        "validation": None, "calibration": None, "complete": False,
+    }
+    if not path.exists():
+        return fresh, {}
+    old = read_json(path)
+    if old.get("target") != tgt.id or int(old.get("batch_size", -1)) != tgt.batch_size:
+        raise HantError(f"{path} holds a table for {old.get('target')} at batch {old.get('batch_size')}, "
+                        f"not {tgt.id} at batch {tgt.batch_size}; delete it to measure afresh")
+    diff = _fingerprint_diff(old.get("fingerprint") or {}, fingerprint)
+    if diff and not force:
+        raise HantError(f"{path} was measured with another fingerprint ({'; '.join(diff[:3])}); "
+                        "pass --force to reuse its entries, or delete it to measure afresh")
+    table = {**fresh, **{k: v for k, v in old.items() if k in fresh or k in ("quant_calibration", "build_time_s")}}
+    table["build_time_s_before"] = float(old.get("build_time_s") or 0.0)
+    table.pop("build_time_s", None)
+    if diff:
+        log(f"latency {tid}: reusing a table measured with another fingerprint ({'; '.join(diff[:3])})")
+        table["previous_fingerprint"] = old.get("fingerprint")
+        table["fingerprint"] = fingerprint
+    old_shapes = {s["name"]: s for s in old.get("layer_shapes") or []}
+    same = {s["name"] for s in signatures if old_shapes.get(s["name"]) == s}
+    pools = {name: set(p) for name, p in ctx.pools.items()}
+    entries = {(e["layer"], e["spec"]): {k: v for k, v in e.items() if k not in ("layer", "spec")}
+               for e in old.get("entries", []) if e["layer"] in same and e["spec"] in pools.get(e["layer"], ())}
+    dropped = len(old.get("entries", [])) - len(entries)
+    if dropped:
+        log(f"latency {tid}: dropped {dropped} entries whose layer shape or pool changed")
+        table["fixed_ms"] = None
+    table["failed"] = [f for f in old.get("failed", []) if f["layer"] in same]
+    table["layers"], table["layer_shapes"] = fresh["layers"], signatures
+    table["overheads"] = {k: v for k, v in (old.get("overheads") or {}).items() if k in same}
+    return table, entries
+
+
+def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[str, list[str]],
+                     entries: dict, failed: dict, table: dict, layer_inputs: Mapping[str, torch.Tensor],
+                     save: Callable[[bool], None], progress: bool, log: Callable[[str], None]) -> None:
+    """Time the missing candidates one layer at a time (interleaved within the layer)."""
+    groups = [(layer, missing[layer.name]) for layer in ctx.layers if missing[layer.name]]
+    total = sum(len(specs) + 1 for _, specs in groups)
+    cap_left, items_left = proto.time_cap_s, total
+    tid = table["table_id"]
+    bar = _bar(total, f"latency {tid}", progress)
+    try:
+        for layer, specs in groups:
+            bar.set_postfix_str(f"{layer.name}: preparing {len(specs)}", refresh=True)
+            prepared: dict[Any, Any] = {}
+            examples = layer_inputs.get(layer.name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.cfg.seed)
+                for spec in specs:
+                    try:
+                        prepared[spec] = tgt.prepare(ctx.build(layer, spec), layer.in_shape, examples)
+                    except HantError:
+                        raise
+                    except Exception as e:  # one candidate the runtime cannot take must not sink the table
+                        failed[(layer.name, spec)] = {"layer": layer.name, "spec": spec,
+                                                      "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                        log(f"latency {tid}: cannot time {layer.name}/{spec}: {failed[(layer.name, spec)]['error']}")
+                        bar.update(1)
+                prepared[_NULL] = tgt.prepare(nn.Identity(), layer.in_shape, examples)
+            group_cap = cap_left * len(prepared) / max(1, items_left)
+            bar.set_postfix_str(f"{layer.name}: timing {len(prepared)}", refresh=True)
+            t0 = time.perf_counter()
+            stats = measure(prepared, tgt, Protocol(**{**proto.to_dict(), "time_cap_s": group_cap}), bar)
+            cap_left = max(0.0, cap_left - (time.perf_counter() - t0))
+            items_left -= len(specs) + 1
+            null = stats.pop(_NULL)
+            table["overheads"][layer.name] = null.to_dict()
+            for spec, s in stats.items():
+                entries[(layer.name, spec)] = _net(s, null)
+            del prepared
+            save(False)
+    finally:
+        bar.close()
+
+
+def _measure_fixed(ctx: _Run, tgt: Target, proto: Protocol, entries: dict, table: dict,
+                   images: torch.Tensor | None) -> None:
+    """Fixed part = end to end of the all-cheapest network minus the sum of its entries."""
+    cheapest = _cheapest_plan(ctx, entries)
+    teacher_plan = {layer.name: "teacher" for layer in ctx.layers}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.cfg.seed)
+        nets = {"cheapest": build_network(ctx.teacher, ctx.layers, cheapest, ctx.build),
+                "teacher": copy.deepcopy(ctx.teacher).eval()}
+    prepared = {k: tgt.prepare(m, ctx.input_size, images) for k, m in nets.items()}
+    stats = measure(prepared, tgt, proto)
+    sum_cheap = _sum_entries(entries, cheapest)
+    fixed = stats["cheapest"].median_ms - sum_cheap
+    table["fixed"] = {
+        "method": "all-cheapest network end to end minus the sum of its entries",
+        "cheapest_plan": cheapest, "cheapest_ms": stats["cheapest"].to_dict(), "cheapest_sum_entries_ms": sum_cheap,
+        "teacher_ms": stats["teacher"].to_dict(),
+        "teacher_sum_entries_ms": _sum_entries(entries, teacher_plan) if all(
+            (n, "teacher") in entries for n in teacher_plan) else None,
+        "clamped": fixed < 0,
+    }
+    table["fixed_ms"] = max(0.0, fixed)
+    table["teacher_ms"] = stats["teacher"].median_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and calibration
+
+
+def _random_plans(ctx: _Run, entries: Mapping[tuple[str, str], Any], k: int, seed: int,
+                  exclude: Sequence[Mapping[str, str]] = ()) -> list[dict[str, str]]:
+    pools = {layer.name: [s for s in ctx.pools[layer.name] if (layer.name, s) in entries] for layer in ctx.layers}
+    rng = random.Random(seed)
+    plans, seen = [], {tuple(p[layer.name] for layer in ctx.layers) for p in exclude}
+    for _ in range(50 * max(1, k)):
+        if len(plans) >= k:
+            break
+        q = rng.random()
+        plan = {layer.name: ("teacher" if rng.random() < q or not pools[layer.name] else rng.choice(pools[layer.name]))
+                for layer in ctx.layers}
+        key = tuple(plan.values())
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
+    return plans
+
+
+def _pct_errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    return np.abs(pred - meas) / np.maximum(meas, 1e-12) * 100.0
+
+
+def _summary(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
+    from scipy.stats import kendalltau
+
+    err = _pct_errors(pred, meas)
+    tau = kendalltau(pred, meas).statistic if len(pred) > 1 else float("nan")
+    return {"median_abs_pct_error": float(np.median(err)), "max_abs_pct_error": float(np.max(err)),
+            "kendall_tau": None if tau is None or math.isnan(tau) else float(tau)}
+
+
+def _fit(kind: str, pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
+    if kind == "offset":  # a per-network boundary cost: measured = predicted + b
+        return 1.0, float(np.mean(meas - pred))
+    if len(pred) < 2 or np.ptp(pred) <= 0:
+        return 1.0, float(np.mean(meas - pred))
+    a, b = np.polyfit(pred, meas, 1)
+    return float(a), float(b)
+
+
+def _leave_one_out(kind: str, pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    out = np.empty_like(pred)
+    for i in range(len(pred)):
+        keep = np.arange(len(pred)) != i
+        a, b = _fit(kind, pred[keep], meas[keep])
+        out[i] = a * pred[i] + b
+    return out
+
+
+def _choose_calibration(pred: np.ndarray, meas: np.ndarray) -> tuple[dict[str, Any] | None, np.ndarray, dict]:
+    """Keep an offset or linear calibration only if it lowers the leave-one-out median error
+    by at least a tenth. Returns (calibration or None, held-out predictions, per-kind scores)."""
+    base = float(np.median(_pct_errors(pred, meas)))
+    scores = {"none": base}
+    best, best_pred, best_err = None, pred, base
+    if len(pred) >= 4:
+        for kind in ("offset", "linear"):
+            loo = _leave_one_out(kind, pred, meas)
+            err = float(np.median(_pct_errors(loo, meas)))
+            scores[kind] = err
+            if err < 0.9 * base and err < best_err:
+                best, best_pred, best_err = kind, loo, err
+    if best is None:
+        return None, pred, scores
+    a, b = _fit(best, pred, meas)
+    cal = {"kind": best, "a": a, "b": b, "fit_samples": int(len(pred)),
+           "loo_median_abs_pct_error": best_err, "uncalibrated_median_abs_pct_error": base}
+    return cal, best_pred, scores
+
+
+def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protocol, k: int,
+                   images: torch.Tensor | None = None, progress: bool = True) -> tuple[dict[str, Any], dict | None]:
+    """Predict and time end to end K random networks plus the teacher and the all-cheapest one.
+
+    Returns (validation, calibration or None); see the module docstring for the method.
+    """
+    if k < 1:
+        raise HantError(f"--validate needs a positive number of networks, got {k}")
+    entries = {(e["layer"], e["spec"]): e for e in table["entries"]}
+    plans = [("teacher", {layer.name: "teacher" for layer in ctx.layers}),
+             ("cheapest", _cheapest_plan(ctx, entries))]
+    plans += [("random", p) for p in _random_plans(ctx, entries, k, ctx.cfg.seed + 1, [p for _, p in plans])]
+    raw_table = {**table, "calibration": None}
+    pred = np.array([predict_ms(raw_table, p) for _, p in plans])
+    prepared = {}
+    bar = _bar(len(plans), f"validate {table['table_id']}", progress)
+    try:
+        bar.set_postfix_str(f"preparing {len(plans)} networks", refresh=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.cfg.seed)
+            for i, (_, plan) in enumerate(plans):
+                net = build_network(ctx.teacher, ctx.layers, plan, ctx.build)
+                prepared[i] = tgt.prepare(net, ctx.input_size, images)
+        bar.set_postfix_str("timing", refresh=True)
+        stats = measure(prepared, tgt, proto, bar)
+    finally:
+        bar.close()
+    meas = np.array([stats[i].median_ms for i in range(len(plans))])
+    cal, held_out, scores = _choose_calibration(pred, meas)
+    head = _summary(held_out, meas)
+    is_random = np.array([kind == "random" for kind, _ in plans])
+    validation = {
+        "k": int(is_random.sum()),
+        "samples": len(plans),
+        **head,
+        "errors_are": "leave-one-out after calibration" if cal else "uncalibrated prediction",
+        "uncalibrated": _summary(pred, meas),
+        "random_only": _summary(held_out[is_random], meas[is_random]) if is_random.sum() > 1 else None,
+        "calibration_scores": scores,
+        "points": [
+            {"kind": kind, "predicted_ms": float(p), "calibrated_ms": _apply_calibration(cal, float(p)),
+             "heldout_predicted_ms": float(h), "measured_ms": s.median_ms, "p10_ms": s.p10_ms, "p90_ms": s.p90_ms,
+             "n": s.n, "plan": plan}
+            for (kind, plan), p, h, s in zip(plans, pred, held_out, (stats[i] for i in range(len(plans))))
+        ],
+    }
+    return validation, cal
