@@ -16,7 +16,7 @@ from hant.data import load_data
 from hant.layers import discover_layers, get_layer
 from hant.ops import build
 from hant.teacher import create_model
-from hant.workspace import RunDir, save_safetensors, write_json
+from hant.workspace import RunDir, save_safetensors, sha256_file, write_json
 
 SOURCE = "timm:test_efficientnet"
 SIZE = 32
@@ -61,7 +61,8 @@ def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int 
     cfg.save(rd.config)
 
     layers, skipped = discover_layers(teacher, (cfg.data.in_chans, SIZE, SIZE))
-    write_json(rd.layers, {"layers": [l.to_dict() for l in layers], "skipped": skipped})
+    write_json(rd.layers, {"checkpoint_sha256": sha256_file(ckpt), "layers": [l.to_dict() for l in layers],
+                           "skipped": skipped})
     entries = []
     for i, info in enumerate(layers):
         wanted = (specs or {}).get(str(i), (specs or {}).get(info.name)) if specs else ["proj", "mb_k3_e1_relu"]

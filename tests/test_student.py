@@ -118,6 +118,12 @@ def test_assemble_errors_say_what_to_do(run):
         assemble(run, {names[2]: "mb_k3_e3_silu"})  # no phase-1 weights saved for it
     with pytest.raises(ValueError, match="zz"):
         assemble(run, {names[2]: "zz_k3"})
+    # A teacher checkpoint other than the one phase 1 learnt from is refused.
+    layers_doc = read_json(RunDir(run).layers)
+    write_json(RunDir(run).layers, {**layers_doc, "checkpoint_sha256": "0" * 64})
+    with pytest.raises(HantError, match="changed since"):
+        assemble(run, {names[1]: "proj"})
+    write_json(RunDir(run).layers, layers_doc)
     # A candidate file altered after phase 1 is refused by its checksum.
     f = RunDir(run).candidate_file(names[1], "proj")
     data = bytearray(f.read_bytes())

@@ -289,6 +289,15 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
     Returns {"onnx": {...}, "int8": {...} or None}. Raises HantError when the student has
     not been fine-tuned, the export fails or does not match.
     """
+    from hant.workspace import run_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"onnx": None, "int8": None}  # under torchrun, rank 0 alone exports and times
+    with run_lock(RunDir(run).root, log=log):
+        return _export(run, plan, int8, calib_images, log)
+
+
+def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any]:
     from hant.config import RunConfig
     from hant.data import load_data
     from hant.latency import get_target

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,8 +41,8 @@ EVAL_FILE = "eval.json"
 CKPT_FILE = "finetune.ckpt.safetensors"
 CKPT_STATE = "finetune.ckpt.json"
 TEACHER_SPEC = "teacher"
-# Candidate statuses in candidates/index.json whose weights are usable.
-_TRAINED = ("done", "trained", "ok", "complete")
+# The status of a finished candidate in candidates/index.json.
+_TRAINED = ("done",)
 
 
 # ----------------------------------------------------------------------------- plans and run
@@ -81,12 +82,20 @@ def read_plan(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, An
     return plan
 
 
-def _layer_table(run: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def _layer_table(run: str | os.PathLike, cfg=None) -> dict[str, dict[str, Any]]:
+    """layers.json as {name: LayerInfo dict}; checks that the teacher checkpoint is the one
+    phase 1 learnt from (a student mixing two teachers would be silently wrong)."""
+    from hant.layers import LayerInfo
+    from hant.workspace import sha256_file
+
     rd = RunDir(run)
     data = read_json(rd.require(rd.layers, "init"))
     entries = data.get("layers", []) if isinstance(data, dict) else data
-    from hant.layers import LayerInfo
-
+    sha = data.get("checkpoint_sha256") if isinstance(data, dict) else None
+    ckpt = cfg.model.checkpoint if cfg is not None else None
+    if sha and ckpt and Path(ckpt).is_file() and sha256_file(ckpt) != sha:
+        raise HantError(f"teacher checkpoint {ckpt} changed since `hant init`; "
+                        "initialise a new run folder for the new teacher")
     return {e["name"]: LayerInfo.from_dict(e).to_dict() for e in entries}
 
 
@@ -226,7 +235,7 @@ def _assemble(run, plan_name_or_layers, bn_recalibrate: bool = True, splits=None
     """assemble() plus the arch dict and the number of replaced layers."""
     cfg = _config(run)
     plan = read_plan(run, plan_name_or_layers)
-    shapes = _layer_table(run)
+    shapes = _layer_table(run, cfg)
     index = _candidate_index(run)
     model = _teacher_from_config(cfg)
 
@@ -430,9 +439,13 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         if self.initialised_here and torch.distributed.is_initialized():
@@ -567,165 +580,177 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
     {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s", "dir"}.
     Raises HantError for a missing plan or phase-1 weights, or epochs <= 0.
     """
+    from hant.workspace import run_lock
+
+    cfg = _config(run)
+    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    if not epochs > 0:
+        raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
+    dist_ = _dist_from_env()
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if dist_.main:
+                try:
+                    stack.enter_context(run_lock(RunDir(run).root, log=log))
+                except HantError as e:
+                    error = str(e)
+            # Every rank must learn that rank 0 could not start, or the others wait forever.
+            error = dist_.from_main(error)
+            if error:
+                raise HantError(error)
+            return _finetune(run, plan, cfg, epochs, dist_, log)
+    finally:
+        dist_.close()
+
+
+def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from hant.data import load_data, random_crop_flip
 
-    cfg = _config(run)
     ft = cfg.finetune
-    epochs = float(ft.epochs if epochs is None else epochs)
-    if not epochs > 0:
-        raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
     rd = RunDir(run)
     out = rd.student_dir(plan)
-    dist_ = _dist_from_env()
     say = log if dist_.main else (lambda *_: None)
-    try:
-        plan_d = read_plan(run, plan)
-        splits = load_data(cfg.data)
-        train = splits.train
-        if len(train) < 2:
-            raise HantError("the train split has fewer than 2 images; use more data")
-        batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
-        steps_per_epoch = len(_epoch_batches(train, batch, 0, cfg.seed, dist_))
-        total = max(1, round(epochs * steps_per_epoch))
-        n_epochs = math.ceil(total / steps_per_epoch)
-        warmup = min(max(1, round(ft.warmup * total)), total)
-        settings = {"plan_layers": plan_d["layers"], "epochs": epochs, "total": total, "batch": batch,
-                    "world": dist_.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
-                    "ce": ft.ce_weight, "T": ft.temperature, "seed": cfg.seed, "train": len(train),
-                    "augment": ft.augment}
-        state, ckpt = _load_resume(out, settings, say)
-        done_before = bool(state and state.get("done") and (out / STUDENT_FILE).exists())
+    plan_d = read_plan(run, plan)
+    splits = load_data(cfg.data)
+    train = splits.train
+    if len(train) < 2:
+        raise HantError("the train split has fewer than 2 images; use more data")
+    batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
+    steps_per_epoch = len(_epoch_batches(train, batch, 0, cfg.seed, dist_))
+    total = max(1, round(epochs * steps_per_epoch))
+    warmup = min(max(1, round(ft.warmup * total)), total)
+    settings = {"plan_layers": plan_d["layers"], "epochs": epochs, "total": total, "batch": batch,
+                "world": dist_.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
+                "ce": ft.ce_weight, "T": ft.temperature, "seed": cfg.seed, "train": len(train),
+                "augment": ft.augment}
+    state, ckpt = _load_resume(out, settings, say)
+    done_before = bool(state and state.get("done") and (out / STUDENT_FILE).exists())
 
-        model, arch, replaced = _assemble(run, plan, bn_recalibrate=state is None, splits=splits, log=say)
-        arch = {**arch, "plan": plan}
-        teacher = _teacher_from_config(cfg)
-        dev = dist_.device
-        model.to(dev).to(memory_format=torch.channels_last)
-        teacher.to(dev).to(memory_format=torch.channels_last).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    model, arch, replaced = _assemble(run, plan, bn_recalibrate=state is None, splits=splits, log=say)
+    arch = {**arch, "plan": plan}
+    teacher = _teacher_from_config(cfg)
+    dev = dist_.device
+    model.to(dev).to(memory_format=torch.channels_last)
+    teacher.to(dev).to(memory_format=torch.channels_last).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
 
-        opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
-        step, info = 0, {}
-        if state is not None:
-            msd = {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
-            model.load_state_dict(msd, strict=True)
-            _load_optimizer(opt, ckpt, state["optimizer"])
-            step = int(state["step"])
-            info = dict(state.get("info", {}))
-            say(f"fine-tune {plan}: resuming at step {step}/{total}")
-        t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
+    opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
+    step, info = 0, {}
+    if state is not None:
+        msd = {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
+        model.load_state_dict(msd, strict=True)
+        _load_optimizer(opt, ckpt, state["optimizer"])
+        step = int(state["step"])
+        info = dict(state.get("info", {}))
+        say(f"fine-tune {plan}: resuming at step {step}/{total}")
+    t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
 
-        if dist_.main and "teacher_top1" not in info:
-            info["teacher_top1"] = _top1(teacher, splits.test, ft.batch_size, cfg.data.workers)
-            info["assembled_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
-            say(f"test top-1: teacher {info['teacher_top1']:.2f}%, assembled student {info['assembled_top1']:.2f}% "
-                f"({replaced} of {len(arch['layers'])} layers replaced)")
+    if dist_.main and "teacher_top1" not in info:
+        info["teacher_top1"] = _top1(teacher, splits.test, ft.batch_size, cfg.data.workers)
+        info["assembled_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        say(f"test top-1: teacher {info['teacher_top1']:.2f}%, assembled student {info['assembled_top1']:.2f}% "
+            f"({replaced} of {len(arch['layers'])} layers replaced)")
 
-        net: nn.Module = model
-        if dist_.world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        net.train()
-        fill = [-m / s for m, s in zip(splits.mean, splits.std)]  # normalised black: the padding colour
-        pad = max(1, splits.input_size // 16)
-        ckpt_every = max(1.0, ft.checkpoint_minutes * 60.0)
-        last_ckpt = time.monotonic()
-        global_batch = batch * dist_.world
+    net: nn.Module = model
+    if dist_.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    net.train()
+    fill = [-m / s for m, s in zip(splits.mean, splits.std)]  # normalised black: the padding colour
+    pad = max(1, splits.input_size // 16)
+    ckpt_every = max(1.0, ft.checkpoint_minutes * 60.0)
+    last_ckpt = time.monotonic()
+    global_batch = batch * dist_.world
 
-        def checkpoint(done: bool = False) -> None:
-            if dist_.main:
-                info["train_time_s"] = time.perf_counter() - t_start
-                _save_checkpoint(out, model, opt, {"plan": plan, "step": step, "total": total, "done": done,
-                                                   "settings_key": _settings_key(settings), "info": info})
+    def checkpoint(done: bool = False) -> None:
+        if dist_.main:
+            info["train_time_s"] = time.perf_counter() - t_start
+            _save_checkpoint(out, model, opt, {"plan": plan, "step": step, "total": total, "done": done,
+                                               "settings_key": _settings_key(settings), "info": info})
 
-        if step < total:
-            say(f"fine-tune {plan}: {total} steps ({epochs:g} epochs of {steps_per_epoch}), batch {global_batch}"
-                f"{f' over {dist_.world} processes' if dist_.world > 1 else ''}, lr {ft.lr:g}, on {dev.type}")
-        bar = tqdm(total=total * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
-                   desc=f"finetune {plan}", disable=not dist_.main or step >= total, dynamic_ncols=True)
-        loss_ema = None
-        while step < total:
-            epoch = step // steps_per_epoch
-            batches = _epoch_batches(train, batch, epoch, cfg.seed, dist_)
-            first = step - epoch * steps_per_epoch
-            loader = torch.utils.data.DataLoader(train, batch_sampler=batches[first:],
-                                                 num_workers=cfg.data.workers)
-            for x, y in loader:
-                # Every random draw of a step (augmentation, dropout) follows from (seed, step, rank),
-                # so a resumed run repeats the uninterrupted one exactly.
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_.rank)
-                if ft.augment:
-                    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_.rank)
-                    x = random_crop_flip(x, pad, g, fill=fill, flip=True)
-                lr = _lr_at(step, total, warmup, ft.lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                y = y.to(dev, non_blocking=True)
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                loss = kd_loss(net(x), t_logits, y, ft.kd_weight, ft.ce_weight, ft.temperature)
-                if not torch.isfinite(loss):
-                    raise HantError(f"fine-tune loss became {loss.item()} at step {step}; lower finetune.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                lv = float(loss.detach())
-                loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
-                bar.update(global_batch)
-                bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if step >= total:
-                    break
-                if step % steps_per_epoch and time.monotonic() - last_ckpt > ckpt_every:
-                    checkpoint()
-                    last_ckpt = time.monotonic()
-                    _fault("after_step", step, say)
-            if step % steps_per_epoch == 0 and step < total:
+    if step < total:
+        say(f"fine-tune {plan}: {total} steps ({epochs:g} epochs of {steps_per_epoch}), batch {global_batch}"
+            f"{f' over {dist_.world} processes' if dist_.world > 1 else ''}, lr {ft.lr:g}, on {dev.type}")
+    bar = tqdm(total=total * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
+               desc=f"finetune {plan}", disable=not dist_.main or step >= total, dynamic_ncols=True)
+    loss_ema = None
+    while step < total:
+        epoch = step // steps_per_epoch
+        batches = _epoch_batches(train, batch, epoch, cfg.seed, dist_)
+        first = step - epoch * steps_per_epoch
+        loader = torch.utils.data.DataLoader(train, batch_sampler=batches[first:],
+                                             num_workers=cfg.data.workers)
+        for x, y in loader:
+            # Every random draw of a step (augmentation, dropout) follows from (seed, step, rank),
+            # so a resumed run repeats the uninterrupted one exactly.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_.rank)
+            if ft.augment:
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_.rank)
+                x = random_crop_flip(x, pad, g, fill=fill, flip=True)
+            lr = _lr_at(step, total, warmup, ft.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(dev, non_blocking=True)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd_loss(net(x), t_logits, y, ft.kd_weight, ft.ce_weight, ft.temperature)
+            if not torch.isfinite(loss):
+                raise HantError(f"fine-tune loss became {loss.item()} at step {step}; lower finetune.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            lv = float(loss.detach())
+            loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+            bar.update(global_batch)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step >= total:
+                break
+            if step % steps_per_epoch and time.monotonic() - last_ckpt > ckpt_every:
                 checkpoint()
                 last_ckpt = time.monotonic()
-                _fault("after_epoch", step // steps_per_epoch, say)
-        bar.close()
-        info["final_loss"] = loss_ema if loss_ema is not None else info.get("final_loss")
+                _fault("after_step", step, say)
+        if step % steps_per_epoch == 0 and step < total:
+            checkpoint()
+            last_ckpt = time.monotonic()
+            _fault("after_epoch", step // steps_per_epoch, say)
+    bar.close()
+    info["final_loss"] = loss_ema if loss_ema is not None else info.get("final_loss")
 
-        result: dict[str, Any] = {}
-        if dist_.main:
-            model.eval()
-            if not done_before or "student_top1" not in info:
-                info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
-            model.to("cpu").to(memory_format=torch.contiguous_format)
-            save_student(model, out, arch)
-            checkpoint(done=True)
-            in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
-            params, flops = count_params_flops(model, in_shape)
-            t_params, t_flops = count_params_flops(teacher.to("cpu"), in_shape)
-            update_eval(out, {
-                "plan": plan,
-                "teacher": {"top1": info["teacher_top1"], "params": t_params, "flops": t_flops},
-                "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
-                            "params": params, "flops": flops},
-                "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
-                "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
-                "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
-                             "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
-                             "final_loss": info.get("final_loss"), "time_s": round(info["train_time_s"], 1)},
-            })
-            say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
-                f"{info['student_top1']:.2f}% (assembled {info['assembled_top1']:.2f}%) in "
-                f"{info['train_time_s']:.0f} s -> {out}")
-            result = {"plan": plan, "teacher_top1": info["teacher_top1"], "student_top1": info["student_top1"],
-                      "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
-                      "time_s": info["train_time_s"], "dir": str(out)}
-        if dist_.world > 1:
-            box = [result]
-            torch.distributed.broadcast_object_list(box, src=0)
-            result = box[0]
-        return result
-    finally:
-        dist_.close()
+    result: dict[str, Any] = {}
+    if dist_.main:
+        model.eval()
+        if not done_before or "student_top1" not in info:
+            info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+        save_student(model, out, arch)
+        checkpoint(done=True)
+        in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
+        params, flops = count_params_flops(model, in_shape)
+        t_params, t_flops = count_params_flops(teacher.to("cpu"), in_shape)
+        update_eval(out, {
+            "plan": plan,
+            "teacher": {"top1": info["teacher_top1"], "params": t_params, "flops": t_flops},
+            "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
+                        "params": params, "flops": flops},
+            "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
+            "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
+            "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
+                         "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
+                         "final_loss": info.get("final_loss"), "time_s": round(info["train_time_s"], 1)},
+        })
+        say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
+            f"{info['student_top1']:.2f}% (assembled {info['assembled_top1']:.2f}%) in "
+            f"{info['train_time_s']:.0f} s -> {out}")
+        result = {"plan": plan, "teacher_top1": info["teacher_top1"], "student_top1": info["student_top1"],
+                  "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
+                  "time_s": info["train_time_s"], "dir": str(out)}
+    return dist_.from_main(result)
 
 
 # ----------------------------------------------------------------------------- measure
@@ -755,8 +780,18 @@ def measure(run: str | os.PathLike, plan: str, log: Callable[[str], None] = prin
     (RUN/students/<plan>/), else the plan assembled without fine-tuning (latency does not
     depend on the weights). Merges into eval.json: teacher/student latency_ms (median),
     latency_p10_ms, latency_p90_ms, speedup, predicted_ms, target, batch_size, params,
-    flops. Returns that dict. Raises HantError for a missing plan or an unknown target.
+    flops. Returns that dict ({} on ranks other than 0 under torchrun). Raises HantError for
+    a missing plan or an unknown target.
     """
+    from hant.workspace import run_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under torchrun only rank 0 times; the other ranks must not load the cores meanwhile
+    with run_lock(RunDir(run).root, log=log):
+        return _measure(run, plan, log)
+
+
+def _measure(run, plan: str, log) -> dict[str, Any]:
     from hant.data import load_data
     from hant.latency import get_target
     from hant.latency.protocol import Protocol
