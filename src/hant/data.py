@@ -94,9 +94,8 @@ class TensorImageDataset(Dataset):
         self.input_size = int(input_size)
         # Resizing once, to uint8, makes a batch cost one gather and one multiply-add; the
         # rounding (half a grey level) is below the information in the 8-bit source.
-        if images.shape[-2:] != (self.input_size, self.input_size) and (
-                images[:1].numel() * len(images) / images.shape[-1] / images.shape[-2]
-                * self.input_size**2 <= _PRECOMPUTE_BYTES):
+        resized_bytes = len(images) * images.shape[1] * self.input_size**2
+        if images.shape[-2:] != (self.input_size, self.input_size) and resized_bytes <= _PRECOMPUTE_BYTES:
             images = _resize_uint8(images, self.input_size)
         self.images = images
         self.labels = labels.to(torch.int64)
