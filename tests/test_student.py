@@ -268,10 +268,23 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
 def test_finetune_restarts_when_settings_change(run):
     plan = _plan(run)
     finetune(run, plan, epochs=0.5)
+    out = RunDir(run).student_dir(plan)
+    update_eval(out, {"onnx": {"top1": 1.0}, "student": {"latency_ms": 1.0}})
+    (out / "model.onnx").write_bytes(b"stale")
     logs = []
     res = finetune(run, plan, epochs=1.0, log=logs.append)
     assert res["steps"] == 5
     assert any("starting over" in line for line in logs)
+    ev = read_json(out / "eval.json")  # the earlier student's export and latency are gone
+    assert "onnx" not in ev and "latency_ms" not in ev["student"] and ev["finetune"]["steps"] == 5
+    assert not (out / "model.onnx").exists()
+    # Finished: a rerun trains nothing and keeps the weights.
+    before = _weights(run)
+    logs = []
+    finetune(run, plan, epochs=1.0, log=logs.append)
+    assert not any("steps (" in line for line in logs)
+    after = _weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(HantError, match="positive"):
         finetune(run, plan, epochs=0)
 

@@ -31,7 +31,7 @@ from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors
 
 __all__ = [
     "ARCH_VERSION", "read_plan", "assemble", "recalibrate_batchnorm", "save_student", "load_student",
-    "finetune", "measure", "update_eval", "kd_loss", "count_params_flops",
+    "finetune", "measure", "update_eval", "kd_loss", "count_params_flops", "resolve_target",
 ]
 
 ARCH_VERSION = 1
@@ -576,7 +576,8 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
     DistributedDataParallel (gloo on CPU, nccl on GPU), the global batch split across ranks.
 
     Writes student.safetensors, arch.json and eval.json (test top-1 of teacher, of the
-    assembled student before fine-tuning and of the fine-tuned student). Returns
+    assembled student before fine-tuning and of the fine-tuned student); a newly trained
+    student replaces eval.json and removes ONNX files of an earlier one. Returns
     {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s", "dir"}.
     Raises HantError for a missing plan or phase-1 weights, or epochs <= 0.
     """
@@ -733,6 +734,10 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[s
         in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
         params, flops = count_params_flops(model, in_shape)
         t_params, t_flops = count_params_flops(teacher.to("cpu"), in_shape)
+        if not done_before:
+            # New weights: latencies, ONNX files and their accuracies from an earlier student are stale.
+            for stale in (EVAL_FILE, "model.onnx", "model.int8.onnx"):
+                (out / stale).unlink(missing_ok=True)
         update_eval(out, {
             "plan": plan,
             "teacher": {"top1": info["teacher_top1"], "params": t_params, "flops": t_flops},
