@@ -49,6 +49,23 @@ def test_solve_equals_exhaustive_optimum(extra_kinds):
     assert solved >= 30  # most random instances are feasible; the comparison really ran
 
 
+def test_bound_fixing_keeps_the_optimum():
+    from hant.select import _all_constraints, _fix_by_bound
+
+    rng = np.random.default_rng(11)
+    kept = total = 0
+    for _ in range(15):
+        lat = [rng.uniform(0.1, 1.0, 6) for _ in range(8)]
+        costs = [np.clip(1.0 - t + rng.normal(0, 0.05, 6), 0, None) for t in lat]
+        budget = 0.7 * sum(t.min() for t in lat) + 0.3 * sum(t.max() for t in lat)
+        best = exhaustive(costs, lat, budget)
+        keep = _fix_by_bound(costs, _all_constraints(lat, budget, 0.0, []))
+        assert all(o in k for o, k in zip(best.choice, keep))
+        kept += sum(k.size for k in keep)
+        total += 8 * 6
+    assert kept < 0.8 * total  # the bound really removes candidates
+
+
 def test_budget_binds():
     # The best-scoring candidate is the slow one; the budget forces the fast one in layer 1 only.
     costs = [np.array([0.0, 1.0]), np.array([0.0, 3.0])]
