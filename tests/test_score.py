@@ -140,3 +140,98 @@ def test_replacement_scores_nonfinite_candidate_gives_none():
 def test_count_flops_conv():
     conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
     assert count_flops(conv, (4, 6, 6)) == 2 * 4 * 8 * 9 * 36
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, on a tiny run folder (timm test_efficientnet, synthetic data; see student_run.py)
+
+def _quiet(*a):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from student_run import make_run
+
+    return make_run(tmp_path_factory.mktemp("score") / "run", images=120)
+
+
+def test_score_stage_end_to_end_and_resume(tiny_run, monkeypatch):
+    import hant.score as score_mod
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.layers import get_layer, set_layer
+    from hant.ops import build
+    from hant.teacher import load_teacher
+    from hant.workspace import RunDir, load_safetensors, read_json, write_json
+
+    rd = RunDir(tiny_run)
+    index = read_json(rd.candidates_index)["candidates"]
+    layers = read_json(rd.layers)["layers"]
+    out = score_mod.score(tiny_run, log=_quiet)
+    assert out["method"] == "eval" and out["images"] == 16
+    got = {(e["layer"], e["spec"]): e for e in read_json(rd.scores)["entries"]}
+    for d in layers:  # the teacher candidate scores exactly zero
+        t = got[(d["name"], "teacher")]
+        assert (t["d_loss"], t["d_acc"], t["kl"]) == (0.0, 0.0, 0.0) and t["params"] == d["params"]
+    for e in index:
+        g = got[(e["layer"], e["spec"])]
+        assert g["status"] == "done" and g["kl"] > 0 and g["params"] > 0 and g["flops"] > 0
+
+    # d_loss of one candidate equals the held-out loss of the teacher with that layer swapped.
+    cfg = RunConfig.load(rd.config)
+    e = index[-1]
+    d = next(d for d in layers if d["name"] == e["layer"])
+    teacher = load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint)
+    cand = build(e["spec"], d["in_chs"], d["out_chs"], d["stride"], get_layer(teacher, e["layer"]))
+    cand.load_state_dict(load_safetensors(rd.root / e["file"]))
+    held = load_data(cfg.data).heldout
+    x, y = held.get_batch(torch.arange(len(held)))
+    with torch.no_grad():
+        base = F.cross_entropy(teacher(x), y)
+        set_layer(teacher, e["layer"], cand.eval())
+        swapped = F.cross_entropy(teacher(x), y)
+    assert got[(e["layer"], e["spec"])]["d_loss"] == pytest.approx(float(swapped - base), abs=1e-4)
+
+    # Resume: drop one entry; a rerun scores only that one and keeps the others as they were.
+    sc = read_json(rd.scores)
+    dropped = next(x for x in sc["entries"] if x["spec"] != "teacher")
+    sc["entries"] = [x for x in sc["entries"] if x is not dropped]
+    write_json(rd.scores, sc)
+    seen = []
+    real = score_mod.replacement_scores
+
+    def counting(model, name, candidates, *a, **k):
+        seen.extend(candidates)
+        return real(model, name, candidates, *a, **k)
+
+    monkeypatch.setattr(score_mod, "replacement_scores", counting)
+    again = score_mod.score(tiny_run, log=_quiet)
+    assert seen == [dropped["spec"]]
+    new = {(x["layer"], x["spec"]): x for x in again["entries"]}
+    assert new[(dropped["layer"], dropped["spec"])]["d_loss"] == pytest.approx(dropped["d_loss"], abs=1e-6)
+    assert all(new[k] == v for k, v in got.items() if k != (dropped["layer"], dropped["spec"]))
+
+
+def test_score_distill_method_uses_phase1_loss(tiny_run):
+    from hant.score import score
+    from hant.workspace import RunDir, read_json
+
+    out = score(tiny_run, method="distill", log=_quiet)
+    index = read_json(RunDir(tiny_run).candidates_index)["candidates"]
+    got = {(e["layer"], e["spec"]): e for e in out["entries"]}
+    assert out["method"] == "distill"
+    for e in index:
+        g = got[(e["layer"], e["spec"])]
+        assert g["d_loss"] == e["heldout_loss"] and g["d_acc"] is None and g["kl"] is None and g["params"] > 0
+    assert all(g["d_loss"] == 0.0 for (l, s), g in got.items() if s == "teacher")
+
+
+def test_score_refuses_unknown_method_and_missing_phase1(tmp_path, tiny_run):
+    from hant.errors import HantError
+    from hant.score import score
+
+    with pytest.raises(HantError, match="unknown score method"):
+        score(tiny_run, method="bogus", log=_quiet)
+    with pytest.raises(HantError, match="hant init"):
+        score(tmp_path / "nothing", log=_quiet)

@@ -102,18 +102,19 @@ class Suffix:
     in place, which is always right, only slower.
     """
 
-    def __init__(self, model: nn.Module, name: str, example: torch.Tensor):
+    def __init__(self, model: nn.Module, name: str, example: torch.Tensor, reference: torch.Tensor | None = None):
+        """`example`: an input batch for the check; `reference`: the model's output on it, if known."""
         from hant.layers import get_layer
 
         self.model, self.name = model, name
         self.layer = get_layer(model, name)
         self._inject = _Inject()
-        self._swaps = self._prefix_modules(example)
+        self._swaps, x_layer = self._prefix_modules(example)
         self.mode = "suffix"
         with torch.no_grad():
-            want = model(example)
+            want = model(example) if reference is None else reference
             try:
-                got = self._run_suffix(example, self.layer(layer_input(model, name, example)))
+                got = self._run_suffix(example, self.layer(x_layer))
                 ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4,
                                                                 atol=1e-5 * float(want.abs().max()) + 1e-6)
             except Exception:  # any failure of the shortcut means: use the full forward
@@ -121,8 +122,9 @@ class Suffix:
         if not ok:
             self.mode = "full"
 
-    def _prefix_modules(self, example: torch.Tensor) -> list[str]:
-        """Names of the modules that run before the layer, at every level of its ancestry."""
+    def _prefix_modules(self, example: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """Names of the modules that run before the layer, at every level of its ancestry;
+        and the layer's input for `example`."""
         order: dict[str, int] = {}
         handles = []
         for n, m in self.model.named_modules():
@@ -131,7 +133,7 @@ class Suffix:
                     order.setdefault(n, len(order))
                 handles.append(m.register_forward_pre_hook(pre))
         try:
-            layer_input(self.model, self.name, example)
+            x_layer = layer_input(self.model, self.name, example)
         finally:
             for h in handles:
                 h.remove()
@@ -145,7 +147,7 @@ class Suffix:
                 full = f"{parent}.{child}" if parent else child
                 if full != on_path and order.get(full, math.inf) < order.get(on_path, -1):
                     swaps.append(full)
-        return swaps
+        return swaps, x_layer
 
     @contextlib.contextmanager
     def _swapped(self, replacements: dict[str, nn.Module]) -> Iterator[None]:
@@ -200,9 +202,9 @@ def replacement_scores(model: nn.Module, name: str, candidates: dict[str, nn.Mod
     t_loss = t_correct = 0.0
     n = 0
     for b, (x, y) in enumerate(batches):
-        if suffix is None:
-            suffix = Suffix(model, name, x)
         t_out = teacher_logits[b] if teacher_logits is not None else model(x)
+        if suffix is None:
+            suffix = Suffix(model, name, x, reference=t_out)
         t_logp = F.log_softmax(t_out.float(), dim=1)
         t_loss += float(F.nll_loss(t_logp, y, reduction="sum"))
         t_correct += float((t_out.argmax(1) == y).sum())
