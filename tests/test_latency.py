@@ -168,6 +168,18 @@ def test_unknown_target_lists_known_ones():
         assert known in str(e.value)
 
 
+def test_clock_choice():
+    assert L.get_target("onnxruntime-cpu", threads=1).clock == "thread-cpu"
+    assert L.get_target("torch-cpu", threads=2).clock == "wall"
+    assert L.get_target("torch-cpu", threads=1, clock="wall").fingerprint()["clock"] == "wall"
+    with pytest.raises(HantError, match="threads=1"):
+        L.get_target("onnxruntime-cpu", threads=2, clock="thread-cpu")
+    with pytest.raises(HantError, match="clock"):
+        L.get_target("onnxruntime-cpu", clock="sundial")
+    with pytest.raises(HantError, match="options"):
+        L.get_target("analytic", clock="wall")
+
+
 def test_registry_refuses_duplicates():
     with pytest.raises(HantError, match="already registered"):
         L.register_target("torch-cpu", lambda **kw: None)
@@ -187,23 +199,27 @@ def test_analytic_ranks_large_conv_above_small():
 
 def make_run(root: Path, include=("blocks.1.*", "blocks.2.*"), space="tiny", size=32,
              source="timm:test_efficientnet") -> Path:
-    """A run folder as `hant init` leaves it (config.yaml + layers.json), for a random teacher
-    (timm's 100k-parameter test EfficientNet: five MBConv layers, fast to copy and export)."""
-    from hant.config import DataConfig, LatencyConfig, LayersConfig, ModelConfig, RunConfig
-    from hant.layers import discover_layers
-    from hant.space import load_space
-    from hant.teacher import load_teacher
+    """A run folder made by `hant init` for a random teacher (timm's 100k-parameter test
+    EfficientNet: five MBConv layers, fast to copy and export) on synthetic data."""
+    import yaml
 
-    cfg = RunConfig(model=ModelConfig(source=source),
-                    data=DataConfig(spec="synthetic:64", input_size=size, in_chans=1, num_classes=10),
-                    space=space, layers=LayersConfig(include=list(include)),
-                    latency=LatencyConfig(threads=1, warmup=1, min_repeats=3, max_repeats=6, time_cap_s=20.0))
-    cfg.save(root / "config.yaml")
-    layers, _ = discover_layers(load_teacher(source, 1, 10), (1, size, size), include=include)
-    pool = load_space(space)
-    write_json(root / "layers.json", {"version": 1, "model": source, "input_size": [1, size, size], "layers": [
-        {**info.to_dict(), "candidates": pool.candidates(info.in_chs, info.out_chs, info.stride)} for info in layers]})
-    return root
+    from hant.run import init_run
+
+    config = root / "latency-test.yaml"
+    config.write_text(yaml.safe_dump({"latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 6,
+                                                  "time_cap_s": 20.0}}))
+    run = root / "run"
+    init_run(run, model=source, data="synthetic:64", input_size=size, space=space, include=list(include),
+             config=config, log=lambda s: None)
+    return run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A second run folder with the same configuration and layers (no latency tables)."""
+    dest.mkdir(parents=True)
+    for name in ("config.yaml", "layers.json"):
+        (dest / name).write_bytes((run / name).read_bytes())
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -263,15 +279,12 @@ def test_analytic_validation_is_exact(analytic_run):
 
 def test_resume_measures_only_missing_entries(analytic_run, tmp_path, monkeypatch):
     run, table = analytic_run
-    copy_run = tmp_path / "run"
-    copy_run.mkdir()
-    for name in ("config.yaml", "layers.json"):
-        (copy_run / name).write_bytes((run / name).read_bytes())
+    other = copy_run(run, tmp_path / "copy")
     partial = read_json(run / "latency" / "analytic.json")
     removed = [e for e in partial["entries"] if e["layer"] == partial["layers"][-1]][:2]
     partial["entries"] = [e for e in partial["entries"] if e not in removed]
     partial["fixed_ms"] = None
-    write_json(copy_run / "latency" / "analytic.json", partial)
+    write_json(other / "latency" / "analytic.json", partial)
 
     from hant.latency.analytic import Analytic
 
@@ -283,13 +296,13 @@ def test_resume_measures_only_missing_entries(analytic_run, tmp_path, monkeypatc
         return original(self, module, input_shape, example_inputs)
 
     monkeypatch.setattr(Analytic, "prepare", counting)
-    out = L.measure_table(copy_run, target="analytic", batch_size=1, progress=False, log=lambda s: None)
+    out = L.measure_table(other, target="analytic", batch_size=1, progress=False, log=lambda s: None)
     # The two removed candidates, the layer's identity, then the two networks of the fixed part.
     assert len(prepared) == len(removed) + 1 + 2
     assert prepared.count("Identity") == 1 and prepared.count("EfficientNet") == 2
-    assert {(e["layer"], e["spec"]) for e in out["entries"]} == _pool(copy_run)
+    assert {(e["layer"], e["spec"]) for e in out["entries"]} == _pool(other)
     prepared.clear()
-    L.measure_table(copy_run, target="analytic", batch_size=1, progress=False, log=lambda s: None)
+    L.measure_table(other, target="analytic", batch_size=1, progress=False, log=lambda s: None)
     assert prepared == []  # complete: nothing to measure
 
 
@@ -322,10 +335,7 @@ def test_interrupted_build_leaves_a_partial_table_that_resumes(tmp_path, monkeyp
 
 def test_fingerprint_mismatch_is_refused_unless_forced(analytic_run, tmp_path):
     run, _ = analytic_run
-    other = tmp_path / "run"
-    other.mkdir()
-    for name in ("config.yaml", "layers.json"):
-        (other / name).write_bytes((run / name).read_bytes())
+    other = copy_run(run, tmp_path / "copy")
     table = read_json(run / "latency" / "analytic.json")
     table["fingerprint"]["peak_gflops"] = 1.0  # measured "elsewhere"
     write_json(other / "latency" / "analytic.json", table)
@@ -361,10 +371,7 @@ def test_cli_builds_an_analytic_table(analytic_run, tmp_path, capsys):
     from hant.cli import main
 
     run, _ = analytic_run
-    other = tmp_path / "run"
-    other.mkdir()
-    for name in ("config.yaml", "layers.json"):
-        (other / name).write_bytes((run / name).read_bytes())
+    other = copy_run(run, tmp_path / "copy")
     assert main(["latency", "--run", str(other), "--target", "analytic", "--batch-size", "2"]) == 0
     assert read_json(other / "latency" / "analytic-b2.json")["complete"]
     assert main(["latency", "--run", str(other), "--target", "nope"]) == 2

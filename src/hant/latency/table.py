@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import sys
 import time
@@ -341,12 +342,14 @@ def measure_table(
             images, layer_inputs, calib_source = _calibration_inputs(ctx)
             table["quant_calibration"] = calib_source
 
+        build_end: list[float] = []  # when the table (entries + fixed part) was done, before validation
+
         def save(complete: bool) -> None:
             table["entries"] = _entry_list(ctx, entries)
             table["failed"] = list(failed.values())
             table["complete"] = complete
-            table["build_time_s"] = round(float(table.get("build_time_s_before", 0.0))
-                                          + time.perf_counter() - t_start, 1)
+            elapsed = (build_end[0] if build_end else time.perf_counter()) - t_start
+            table["build_time_s"] = round(float(table.get("build_time_s_before", 0.0)) + elapsed, 1)
             write_json(path, {k: v for k, v in table.items() if k != "build_time_s_before"})
 
         if n_missing:
@@ -361,6 +364,7 @@ def measure_table(
             table["validation"] = None
             table["calibration"] = None
             save(complete=True)
+        build_end.append(time.perf_counter())
         if validate:
             validation, calibration = validate_table(ctx, table, tgt, proto, int(validate), images=images,
                                                      progress=progress)
@@ -512,6 +516,13 @@ def _random_plans(ctx: _Run, entries: Mapping[tuple[str, str], Any], k: int, see
     return plans
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _pct_errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return np.abs(pred - meas) / np.maximum(meas, 1e-12) * 100.0
 
@@ -572,6 +583,8 @@ def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protoco
     """
     if k < 1:
         raise HantError(f"--validate needs a positive number of networks, got {k}")
+    t0 = time.perf_counter()
+    load_before = _loadavg()
     entries = {(e["layer"], e["spec"]): e for e in table["entries"]}
     plans = [("teacher", {layer.name: "teacher" for layer in ctx.layers}),
              ("cheapest", _cheapest_plan(ctx, entries))]
@@ -588,7 +601,11 @@ def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protoco
                 net = build_network(ctx.teacher, ctx.layers, plan, ctx.build)
                 prepared[i] = tgt.prepare(net, ctx.input_size, images)
         bar.set_postfix_str("timing", refresh=True)
-        stats = measure(prepared, tgt, proto, bar)
+        # The check is only as good as its end-to-end medians, and there are few networks:
+        # give them three times the table's minimum of repeats and half its tolerance.
+        check = Protocol(**{**proto.to_dict(), "min_repeats": min(3 * proto.min_repeats, proto.max_repeats),
+                            "rel_tol": proto.rel_tol / 2})
+        stats = measure(prepared, tgt, check, bar)
     finally:
         bar.close()
     meas = np.array([stats[i].median_ms for i in range(len(plans))])
@@ -603,6 +620,8 @@ def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protoco
         "uncalibrated": _summary(pred, meas),
         "random_only": _summary(held_out[is_random], meas[is_random]) if is_random.sum() > 1 else None,
         "calibration_scores": scores,
+        "time_s": round(time.perf_counter() - t0, 1),
+        "loadavg": [load_before, _loadavg()],  # a busy machine is the usual cause of a poor result
         "points": [
             {"kind": kind, "predicted_ms": float(p), "calibrated_ms": _apply_calibration(cal, float(p)),
              "heldout_predicted_ms": float(h), "measured_ms": s.median_ms, "p10_ms": s.p10_ms, "p90_ms": s.p90_ms,

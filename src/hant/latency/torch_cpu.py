@@ -29,8 +29,8 @@ class TorchCPU(Target):
     id = "torch-cpu"
 
     def __init__(self, batch_size: int = 1, threads: int | None = None, precision: str = "fp32",
-                 channels_last: bool = True):
-        super().__init__(batch_size, threads)
+                 channels_last: bool = True, clock: str = "auto"):
+        super().__init__(batch_size, threads, clock)
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         if precision not in dtypes:
             from hant.errors import HantError

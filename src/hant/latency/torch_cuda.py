@@ -82,4 +82,4 @@ class TorchCUDA(Target):
         return {**super().fingerprint(), "gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
                 "gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version(), "cuda_graphs": self.cuda_graphs,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "clock": "cuda-events"}
