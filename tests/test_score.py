@@ -213,6 +213,33 @@ def test_score_stage_end_to_end_and_resume(tiny_run, monkeypatch):
     assert all(new[k] == v for k, v in got.items() if k != (dropped["layer"], dropped["spec"]))
 
 
+def test_select_on_scored_run_with_a_measured_table(tiny_run):
+    # Integration: scores from this stage, a latency table from the latency stage (analytic
+    # target, no hardware), then the selection stage with --speedup and --sweep.
+    from hant.latency import load_table, measure_table, predict_ms
+    from hant.score import score
+    from hant.select import select
+    from hant.workspace import RunDir, read_json, write_json
+
+    rd = RunDir(tiny_run)
+    if not rd.scores.exists():
+        score(tiny_run, log=_quiet)
+    lj = read_json(rd.layers)
+    index = read_json(rd.candidates_index)["candidates"]
+    for d in lj["layers"]:  # the pools that make_run trained
+        d["candidates"] = ["teacher"] + [e["spec"] for e in index if e["layer"] == d["name"]]
+    write_json(rd.layers, lj)
+    measure_table(tiny_run, target="analytic", batch_size=1)
+    table = load_table(tiny_run, "analytic")
+    plan = select(tiny_run, target="analytic", speedup=1.3, sweep=True, sweep_points=4, log=_quiet)
+    assert plan["name"] == "analytic-x1.3" and rd.plan("analytic-x1.3").exists()
+    assert plan["teacher_ms"] == pytest.approx(table["teacher_ms"]) and plan["teacher_ms_source"] == "measured"
+    assert plan["predicted_ms"] <= table["teacher_ms"] / 1.3 + 1e-12
+    assert plan["predicted_ms"] == pytest.approx(predict_ms(table, plan["layers"]))
+    assert any(p["pareto"] and rd.plan(p["name"]).exists() for p in plan["sweep"])
+    assert (rd.root / "pareto_select.png").exists()
+
+
 def test_score_distill_method_uses_phase1_loss(tiny_run):
     from hant.score import score
     from hant.workspace import RunDir, read_json

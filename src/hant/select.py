@@ -674,10 +674,11 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     Default plan name: `<target>-x<speedup>` or `<target>-<budget>ms`.
 
     With `sweep`, also solves `sweep_points` budgets from the fastest reachable plan to the
-    teacher's latency, writes each plan and the Pareto plot RUN/pareto_select.png.
+    teacher's latency, writes the plans on the Pareto front (named `<target>-<budget>ms`) and
+    the plot RUN/pareto_select.png (predicted latency vs predicted score).
 
     Returns the plan written (with `name` and `path`), plus `sweep` (a list of
-    {name, budget_ms, predicted_ms, predicted_score, pareto}) when sweeping. Raises HantError
+    {name, budget_ms, predicted_ms, predicted_score, pareto, path}) when sweeping. Raises HantError
     for bad arguments, missing stages, or an infeasible budget (the line gives the fastest
     latency the pool can reach).
     """
@@ -793,20 +794,23 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         fastest = solve(lat, lat, math.inf, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
         lo = plan_totals(fastest.choice, lat, fixed)
         hi = max(teacher_ms, lo)
-        points = []
+        points, plans = [], {}
         for b in np.unique(np.linspace(lo, hi, max(2, int(sweep_points)))):
             b = float(b)
             sol = run_solver(b)
             plan_name = f"{target}-{b:.4g}ms"
-            plan = make_plan(b, plan_name, sol, {"sweep": True})
-            write_json(rd.plan(plan_name), plan)
-            points.append({"name": plan_name, "budget_ms": b, "predicted_ms": plan["predicted_ms"],
-                           "predicted_score": plan["predicted_score"]})
+            plans[plan_name] = make_plan(b, plan_name, sol, {"sweep": True})
+            points.append({"name": plan_name, "budget_ms": b, "predicted_ms": plans[plan_name]["predicted_ms"],
+                           "predicted_score": plans[plan_name]["predicted_score"]})
         _pareto(points, OBJECTIVES[objective])
+        # Only the front is written: a larger budget that yields the same plan adds nothing.
+        for p in points:
+            p["path"] = str(write_json(rd.plan(p["name"]), plans[p["name"]])) if p["pareto"] else None
         plot = rd.root / "pareto_select.png"
-        _plot_front(plot, points, teacher_ms, objective, f"{target}: {len(points)} budgets, "
-                    f"{sum(p['pareto'] for p in points)} on the front")
-        log(f"sweep: {len(points)} plans from {lo:.4g} to {hi:.4g} ms written to {rd.root / 'plans'}; plot {plot}")
+        front = sum(p["pareto"] for p in points)
+        _plot_front(plot, points, teacher_ms, objective, f"{target}: {len(points)} budgets, {front} on the front")
+        log(f"sweep: {len(points)} budgets from {lo:.4g} to {hi:.4g} ms, {front} plans on the Pareto front "
+            f"written to {rd.root / 'plans'}; plot {plot}")
         result["sweep"] = points
         result["plot"] = str(plot)
     return result
