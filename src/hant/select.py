@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import io
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,10 +31,10 @@ from hant.errors import HantError
 
 __all__ = [
     "Constraint", "Solution", "InfeasibleError", "solve", "greedy", "random_feasible", "exhaustive",
-    "plan_totals", "Pool", "build_pool", "teacher_latency", "select", "OBJECTIVES",
+    "plan_totals", "Pool", "build_pool", "predicted_latency", "teacher_latency", "select", "OBJECTIVES",
 ]
 
-# Objective name -> (sign applied to the score so that lower is better, unit for messages).
+# Objective name -> sign applied to the score so that lower is better.
 # d_acc is the change of top-1 in points (negative when the candidate is worse), so the
 # program minimises -d_acc; d_loss and kl are minimised as they are.
 OBJECTIVES = {"d_loss": 1.0, "d_acc": -1.0, "kl": 1.0}
@@ -603,6 +602,19 @@ def _affine_latency(table: dict, layer_names: list[str], lat: list[np.ndarray], 
     return float(a), float(cal[0] - a * raw[0])
 
 
+def predicted_latency(table: dict, pool: Pool, key: str | None = None) -> tuple[list[np.ndarray], float]:
+    """Per-candidate latencies and the fixed part of `pool` in the table's predicted ms.
+
+    With the table's calibration applied, so that fixed + sum of the chosen entries equals
+    `hant.latency.predict_ms(table, plan)`. `key` picks an extra table's arrays in
+    `pool.metrics` (`lat:<target>`); None the primary table's. Raises HantError for a
+    calibration that does not grow with latency.
+    """
+    raw = pool.lat if key is None else pool.metrics[key]
+    a, b = _affine_latency(table, pool.layers, raw, pool.specs)
+    return [a * t for t in raw], a * float(table["fixed_ms"]) + b
+
+
 def _resource(pool: Pool, key: str, offset: float, bound: float, what: str, unit: str = "") -> Constraint:
     arrays = pool.metrics[key]
     if any(np.isnan(a).any() for a in arrays):
@@ -715,9 +727,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
 
     # Latency as the table predicts it (calibration included), so budgets are in the same ms
     # as the plan's predicted_ms.
-    a, b = _affine_latency(table, pool.layers, pool.lat, pool.specs)
-    lat = [a * t for t in pool.lat]
-    fixed = a * pool.fixed_ms + b
+    lat, fixed = predicted_latency(table, pool)
     extra: list[Constraint] = []
     constraints: dict[str, Any] = {}
     if max_params is not None:
@@ -728,9 +738,8 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         constraints["max_flops"] = max_flops
     if second_target is not None:
         key = f"lat:{tables[1].get('target', 1)}"
-        a2, b2 = _affine_latency(tables[1], pool.layers, pool.metrics[key], pool.specs)
-        extra.append(Constraint(f"latency on {second_target}", [a2 * t for t in pool.metrics[key]],
-                                float(second_budget_ms), a2 * float(tables[1]["fixed_ms"]) + b2, "ms"))
+        lat2, fixed2 = predicted_latency(tables[1], pool, key)
+        extra.append(Constraint(f"latency on {second_target}", lat2, float(second_budget_ms), fixed2, "ms"))
         constraints["second_target"] = {"target": second_target, "budget_ms": second_budget_ms}
     if pool.frozen:
         constraints["frozen"] = pool.frozen
