@@ -314,7 +314,7 @@ def test_engine_groups_give_the_same_result_from_one_teacher_pass(tmp_path):
 
 
 class _Explodes(nn.Module):
-    """Turns NaN from its third training step on."""
+    """Turns NaN from its fourth training-mode call on: the memory probe, two good steps, then NaN."""
 
     def __init__(self):
         super().__init__()
@@ -324,7 +324,7 @@ class _Explodes(nn.Module):
     def forward(self, x):
         self.calls += self.training
         y = self.conv(x)
-        return y * float("nan") if self.calls >= 3 else y
+        return y * float("nan") if self.calls >= 4 else y
 
 
 def test_engine_nan_candidate_fails_alone(tmp_path):
@@ -334,7 +334,8 @@ def test_engine_nan_candidate_fails_alone(tmp_path):
     out = train_pool(teacher, cands, _data(), _data(64, seed=1), opts, log=lambda m: None)
     bad, good = out["entries"]
     assert bad["status"] == "failed" and "nan" in bad["reason"].lower()
-    assert good["status"] == "done" and math.isfinite(good["heldout_loss"])
+    assert bad["steps"] == 2  # it trained two good steps, then turned NaN on the third
+    assert good["status"] == "done" and good["steps"] == 6 and math.isfinite(good["heldout_loss"])
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -501,3 +502,20 @@ def test_torchrun_two_processes_match_one(tmp_path, space):
         assert abs(a["heldout_loss"] - b["heldout_loss"]) <= 1e-3 * max(1.0, a["heldout_loss"]), (a, b)
         assert sha256_file(run / b["file"]) == b["sha256"]
     assert not (run / "candidates" / ".parts").exists()
+
+
+def test_engine_sgd_and_prefetching_workers(tmp_path):
+    teacher, block = _seq_teacher()
+    opts = Phase1Options(steps=4, batch_size=32, optimizer="sgd", lr=0.05, progress=False)
+    plain = train_pool(teacher, _seq_candidates(teacher, block), _data(), _data(64, seed=1), opts,
+                       log=lambda m: None)
+    opts.workers = 1  # the same batches, loaded ahead by a worker process
+    prefetched = train_pool(teacher, _seq_candidates(teacher, block), _data(), _data(64, seed=1), opts,
+                            log=lambda m: None)
+    for a, b in zip(plain["entries"], prefetched["entries"]):
+        assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-6, abs=1e-12)
+    conv = next(e for e in plain["entries"] if e["spec"] == "conv" and e["layer"] == "2")
+    assert conv["train_loss"] < conv["train_loss_first"]
+    with pytest.raises(HantError, match="optimizer"):
+        train_pool(teacher, _seq_candidates(teacher, block), _data(), _data(64, seed=1),
+                   Phase1Options(steps=1, batch_size=32, optimizer="lamb", progress=False), log=lambda m: None)

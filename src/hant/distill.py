@@ -85,6 +85,7 @@ class Candidate:
     state_bytes: int = 0
     act_bytes: float = 0.0
     clone_input: bool = False  # the module writes into its input: give it a copy
+    seconds: float = 0.0  # time spent in its forward and backward passes (this process)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -161,12 +162,47 @@ class BatchPlan:
         return perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+class _Head:
+    """The first `n` items of a dataset (the held-out split is already a random draw)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return _load_images(self.dataset, idx), None
+
+
 def _load_images(dataset, idx: torch.Tensor) -> torch.Tensor:
     get_batch = getattr(dataset, "get_batch", None)
     if callable(get_batch):
         return get_batch(idx)[0]
     items = [dataset[int(i)] for i in idx]
     return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+
+
+def _image_stream(dataset, plan: "BatchPlan", start: int, stop: int, workers: int, skip: bool = False
+                  ) -> Iterator[torch.Tensor | None]:
+    """Images of steps start..stop-1, prefetched by `workers` processes; None per step when
+    `skip` (replayed from the cache) or without workers (loaded on demand, in-memory data)."""
+    if skip or workers <= 0:
+        while True:
+            yield None
+    from torch.utils.data import DataLoader
+
+    batches = [plan.indices(s).tolist() for s in range(start, stop)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    for item in loader:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+    while True:
+        yield None
 
 
 class _StopForward(Exception):
@@ -189,6 +225,7 @@ class LayerTap:
         self.clone = False
         self.passes = 0
         self.images = 0
+        self.seconds = 0.0
 
     def __call__(self, images: torch.Tensor, layers: Iterable[str], autocast: bool = False
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -218,6 +255,7 @@ class LayerTap:
                 return fn
 
             handles = [self.modules[n].register_forward_hook(hook(n)) for n in want]
+            t0 = time.perf_counter()
             try:
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
                 with torch.no_grad(), ctx:
@@ -227,6 +265,7 @@ class LayerTap:
             finally:
                 for h in handles:
                     h.remove()
+                self.seconds += time.perf_counter() - t0
             self.passes += 1
             self.images += len(images)
             if len(got) != len(want):
@@ -426,6 +465,10 @@ class _ActivationCache:
         except Exception:  # a torn or foreign file: recompute the batch
             return None
 
+    def has_all(self, split: str, start: int, stop: int, layers: set[str]) -> bool:
+        """Whether every step in start..stop-1 is cached (the layers are checked when read)."""
+        return all(self._path(split, s).exists() for s in range(start, stop))
+
     def put(self, split: str, step: int, acts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         from hant.workspace import save_safetensors
 
@@ -512,6 +555,9 @@ class _Group:
         self.first: list[float | None] = [None] * len(cands)
         self.tail: list[list[float]] = [[] for _ in cands]
         self.steps_done = 0
+        self.cand_steps = [0] * len(cands)  # steps each candidate completed (a failed one stops early)
+        self.trainable = [c.trainable for c in cands]  # before any failure freezes parameters
+        self.opt_seconds = 0.0
         self.tail_from = max(0, opts.steps - max(1, round(opts.steps * opts.tail_frac)))
         groups = []
         for i, c in enumerate(cands):
@@ -559,14 +605,18 @@ class _Group:
                 denom[c.layer] = y.float().pow(2).sum().clamp_min(1e-12)
             _seed(self.device, candidate_seed(self.opts.seed, c.layer, c.spec, step))
             c.module.train()
+            t0 = time.perf_counter()
             try:
                 with ctx:
                     o = c.module(x.clone() if c.clone_input else x)
                 loss = _nmse_parts(o, y) / denom[c.layer]
                 loss.backward()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # so the time is this candidate's
             except RuntimeError as e:
                 self.fail(i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
                 continue
+            c.seconds += time.perf_counter() - t0
             losses.append(loss.detach())
             who.append(i)
         if losses:
@@ -575,13 +625,16 @@ class _Group:
                 if not math.isfinite(v):
                     self.fail(i, f"training loss became {v} at step {step}")
                     continue
+                self.cand_steps[i] = step + 1
                 if self.first[i] is None:
                     self.first[i] = v
                 if step >= self.tail_from:
                     self.tail[i].append(v)
         if self.opt is not None:
+            t0 = time.perf_counter()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            self.opt_seconds += time.perf_counter() - t0
         self.steps_done = step + 1
 
     # -- checkpoint: weights, optimiser state and loss records of every candidate
@@ -600,8 +653,8 @@ class _Group:
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "status": self.status, "reason": self.reason,
-                "first": self.first, "tail": self.tail}
+        return {"steps_done": self.steps_done, "cand_steps": self.cand_steps, "status": self.status,
+                "reason": self.reason, "first": self.first, "tail": self.tail}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for i, c in enumerate(self.cands):
@@ -621,6 +674,7 @@ class _Group:
                 if st:
                     self.opt.state[p] = st
         self.steps_done = meta["steps_done"]
+        self.cand_steps = meta["cand_steps"]
         self.first, self.tail = meta["first"], meta["tail"]
         for i, (s, r) in enumerate(zip(meta["status"], meta["reason"])):
             if s == "failed":
@@ -751,13 +805,15 @@ def train_pool(
     `(image, label)` or images), the options, and optionally a work folder (for
     checkpoints and the activation cache; needed to resume) and a callback called after
     each group with its candidates and their result entries (`layer`, `spec`, `status`,
-    `init`, `train_loss`, `train_loss_first`, `heldout_loss`, `steps`, `images`,
-    `reason`). `sample` is a batch of images used to measure memory (default: the first
-    images of the first batch).
+    `init`, `train_loss` (mean over the last tenth of the steps), `train_loss_first`,
+    `heldout_loss`, `steps`, `images`, `flops`, `train_s`, `reason`); the callback may
+    set a candidate's `module` to None to release it. `sample` is a batch of images used
+    to measure memory (default: the first images of the first batch).
 
-    Returns {"entries": [...], "groups", "teacher_passes", "teacher_images",
-    "cache_mb", "train_s", "eval_s"}. Raises HantError for a user-fixable problem (a
-    layer that does not run, an unknown optimiser).
+    Returns {"entries": [...], "groups", "teacher_passes", "teacher_images", "cache_mb",
+    "train_s", "eval_s", "teacher_train_s", "optimizer_s", "wall_s", "batch_size",
+    "device"}. Raises HantError for a user-fixable problem (a layer that does not run, an
+    unknown optimiser, several groups without a work folder).
     """
     device, channels_last, autocast = _resolve_device(opts)
     teacher.eval().to(device)
@@ -787,10 +843,15 @@ def train_pool(
         for c in cands:
             x, y = sample_acts[c.layer]
             measure_candidate(c, x, y, opts.optimizer, autocast)
-        tap.passes, tap.images = 0, 0  # the probe is not a training pass
+        tap.passes, tap.images, tap.seconds = 0, 0, 0.0  # the probe is not a training pass
     else:
         layer_bytes = {}
-    groups = pack_groups(cands, opts.max_memory_bytes, bs, layer_bytes)
+    budget = opts.max_memory_bytes
+    if budget is not None:
+        # Every candidate's weights stay in memory from the start; groups share what is left.
+        resident = sum(t.numel() * t.element_size() for c in cands for t in c.module.state_dict().values())
+        budget = max(1, budget - resident)
+    groups = pack_groups(cands, budget, bs, layer_bytes)
     n_groups = len(groups)
     if n_groups > 1:
         log(f"{len(cands)} candidates in {n_groups} groups under {opts.max_memory_bytes / _MB:.0f} MB; "
@@ -806,7 +867,6 @@ def train_pool(
     source = _Source(tap, device, channels_last, autocast, cache)
     ckpt = _Checkpoints(work / "checkpoints") if work is not None else None
 
-    n_held_batches = math.ceil(len(heldout_set) / hbs) if len(heldout_set) else 0
     total_images = n_groups * (opts.steps * bs + len(heldout_set))
     bar = None
     if opts.progress:
@@ -816,7 +876,7 @@ def train_pool(
                    mininterval=1.0)
     entries: list[dict[str, Any]] = []
     done_count = 0
-    train_s = eval_s = 0.0
+    train_s = eval_s = opt_s = teacher_eval_s = 0.0
     interval = opts.checkpoint_minutes * 60.0
 
     for gi, idxs in enumerate(groups):
@@ -834,12 +894,18 @@ def train_pool(
             bar.update(g.steps_done * bs)
         t0 = time.time()
         last_ckpt = time.time()
+        shown = g.steps_done
         if g.active():
+            images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
+                                   skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
+                                                                            layers | later))
             for step in range(g.steps_done, opts.steps):
-                acts = source.get("train", step, lambda s=step: _load_images(train_set, plan.indices(s)), layers,
-                                  later)
+                batch = next(images)
+                acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
+                    train_set, plan.indices(s)), layers, later)
                 g.step(step, acts, autocast)
-                del acts
+                del acts, batch
+                shown += 1
                 if bar is not None:
                     bar.update(bs)
                     bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
@@ -850,12 +916,17 @@ def train_pool(
                     _fault("after_checkpoint")
                 if not g.active():
                     break
+        if bar is not None and shown < opts.steps:
+            bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
         train_s += time.time() - t0
+        opt_s += g.opt_seconds
         t0 = time.time()
+        tap_train_s = tap.seconds
         held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
                              tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
             float("nan")] * len(group_cands)
         eval_s += time.time() - t0
+        teacher_eval_s += tap.seconds - tap_train_s
         group_entries = []
         for i, c in enumerate(group_cands):
             tail = g.tail[i]
@@ -864,7 +935,7 @@ def train_pool(
                 status = "done"
             if status == "done" and not math.isfinite(held[i]):
                 status, reason = "failed", f"held-out loss is {held[i]}"
-            trained = c.trainable
+            trained = g.trainable[i]
             e = {
                 "layer": c.layer,
                 "spec": c.spec,
@@ -873,9 +944,10 @@ def train_pool(
                 "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
                 "train_loss_first": g.first[i] if trained else None,
                 "heldout_loss": held[i] if math.isfinite(held[i]) else None,
-                "steps": g.steps_done if trained else 0,
-                "images": g.steps_done * bs if trained else 0,
+                "steps": g.cand_steps[i] if trained else 0,
+                "images": g.cand_steps[i] * bs if trained else 0,
                 "flops": c.cost,
+                "train_s": round(c.seconds, 4),
             }
             if reason:
                 e["reason"] = reason
@@ -890,8 +962,10 @@ def train_pool(
         if bar is not None:
             bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done")
         # Later groups replay from disk; free this group's memory before they start.
-        for c in group_cands:
-            c.module.to("cpu")
+        if device.type != "cpu":
+            for c in group_cands:
+                if c.module is not None:
+                    c.module.to("cpu")
         del g
     if bar is not None:
         bar.close()
@@ -905,6 +979,8 @@ def train_pool(
         "cache_mb": (cache.bytes_written / _MB) if cache is not None else 0.0,
         "train_s": train_s,
         "eval_s": eval_s,
+        "teacher_train_s": tap.seconds - teacher_eval_s,  # teacher passes for training batches
+        "optimizer_s": opt_s,
         "wall_s": time.time() - t_start,
         "batch_size": bs,
         "device": str(device),
@@ -1173,13 +1249,17 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
                     e["file"], e["sha256"] = None, None
                 entries_mine[c.key] = e
                 all_entries[c.key] = e
+                c.module = None  # saved: let its memory go before the next group
             if world == 1:
                 _write_index(rd, order, all_entries)
             else:
                 write_json(parts_dir / f"rank{rank}.json", {"candidates": list(entries_mine.values())})
 
         workdir = rd.candidates_dir / ".work" / f"rank{rank}-of{world}"
-        result = train_pool(teacher, cands, splits.train, splits.heldout, opts, workdir=workdir,
+        heldout = splits.heldout
+        if cfg.distill.heldout_images is not None:
+            heldout = _Head(heldout, cfg.distill.heldout_images)
+        result = train_pool(teacher, cands, splits.train, heldout, opts, workdir=workdir,
                             on_group_done=on_group_done, log=quiet, sample=sample_images[:8])
         stats = {k: v for k, v in result.items() if k != "entries"}
         trained_images = sum(e["images"] for e in result["entries"])
@@ -1202,6 +1282,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             "world_size": world,
             "device": device.type,
             "images_per_candidate": n_img,
+            "heldout_images": len(heldout),
             "batch_size": plan.batch_size,
             "steps": steps,
             "groups": sum(s["groups"] for s in per_rank),
@@ -1210,6 +1291,8 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             "candidate_images": sum(s["candidate_images"] for s in per_rank),
             "train_s": max(s["train_s"] for s in per_rank),
             "eval_s": max(s["eval_s"] for s in per_rank),
+            "teacher_train_s": sum(s["teacher_train_s"] for s in per_rank),
+            "optimizer_s": sum(s["optimizer_s"] for s in per_rank),
             "cache_mb": sum(s["cache_mb"] for s in per_rank),
             "peak_rss_mb": max(s["peak_rss_mb"] for s in per_rank),
             "max_memory_mb": int(budget_mb),
