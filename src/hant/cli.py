@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("init", help="create a run folder: config.yaml and layers.json")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--model", default=None, help="teacher source (default from --config or timm:efficientnet_b0)")
     s.add_argument("--checkpoint", default=None)
     s.add_argument("--trust-pickle", action="store_true")
@@ -190,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("distill", help="phase 1: train every candidate by layer-wise distillation")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--images", type=int, default=None, help="training images per candidate")
     s.add_argument("--max-memory", type=int, default=None, metavar="MB", help="memory budget for one group")
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("latency", help="time every candidate on a target: the latency table")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--target", default="onnxruntime-cpu")
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--validate", type=int, default=0, metavar="K", help="check the table on K random networks")
@@ -205,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_latency)
 
     s = sub.add_parser("score", help="score every candidate on the held-out split")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--method", choices=["eval", "distill"], default=None)
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("select", help="phase 2: choose one candidate per layer under a latency budget")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--target", required=True, help="target id of a latency table in RUN/latency/")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget-ms", type=float, default=None)
@@ -227,24 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("finetune", help="phase 3: assemble a plan's student, fine-tune it with distillation, measure it")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--plan", required=True)
     s.add_argument("--epochs", type=float, default=None)
     s.add_argument("--no-measure", action="store_true", help="skip the end-to-end latency measurement")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("export", help="export a student to ONNX (and INT8)")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--plan", required=True)
     s.add_argument("--int8", action="store_true", help="also static INT8 with ONNX Runtime's quantiser")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("report", help="write RUN/report.md and the plots")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("accelerate", help="every stage in order, skipping finished work")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--config", default=None, help="a YAML config that drives the run")
     s.add_argument("--model", default=None)
     s.add_argument("--checkpoint", default=None)
@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hant` console script. Returns the exit status."""
+    # Spinning OpenMP threads starve every other process on a shared machine (a 7x slowdown
+    # was measured); passive waiting costs nothing measurable when the machine is idle.
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
