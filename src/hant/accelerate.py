@@ -193,7 +193,8 @@ def demo(run: str | Path | None = None, quick: bool = False, data: str | None = 
 
     setup = demo_setup(quick, data)
     run = Path(run or Path("runs") / ("demo-quick" if quick else "demo"))
-    tag = f"{setup.model.split(':')[-1]}-{setup.data.replace(':', '_').replace('/', '_')}{setup.input_size}"
+    data_tag = "fmnist" if setup.data == "fashion-mnist" else setup.data.replace(":", "_").replace("/", "_")
+    tag = f"{setup.model.split(':')[-1]}-{data_tag}{setup.input_size}"
     if quick:
         tag += "-quick"
     teacher_file = default_cache_dir() / "teachers" / f"{tag}.safetensors"
