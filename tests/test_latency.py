@@ -85,6 +85,12 @@ def test_protocol_interleaves_in_shuffled_rounds_and_stops_on_stability():
     assert len({tuple(r) for r in rounds}) > 1  # and the order changes between rounds
 
 
+def test_protocol_turn_warmup_runs_untimed_calls_before_each_timed_one():
+    target = _FakeTarget({"x": 0.0})
+    stats = L.measure({"x": "x"}, target, L.Protocol(warmup=0, min_repeats=5, max_repeats=5, turn_warmup=2))
+    assert stats["x"].n == 5 and len(target.calls) == 5 * 3
+
+
 def test_protocol_time_cap_stops_unfinished_items():
     target = _FakeTarget({"x": 0.5, "y": 0.5})
     stats = L.measure({"x": "x", "y": "y"}, target, L.Protocol(warmup=0, min_repeats=50, max_repeats=100,
@@ -259,10 +265,35 @@ def test_predict_is_fixed_plus_sum_and_applies_calibration(analytic_run):
     assert L.predict_ms(uncal, {}) == pytest.approx(teacher)
     cal = {**table, "calibration": {"kind": "linear", "a": 2.0, "b": 0.5}}
     assert L.predict_ms(cal, plan) == pytest.approx(2 * expected + 0.5)
+    # The additive form the selection uses gives the same number.
+    fixed, costs = L.entry_costs(cal)
+    assert fixed + sum(costs[(n, s)] for n, s in plan.items()) == pytest.approx(2 * expected + 0.5)
+    assert len(costs) == len(table["entries"])
+    scaled = {**table, "calibration": {"kind": "scale", "fixed_scale": 1.0, "a": 1.5, "b": 0.0}}
+    sum_entries = expected - table["fixed_ms"]
+    assert L.predict_ms(scaled, plan) == pytest.approx(table["fixed_ms"] + 1.5 * sum_entries)
+    fixed, costs = L.entry_costs(scaled)
+    assert fixed + sum(costs[(n, s)] for n, s in plan.items()) == pytest.approx(table["fixed_ms"] + 1.5 * sum_entries)
     with pytest.raises(HantError):
         L.predict_ms(uncal, {"no.such.layer": "proj"})
     with pytest.raises(HantError):
         L.predict_ms(uncal, {table["layers"][0]: "mb_k7_e9_relu"})
+
+
+def test_calibration_is_kept_only_when_it_helps_held_out():
+    from hant.latency.table import _choose_calibration
+
+    rng = np.random.default_rng(0)
+    fixed, sums = 1.0, rng.uniform(2.0, 10.0, 30)
+    # Entries timed alone 20% too fast: a scale on the entries explains it exactly.
+    cal, held_out, scores = _choose_calibration(fixed, sums, fixed + 1.2 * sums)
+    assert cal is not None and cal["kind"] in ("scale", "linear")
+    assert scores[cal["kind"]]["max"] < 1e-6 < scores["none"]["median"]
+    np.testing.assert_allclose(held_out, fixed + 1.2 * sums)
+    # Unbiased noise: nothing to correct, no calibration.
+    cal, held_out, _ = _choose_calibration(fixed, sums, (fixed + sums) * (1 + 0.02 * rng.standard_normal(30)))
+    assert cal is None
+    np.testing.assert_allclose(held_out, fixed + sums)
 
 
 def test_analytic_validation_is_exact(analytic_run):

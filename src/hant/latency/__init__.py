@@ -14,6 +14,7 @@ from hant.latency.base import Target, available_cores, cpu_model, fold_batchnorm
 from hant.latency.protocol import Protocol, Stats, measure, measure_modules
 from hant.latency.table import (
     build_network,
+    entry_costs,
     load_table,
     measure_table,
     predict_ms,
@@ -29,6 +30,7 @@ __all__ = [
     "available_cores",
     "build_network",
     "cpu_model",
+    "entry_costs",
     "fold_batchnorm",
     "get_target",
     "load_table",

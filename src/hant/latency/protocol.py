@@ -34,6 +34,7 @@ class Protocol:
     rel_tol: float = 0.02  # an item is stable when its median moved less than this...
     stable_checks: int = 3  # ...over this many checks,
     check_every: int = 5  # one check every this many rounds
+    turn_warmup: int = 0  # untimed calls at the start of each item's turn (see measure)
     seed: int = 0
 
     @classmethod
@@ -88,7 +89,10 @@ def measure(
     """Time every prepared runnable in `items` (key -> runnable from `target.prepare`).
 
     Returns key -> Stats. Every item gets `protocol.warmup` untimed calls, then rounds of
-    one timed call per unfinished item in shuffled order. An item finishes when it has at
+    one timed call per unfinished item in shuffled order, each preceded by
+    `protocol.turn_warmup` untimed calls: with 1, an item finds its weights in the caches
+    the way it would running alone (whole networks are timed so, as they are deployed),
+    with 0 it finds them where the other items left them. An item finishes when it has at
     least `min_repeats` samples and its median is stable, or has `max_repeats`; all
     unfinished items stop when `time_cap_s` is spent (their `n` then tells how many
     samples they got, at least one). `progress` (a tqdm bar or None) advances by one per
@@ -116,6 +120,8 @@ def measure(
                 order = active[:]
                 rng.shuffle(order)
                 for k in order:
+                    if protocol.turn_warmup:
+                        target.time(items[k], protocol.turn_warmup)
                     samples[k].extend(target.time(items[k], 1))
                 rounds += 1
                 still = []
