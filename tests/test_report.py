@@ -20,7 +20,7 @@ def _fake_run(root):
         "target": "onnxruntime-cpu", "batch_size": 1, "predicted_ms": 0.9, "speedup": 2.0,
         "teacher": {"top1": 90.0, "latency_ms": 2.0}, "student": {"top1": 89.5, "latency_ms": 1.0},
         "int8": {"top1": 89.0, "latency_ms": 0.5}, "onnx": {"batchnorm_nodes": 0, "fusions": ["FusedConv"]}})
-    write_json(root / "timings.json", {"distill": 12.0})
+    write_json(root / "timings.json", {"stages": {"distill": 12.0}})
 
 
 def test_report_from_artifacts(tmp_path):
@@ -30,7 +30,8 @@ def test_report_from_artifacts(tmp_path):
     assert "| p2 | fp32 |" in text and "| p2 | int8 |" in text
     assert "-10.0%" in text  # predicted vs measured error is shown
     assert "-0.50" in text  # accuracy change of the fp32 student
-    assert "1 removed (`skip`)" in text
+    assert "1 of 3 layers kept as the teacher, 1 removed (`skip`)" in text
+    assert "FusedConv" in text and "| distill | 12 |" in text
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     assert (tmp_path / "architecture.png").stat().st_size > 1000
     rows = results_rows(collect(tmp_path))

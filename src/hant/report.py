@@ -46,7 +46,7 @@ def collect(run: str | Path) -> dict[str, Any]:
     for p in sorted((rd.root / "students").glob("*/eval.json")):
         evals[p.parent.name] = read_json(p)
     timings_path = rd.root / "timings.json"
-    timings = read_json(timings_path) if timings_path.exists() else {}
+    timings = read_json(timings_path).get("stages", {}) if timings_path.exists() else {}
     config = {}
     if rd.config.exists():
         from hant.workspace import read_yaml
@@ -143,7 +143,8 @@ def stage_summary(info: dict[str, Any]) -> str:
             parts.append(f"{stage}: " + ", ".join(f"{fam}×{c}" for fam, c in counts.most_common()))
         kept = sum(1 for s in plan.get("layers", {}).values() if s == "teacher")
         removed = sum(1 for s in plan.get("layers", {}).values() if s == "skip")
-        lines.append(f"- **{name}**: {kept} layers kept as the teacher, {removed} removed (`skip`). "
+        lines.append(f"- **{name}**: {kept} of {len(plan.get('layers', {}))} layers kept as the teacher, "
+                     f"{removed} removed (`skip`). "
                      + "; ".join(parts))
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -230,6 +231,10 @@ def _fusion_lines(info: dict[str, Any]) -> list[str]:
     for name, ev in info["evals"].items():
         onnx = ev.get("onnx") or {}
         fused = onnx.get("fusions") or onnx.get("fused_ops")
+        if isinstance(fused, dict):
+            fused = ", ".join(f"{op.split('.')[-1]}×{n}" for op, n in fused.items())
+        elif isinstance(fused, list):
+            fused = ", ".join(fused)
         bn = onnx.get("batchnorm_nodes", onnx.get("bn_nodes_in_export"))
         if fused is not None or bn is not None:
             lines.append(f"- {name}: BatchNormalization nodes left in the export: {_fmt(bn, 'd')}; "
