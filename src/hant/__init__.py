@@ -7,7 +7,7 @@ from hant.errors import HantError
 
 __version__ = "0.1.0"
 
-__all__ = ["HantError", "__version__", "accelerate", "load_student"]
+__all__ = ["HantError", "__version__", "load_student"]
 
 
 def __getattr__(name: str):
@@ -16,8 +16,4 @@ def __getattr__(name: str):
         from hant.student import load_student
 
         return load_student
-    if name == "accelerate":
-        from hant.accelerate import accelerate
-
-        return accelerate
     raise AttributeError(f"module 'hant' has no attribute {name!r}")

@@ -116,29 +116,6 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     return {"plans": plans, "report": str(path), "timings": timer.timings}
 
 
-def accelerate(model, train_data, heldout_data, *, target: str = "onnxruntime-cpu", speedup: float = 2.0,
-               batch_size: int = 1, run: str | Path | None = None, space: str = "default",
-               test_data=None, input_size: tuple[int, int, int] | None = None, log=print):
-    """Notebook API: accelerate an in-memory nn.Module on in-memory datasets.
-
-    Takes the trained model, a train dataset and a held-out dataset (each yielding
-    (image tensor, label)), the target and the speedup. Writes a run folder (a temporary
-    one under ./runs unless `run` is given) and returns the fine-tuned student nn.Module.
-    Raises HantError on any stage error.
-    """
-    from hant.run import init_run_from_objects
-
-    run = Path(run or Path("runs") / f"api-{int(time.time())}")
-    if not RunDir(run).layers.exists():
-        init_run_from_objects(run, model, train_data, heldout_data, test_data=test_data,
-                              input_size=input_size, space=space)
-    opts = AccelerateOptions(target=target, batch_size=batch_size, speedups=[speedup], validate=0, int8=False)
-    out = accelerate_run(run, opts, log=log)
-    from hant.student import load_student
-
-    return load_student(RunDir(run).student_dir(out["plans"][0]))
-
-
 # --- the embedded default ---------------------------------------------------------------
 
 def default_cache_dir() -> Path:
