@@ -149,6 +149,19 @@ def test_greedy_spends_slack():
     assert sol.choice == [0, 1] and sol.objective == pytest.approx(1.0)
 
 
+@pytest.mark.timeout(60)
+def test_greedy_terminates_on_large_correlated_instance():
+    # Sums of ~100 costs carry rounding noise larger than tiny improvements; an improvement
+    # loop that compares sums once cycled forever on exactly this instance.
+    rng = np.random.default_rng(2)
+    lat = [rng.uniform(0.05, 1.0, 200) for _ in range(100)]
+    costs = [np.clip((1.0 - t) * rng.uniform(0.5, 1.5, 200) + rng.normal(0, 0.05, 200), 0, None) for t in lat]
+    budget = 0.9 * sum(t.min() for t in lat) + 0.1 * sum(t.max() for t in lat)
+    g = greedy(costs, lat, budget)
+    s = solve(costs, lat, budget)
+    assert plan_totals(g.choice, lat) <= budget and s.objective <= g.objective + 1e-12
+
+
 def test_malformed_arrays_are_refused():
     with pytest.raises(ValueError):
         solve([np.array([0.0, 1.0])], [np.array([1.0])], 2.0)
