@@ -1,20 +1,20 @@
 """Benchmark of phase 2 (selection): solve time, optimality, and fidelity of the linear model.
 
     python bench/select_bench.py                       # solve time + optimality (synthetic costs)
-    python bench/select_bench.py --run RUN --target T  # also the real pool and the fidelity check
+    python bench/select_bench.py --sections fidelity --run RUN --target T   # add the fidelity check
 
 1. Solve time of the integer program (HiGHS via scipy.optimize.milp) on random instances of
-   100 layers x 200 candidates, and on the EfficientNet-B0 pool: the real one of RUN when
-   it has scores and a latency table, else the `full` space's pool shape at 1x64x64 with
-   synthetic latencies and scores (said so in the JSON).
+   100 layers x 200 candidates, and on the EfficientNet-B0 pool: a real one (--pool-run with
+   scores and a latency table), else the `full` space's pool shape at 1x64x64 with synthetic
+   latencies and scores (said so in the JSON).
 2. Optimality: random instances of 5 layers x 4 candidates against enumeration of all 1024
    plans; the mean gap of the greedy and random baselines.
-3. Fidelity (needs RUN with scores): plans across budgets from the fastest to the teacher;
-   each is assembled from phase-1 weights (no fine-tuning, no BatchNorm re-estimation) and
-   its held-out loss measured; Kendall's tau between the predicted score (sum of per-layer
-   d_loss) and the measured loss.
+3. Fidelity (needs RUN with scores): plans across budgets from the fastest to the teacher,
+   plus random plans; each is assembled from phase-1 weights (no fine-tuning, no BatchNorm
+   re-estimation) and its held-out loss measured; Kendall's tau between the predicted score
+   (sum of per-layer d_loss) and the measured loss.
 
-Writes bench/results/select.json (see `--out`).
+Writes bench/results/select.json (see `--out`); sections not run keep their earlier numbers.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def bench_brute_force(instances: int, layers: int, cands: int, seed: int) -> dic
 
 
 def _real_pool(run: str | None, target: str | None, seed: int):
-    """(costs, lat, fixed, teacher_ms, description): the run's pool, or EfficientNet-B0's shape."""
+    """(costs, lat, fixed, teacher_ms, description): a run's pool, or EfficientNet-B0's shape."""
     if run and target and (Path(run) / "scores.json").exists():
         from hant.latency import load_table
         from hant.select import build_pool, predicted_latency, teacher_latency
@@ -114,8 +114,11 @@ def _real_pool(run: str | None, target: str | None, seed: int):
     report = inspect_model("timm:efficientnet_b0", input_size=(1, 64, 64), num_classes=10, space="full")
     rng = np.random.default_rng(seed)
     costs, lat = [], []
+    from hant.space import load_space
+
+    space = load_space("full")
     for d in report["layers"]:
-        specs = d["candidates"]
+        d["candidates"] = specs = space.candidates(d["in_chs"], d["out_chs"], d["stride"])
         n = len(specs)
         scale = d["flops"] / 1e6  # bigger layers take longer
         t = scale * rng.lognormal(-0.7, 0.6, n)
@@ -153,15 +156,21 @@ def bench_real(run, target, seed) -> dict:
             "greedy_mean_gap_pct": float(np.mean(gaps)) if gaps else None}
 
 
-def bench_fidelity(run: str | None, target: str | None, points: int, images: int | None) -> dict:
-    """Kendall tau of predicted score vs measured held-out loss of assembled plans."""
+def bench_fidelity(run: str | None, target: str | None, points: int, n_random: int, images: int | None,
+                   seed: int) -> dict:
+    """Kendall tau of predicted score vs measured held-out loss of assembled plans.
+
+    Plans: the distinct optima of `points` budgets from the fastest plan to the teacher, the
+    teacher itself, and `n_random` uniformly drawn plans (one candidate per layer) so that
+    small pools still give enough distinct networks.
+    """
     if not run or not target:
         return {"kendall_tau": None, "plans": 0,
                 "reason": "needs a run folder with scores and a latency table: --run RUN --target T"}
     if not (Path(run) / "scores.json").exists():
         return {"kendall_tau": None, "plans": 0, "reason": f"{run} has no scores.json; run `hant score` first"}
     import torch
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau, spearmanr
 
     from hant.config import RunConfig
     from hant.data import load_data, make_loader
@@ -180,83 +189,120 @@ def bench_fidelity(run: str | None, target: str | None, points: int, images: int
     lat, fixed = predicted_latency(table, pool)
     teacher_ms = teacher_latency(table, layers)[0]
     lo = plan_totals(solve(lat, lat, np.inf, fixed=fixed).choice, lat, fixed)
-    plans, seen = [], set()
+    plans: dict[tuple, str] = {tuple(s.index("teacher") for s in pool.specs): "teacher"}
     for budget in np.linspace(lo, max(teacher_ms, lo), points):
-        sol = solve(pool.cost, lat, float(budget), fixed=fixed)
-        key = tuple(sol.choice)
-        if key not in seen:
-            seen.add(key)
-            plans.append((float(budget), sol))
+        plans.setdefault(tuple(solve(pool.cost, lat, float(budget), fixed=fixed).choice), "ilp")
+    rng = np.random.default_rng(seed)
+    for _ in range(50 * n_random):
+        if sum(v == "random" for v in plans.values()) >= n_random:
+            break
+        plans.setdefault(tuple(int(rng.integers(len(s))) for s in pool.specs), "random")
     held = load_data(cfg.data).heldout
     if images is not None and images < len(held):
         held = held.subset(torch.arange(images))
     loader = make_loader(held, batch_size=cfg.data.batch_size)
     rows = []
-    for budget, sol in plans:
-        model = assemble(run, {"layers": pool.plan_layers(sol.choice)}, bn_recalibrate=False)
+    for choice, kind in plans.items():
+        model = assemble(run, {"layers": pool.plan_layers(choice)}, bn_recalibrate=False)
         ev = evaluate(model, loader)
-        rows.append({"budget_ms": budget, "predicted_ms": plan_totals(sol.choice, lat, fixed),
-                     "predicted_d_loss": sol.objective, "heldout_loss": ev["loss"], "heldout_top1": ev["top1"],
-                     "replaced": int(sum(pool.specs[l][o] != "teacher" for l, o in enumerate(sol.choice)))})
-    if len(rows) < 2:
-        return {"kendall_tau": None, "plans": len(rows), "rows": rows, "reason": "fewer than two distinct plans"}
-    tau = kendalltau([r["predicted_d_loss"] for r in rows], [r["heldout_loss"] for r in rows]).statistic
-    return {"kendall_tau": float(tau), "plans": len(rows), "images": len(held), "score_method": scores.get("method"),
+        rows.append({"kind": kind, "predicted_ms": plan_totals(choice, lat, fixed),
+                     "predicted_d_loss": plan_totals(choice, pool.cost), "heldout_loss": ev["loss"],
+                     "heldout_top1": ev["top1"],
+                     "replaced": int(sum(pool.specs[l][o] != "teacher" for l, o in enumerate(choice)))})
+        print(f"  fidelity {len(rows)}/{len(plans)} ({kind}): predicted {rows[-1]['predicted_d_loss']:+.4f}, "
+              f"held-out loss {ev['loss']:.4f}", file=sys.stderr)
+
+    def tau(sub):
+        if len(sub) < 2:
+            return None
+        return float(kendalltau([r["predicted_d_loss"] for r in sub], [r["heldout_loss"] for r in sub]).statistic)
+
+    ilp = [r for r in rows if r["kind"] != "random"]
+    return {"kendall_tau": tau(rows), "kendall_tau_ilp_plans": tau(ilp), "plans": len(rows),
+            "ilp_plans": len(ilp), "random_plans": len(rows) - len(ilp),
+            "spearman": float(spearmanr([r["predicted_d_loss"] for r in rows],
+                                        [r["heldout_loss"] for r in rows]).statistic) if len(rows) > 2 else None,
+            "images": len(held), "score_method": scores.get("method"), "teacher_source": cfg.model.source,
+            "space": cfg.space, "layers": len(pool.layers), "candidates": int(sum(len(x) for x in pool.specs)),
+            "assembled": "phase-1 weights, no fine-tuning, no BatchNorm re-estimation",
             "rows": rows, "reason": None if len(rows) >= 10 else "fewer than 10 distinct plans in this pool"}
+
+
+SECTIONS = ("random", "real", "brute", "fidelity")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=None, help="a run folder with scores and a latency table")
-    p.add_argument("--target", default=None, help="latency table id in RUN/latency/")
+    p.add_argument("--run", default=None, help="fidelity: a run folder with scores and a latency table")
+    p.add_argument("--target", default=None, help="fidelity: latency table id in RUN/latency/")
+    p.add_argument("--pool-run", default=None, help="real pool: a run folder (default: EfficientNet-B0 shape)")
+    p.add_argument("--pool-target", default=None, help="real pool: latency table id in POOL_RUN/latency/")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated subset of random,real,brute,fidelity; the others are kept from --out")
     p.add_argument("--instances", type=int, default=5, help="random 100x200 instances (x3 budgets each)")
     p.add_argument("--brute-force", type=int, default=200, help="enumerable instances")
-    p.add_argument("--fidelity-points", type=int, default=14, help="budgets tried for distinct plans")
+    p.add_argument("--fidelity-points", type=int, default=14, help="budgets tried for distinct ILP plans")
+    p.add_argument("--fidelity-random", type=int, default=10, help="random plans added to the fidelity set")
     p.add_argument("--images", type=int, default=None, help="held-out images for the fidelity check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/select.json")
     args = p.parse_args(argv)
-
-    t0 = time.perf_counter()
-    rnd_uniform = bench_random(args.instances, 100, 200, args.seed, correlated=False)
-    print(f"random 100x200 (independent): median {rnd_uniform['solve_time_s_median']:.3f} s", file=sys.stderr)
-    rnd = bench_random(args.instances, 100, 200, args.seed, correlated=True)
-    print(f"random 100x200 (correlated): median {rnd['solve_time_s_median']:.3f} s, max {rnd['solve_time_s_max']:.3f} s "
-          f"({rnd['solves']} solves); greedy gap {rnd['greedy_mean_gap_pct']:.3f}%", file=sys.stderr)
-    real = bench_real(args.run, args.target, args.seed)
-    print(f"real pool ({real['layers']} layers, {real['candidates']} candidates): median "
-          f"{real['solve_time_s_median']} s", file=sys.stderr)
-    bf = bench_brute_force(args.brute_force, 5, 4, args.seed + 1)
-    print(f"brute force: {bf['matches']}/{bf['instances']} match; greedy gap {bf['greedy_mean_gap_pct']:.3f}%",
-          file=sys.stderr)
-    fid = bench_fidelity(args.run, args.target, args.fidelity_points, args.images)
-    print(f"fidelity: tau {fid['kendall_tau']} over {fid['plans']} plans ({fid.get('reason')})", file=sys.stderr)
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section {unknown[0]}; use {', '.join(SECTIONS)}")
 
     import scipy
 
-    out = {
-        "solve_time_s_random_100x200": rnd["solve_time_s_median"],
-        "solve_time_s_real_pool": real["solve_time_s_median"],
-        "brute_force_instances": bf["instances"],
-        "brute_force_matches": bf["matches"],
-        "greedy_mean_gap_pct": bf["greedy_mean_gap_pct"],
-        "linear_model_kendall_tau": fid["kendall_tau"],
-        "plans_compared": fid["plans"],
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "solve_time_s_random_100x200_independent": rnd_uniform["solve_time_s_median"],
-        "random_100x200": rnd,
-        "random_100x200_independent": rnd_uniform,
-        "real_pool": real,
-        "brute_force": bf,
-        "fidelity": fid,
-        "solver": f"HiGHS via scipy.optimize.milp (scipy {scipy.__version__}), mip_rel_gap 0",
-        "machine": "2-core CPU shared with other work; times are wall clock",
-        "bench_time_s": time.perf_counter() - t0,
-    }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from hant.workspace import write_json
+    from hant.workspace import read_json, write_json
 
+    path = Path(args.out)
+    out = read_json(path) if path.exists() else {}
+    commands = out.get("commands", {})
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    t0 = time.perf_counter()
+    if "random" in sections:
+        rnd_uniform = bench_random(args.instances, 100, 200, args.seed, correlated=False)
+        print(f"random 100x200 (independent): median {rnd_uniform['solve_time_s_median']:.3f} s", file=sys.stderr)
+        rnd = bench_random(args.instances, 100, 200, args.seed, correlated=True)
+        print(f"random 100x200 (correlated): median {rnd['solve_time_s_median']:.3f} s, max "
+              f"{rnd['solve_time_s_max']:.3f} s ({rnd['solves']} solves); greedy gap {rnd['greedy_mean_gap_pct']:.3f}%",
+              file=sys.stderr)
+        out.update({"solve_time_s_random_100x200": rnd["solve_time_s_median"],
+                    "solve_time_s_random_100x200_independent": rnd_uniform["solve_time_s_median"],
+                    "random_100x200": rnd, "random_100x200_independent": rnd_uniform})
+        commands["random"] = command
+    if "real" in sections:
+        real = bench_real(args.pool_run, args.pool_target, args.seed)
+        print(f"real pool ({real['layers']} layers, {real['candidates']} candidates): median "
+              f"{real['solve_time_s_median']} s", file=sys.stderr)
+        out.update({"solve_time_s_real_pool": real["solve_time_s_median"], "real_pool": real})
+        commands["real"] = command
+    if "brute" in sections:
+        bf = bench_brute_force(args.brute_force, 5, 4, args.seed + 1)
+        print(f"brute force: {bf['matches']}/{bf['instances']} match; greedy gap {bf['greedy_mean_gap_pct']:.3f}%",
+              file=sys.stderr)
+        out.update({"brute_force_instances": bf["instances"], "brute_force_matches": bf["matches"],
+                    "greedy_mean_gap_pct": bf["greedy_mean_gap_pct"], "brute_force": bf})
+        commands["brute"] = command
+    if "fidelity" in sections:
+        fid = bench_fidelity(args.run, args.target, args.fidelity_points, args.fidelity_random, args.images,
+                             args.seed)
+        print(f"fidelity: tau {fid['kendall_tau']} over {fid['plans']} plans ({fid.get('reason')})", file=sys.stderr)
+        out.update({"linear_model_kendall_tau": fid["kendall_tau"], "plans_compared": fid["plans"], "fidelity": fid})
+        commands["fidelity"] = command
+    out.update({
+        "command": command if len(commands) <= 1 else "; ".join(dict.fromkeys(commands.values())),
+        "commands": commands,
+        "solver": f"HiGHS via scipy.optimize.milp (scipy {scipy.__version__}), mip_rel_gap 0, after dominance "
+                  "and reduced-cost pruning",
+        "machine": "2-core CPU shared with other work; times are wall clock",
+    })
+    out.setdefault("bench_time_s", {})
+    if not isinstance(out["bench_time_s"], dict):
+        out["bench_time_s"] = {}
+    out["bench_time_s"][",".join(sections)] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, out)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=2))
     return 0

@@ -272,6 +272,9 @@ def test_frozen_layer_keeps_teacher_and_excluded_family_never_chosen(tmp_path):
     assert all(s.split("_")[0] != family for s in p["layers"].values())
     assert p["constraints"]["frozen"] == [names[0]] and p["constraints"]["excluded_families"] == [family]
     assert p["predicted_ms"] <= 2.5
+    everywhere = select(run, target="t1", budget_ms=4.4, exclude_families=["teacher"], freeze=[names[1]],
+                        name="noteacher", log=_quiet)
+    assert [s == "teacher" for s in everywhere["layers"].values()] == [n == names[1] for n in names]
     with pytest.raises(HantError, match="matches no layer"):
         select(run, target="t1", budget_ms=2.5, freeze=["nope.*"], log=_quiet)
     with pytest.raises(HantError, match="unknown op family"):

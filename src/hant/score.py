@@ -279,6 +279,8 @@ def _load_candidate(run: Path, layer, entry: dict, teacher_layer: nn.Module) -> 
     from hant.workspace import load_safetensors
 
     module = _build(layer, entry["spec"], teacher_layer)
+    if not entry.get("file") and not module.state_dict():
+        return module.eval()  # nothing to load (skip): phase 1 need not have written a file
     state = load_safetensors(_candidate_file(run, entry), entry.get("sha256"))
     try:
         module.load_state_dict(state, strict=True)

@@ -499,8 +499,9 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
 
     A candidate is kept when it is listed for its layer, has a finite value of `objective` in
     the scores (the `teacher` candidate always scores 0) and an entry in every table, its
-    family is not in `exclude_families`, and its layer is not frozen (a layer matching a
-    `freeze` glob keeps only `teacher`). Raises HantError for an unknown objective or family,
+    family is not in `exclude_families` (`teacher` may be excluded too, forcing a replacement
+    everywhere), and its layer is not frozen (a layer matching a `freeze` glob keeps only
+    `teacher`, whatever is excluded). Raises HantError for an unknown objective or family,
     a glob that matches no layer, or a layer left with no candidate.
     """
     if objective not in OBJECTIVES:
@@ -535,7 +536,7 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
             if frozen and spec != "teacher":
                 left["frozen layer"] += 1
                 continue
-            if spec != "teacher" and _family(spec) in excluded:
+            if not frozen and _family(spec) in excluded:
                 left["excluded family"] += 1
                 continue
             e = by_key.get((name, spec), {})
