@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -385,18 +384,20 @@ def test_distill_stage_writes_weights_and_index(tmp_path, space):
         assert e["status"] == "done"
         assert sha256_file(run / e["file"]) == e["sha256"]
         assert e["file"] == f"candidates/{e['layer']}/{e['spec']}.safetensors"
-        if e["spec"] == "teacher":
-            assert e["init"] == "teacher" and e["steps"] == 0 and e["heldout_loss"] < 1e-10
+        if e["init"] == "teacher":  # the teacher's layer, or an op that computes exactly its function
+            assert e["steps"] == 0 and e["heldout_loss"] < 1e-10
         elif e["spec"] != "skip":
             assert e["steps"] == 8 and e["images"] == 512
-    # The teacher's own block, initialised from it, stays next to exact; kernel padding likewise.
+    # The teacher's own block built as an op, and a zero-padded kernel, start exact and stay so.
     assert by[("blocks.1.1", "mb_k3_e3_se_silu")]["init"] == "teacher"
-    assert by[("blocks.1.1", "mb_k3_e3_se_silu")]["heldout_loss"] < 0.02
+    assert by[("blocks.1.1", "mb_k3_e3_se_silu")]["heldout_loss"] < 1e-10
     assert by[("blocks.0.0", "ds_k5_se_silu")]["init"] == "teacher"
+    assert by[("blocks.0.0", "ds_k5_se_silu")]["heldout_loss"] < 1e-10
     assert by[("blocks.1.1", "mb_k3_e2_silu")]["init"] == "teacher-partial"
     assert by[("blocks.1.1", "fmb_k3_e1_relu")]["init"] == "random"
-    trained = [e for e in index["candidates"] if e["steps"] > 0 and e["init"] == "random"]
-    assert trained and all(e["train_loss"] < e["train_loss_first"] for e in trained)
+    trained = [e for e in index["candidates"] if e["steps"] > 0]
+    assert {e["init"] for e in trained} == {"random", "teacher-partial"}
+    assert all(e["train_loss"] < e["train_loss_first"] for e in trained), trained
     # The saved weights load into a freshly built op.
     mod = ops.build("mb_k3_e2_silu", 16, 16, 1)
     from hant.workspace import load_safetensors
