@@ -276,7 +276,7 @@ def _calibration_inputs(ctx: _Run, n: int = 32) -> tuple[torch.Tensor | None, di
 
 def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} here {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k} {old.get(k)!r} in the table, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k)]
 
 
 def _layer_signature(layer) -> dict[str, Any]:
