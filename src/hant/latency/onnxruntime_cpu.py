@@ -54,14 +54,20 @@ def export_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
 @contextlib.contextmanager
 def _quiet_root_logger():
     # The quantiser logs advice ("consider pre-processing") on the root logger for every
-    # model; for single-layer graphs exported from torch there is nothing to pre-process.
+    # model, and its calibration sessions warn about initialisers the pre-processing left
+    # unused; for hundreds of candidates that is noise. ONNX Runtime has no getter for its
+    # default severity, so it goes back to ONNX Runtime's default (warnings) afterwards.
+    import onnxruntime as ort
+
     root = logging.getLogger()
     drop = lambda record: record.levelno > logging.WARNING  # noqa: E731
     root.addFilter(drop)
+    ort.set_default_logger_severity(3)
     try:
         yield
     finally:
         root.removeFilter(drop)
+        ort.set_default_logger_severity(2)
 
 
 class _Session:
