@@ -200,6 +200,9 @@ def demo(run: str | Path | None = None, quick: bool = False, data: str | None = 
     cfg.distill.images = setup.distill_images
     cfg.finetune.epochs = setup.finetune_epochs
     cfg.layers.include = list(setup.include)
+    # One thread: the latency table is then timed with the thread's own CPU clock, which
+    # stays accurate on a busy shared machine (wall-clock tables were unusable under load).
+    cfg.latency.threads = 1
     cfg_path = run.parent / f".{run.name}-config.yaml"
     run.parent.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg_path)

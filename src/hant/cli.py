@@ -74,8 +74,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     from hant.latency import measure_table
 
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HantError(f"--option takes KEY=VALUE (e.g. peak_gflops=200), got '{item}'")
+        import yaml
+
+        options[key] = yaml.safe_load(value)  # numbers and booleans as such, the rest as text
     measure_table(args.run, target=args.target, batch_size=args.batch_size, validate=args.validate,
-                  force=args.force, threads=args.threads)
+                  force=args.force, threads=args.threads, options=options or None)
     return 0
 
 
@@ -202,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", type=int, default=0, metavar="K", help="check the table on K random networks")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--force", action="store_true", help="use a table measured on another machine")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, repeatable (analytic: peak_gflops, bandwidth_gbs; "
+                        "torch-cuda: precision, cuda_graphs; clock: wall|thread)")
     s.set_defaults(func=cmd_latency)
 
     s = sub.add_parser("score", help="score every candidate on the held-out split")

@@ -16,6 +16,8 @@ The architecture JSON and the safetensors weights are written by fine-tuning
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import io
 import os
@@ -30,7 +32,9 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
+from hant.latency.onnxruntime_cpu import cpu_has_vnni, int8_scheme  # one scheme for table and export
 from hant.workspace import RunDir, atomic_write_bytes
+
 
 __all__ = ["OPSET", "export", "export_onnx", "check_onnx", "quantize_int8", "int8_scheme", "onnx_top1",
            "ort_fusions", "op_counts"]
@@ -199,32 +203,6 @@ class _CalibrationReader:
         self._it = iter(self._data)
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (int8 dot products without the 16-bit saturation of AVX2)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx512_vnni" in flags or "avx_vnni" in flags
-    except OSError:
-        pass
-    return False
-
-
-def int8_scheme() -> dict[str, Any]:
-    """The quantisation scheme for this CPU: uint8 activations, int8 per-channel weights.
-
-    ONNX Runtime's x86 int8 kernels are built for unsigned activations times signed weights
-    (measured here, AVX2: U8S8 runs an EfficientNet student 1.6x faster than fp32, S8S8 3x
-    slower than fp32). Without VNNI the AVX2 instruction can saturate, so weights use 7 bits
-    (`reduce_range`), as ONNX Runtime recommends.
-    """
-    vnni = cpu_has_vnni()
-    return {"activations": "uint8", "weights": "int8", "per_channel": True, "reduce_range": not vnni,
-            "format": "QDQ", "calibration": "MinMax"}
-
-
 def quantize_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibration, images: int = 256,
                   scheme: dict[str, Any] | None = None) -> Path:
     """Static INT8 in QDQ format (`int8_scheme()` by default), calibrated with MinMax on train images.
@@ -364,7 +342,9 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
     if int8:
         items["int8"] = _OrtRunnable(int8_path, x, target.threads)
     log(f"export {plan}: timing {', '.join(items)} on ONNX Runtime CPU (batch {batch_size}, {target.threads} threads)")
-    stats = protocol_measure(items, target, Protocol.from_config(cfg.latency))
+    # One untimed call per turn: a small student interleaved with the teacher would otherwise
+    # start every turn with a cold cache and measure slower than it runs alone.
+    stats = protocol_measure(items, target, dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1))
     t_ms = stats["teacher"].median_ms
 
     def timing(key: str) -> dict[str, Any]:
