@@ -245,8 +245,17 @@ def test_speedup_prefers_measured_teacher_latency(tmp_path):
     assert p["name"] == "t1-x1.5" and p["teacher_ms_source"] == "table"
     assert p["budget_ms"] == pytest.approx(4.5 / 1.5)  # fixed 0.5 + 4 teacher entries of 1 ms
     run2, _ = _fake_run(tmp_path / "b", teacher_ms=6.0)
-    p2 = select(run2, target="t1", speedup=1.5, log=_quiet)
+    lines = []
+    p2 = select(run2, target="t1", speedup=1.5, log=lines.append)
     assert p2["teacher_ms_source"] == "measured" and p2["budget_ms"] == pytest.approx(4.0)
+    assert any("teacher measured 6 ms" in line and "predicts 4.5 ms" in line for line in lines)
+    # The validation's own teacher point wins over the table's teacher_ms.
+    rd = RunDir(run2)
+    t = read_json(rd.latency_table("t1"))
+    t["validation"] = {"points": [{"kind": "random", "measured_ms": 9.0}, {"kind": "teacher", "measured_ms": 4.8}]}
+    write_json(rd.latency_table("t1"), t)
+    p3 = select(run2, target="t1", speedup=1.5, name="v", log=_quiet)
+    assert p3["teacher_ms"] == pytest.approx(4.8) and p3["budget_ms"] == pytest.approx(3.2)
 
 
 def test_infeasible_speedup_names_fastest_latency(tmp_path):

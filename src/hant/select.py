@@ -570,25 +570,36 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
     return pool
 
 
-def teacher_latency(table: dict, layers: list[dict]) -> tuple[float, str]:
+def teacher_latency(table: dict, layers: list[dict], log: Callable[[str], None] | None = None
+                    ) -> tuple[float, str]:
     """The teacher's end-to-end latency on the table's target, in ms, and where it came from.
 
-    A measured value recorded in the table (`teacher_ms`, or in `validation`) is preferred
-    (`measured`); otherwise the table's prediction for the all-`teacher` plan (`table`).
-    Raises HantError when neither is available.
+    Measured values are preferred (`measured`): the teacher's point in the table's validation
+    (timed interleaved with other networks), else the table's `teacher_ms`. Otherwise the
+    table's prediction for the all-`teacher` plan (`table`). When a measurement and the
+    prediction differ by more than a quarter, `log` gets a line saying so (a measurement
+    taken on a busy machine is the usual cause). Raises HantError when neither is available.
     """
-    for where in (table, table.get("validation") or {}):
-        for key in ("teacher_ms", "teacher_measured_ms"):
-            if isinstance(where.get(key), (int, float)) and where[key] > 0:
-                return float(where[key]), "measured"
     from hant.latency import predict_ms
 
-    plan = {d["name"]: "teacher" for d in layers}
     try:
-        return float(predict_ms(table, plan)), "table"
+        predicted = float(predict_ms(table, {d["name"]: "teacher" for d in layers}))
     except (KeyError, HantError):
+        predicted = None
+    validation = table.get("validation") or {}
+    measured = [p.get("measured_ms") for p in validation.get("points") or [] if p.get("kind") == "teacher"]
+    measured += [table.get("teacher_ms"), validation.get("teacher_ms")]
+    measured = [float(m) for m in measured if isinstance(m, (int, float)) and m > 0]
+    if measured:
+        if predicted and log is not None and abs(measured[0] / predicted - 1) > 0.25:
+            log(f"note: the teacher measured {measured[0]:.4g} ms end to end on {table.get('target')} but the table "
+                f"predicts {predicted:.4g} ms for it; budgets use the measurement (re-measure the table on a "
+                "quiet machine if it is off)")
+        return measured[0], "measured"
+    if predicted is None:
         raise HantError(f"the latency table for {table.get('target')} has no teacher entries and no measured "
-                        "teacher latency; rerun `hant latency` for this target, or give --budget-ms") from None
+                        "teacher latency; rerun `hant latency` for this target, or give --budget-ms")
+    return predicted, "table"
 
 
 def _affine_latency(table: dict, layer_names: list[str], lat: list[np.ndarray], specs: list[list[str]]
@@ -756,7 +767,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     if exclude_families:
         constraints["excluded_families"] = list(exclude_families)
 
-    teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"])
+    teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"], log)
 
     def make_plan(budget: float, plan_name: str, sol: Solution, requested: dict) -> dict:
         plan_layers = pool.plan_layers(sol.choice)
