@@ -263,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--fidelity-random", type=int, default=10, help="random plans added to the fidelity set")
     p.add_argument("--images", type=int, default=None, help="held-out images for the fidelity check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default=None, help="how the fidelity run was made (stored with its numbers)")
     p.add_argument("--out", default="bench/results/select.json")
     args = p.parse_args(argv)
     sections = [x for x in args.sections.split(",") if x]
@@ -311,6 +312,8 @@ def main(argv=None) -> int:
         fid = bench_fidelity(args.run, args.target, args.fidelity_points, args.fidelity_random, args.images,
                              args.seed)
         print(f"fidelity: tau {fid['kendall_tau']} over {fid['plans']} plans ({fid.get('reason')})", file=sys.stderr)
+        if args.note:
+            fid["note"] = args.note
         out.update({"linear_model_kendall_tau": fid["kendall_tau"], "plans_compared": fid["plans"], "fidelity": fid})
         commands["fidelity"] = command
     out.update({
