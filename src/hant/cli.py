@@ -217,13 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score every candidate on the held-out split")
     s.add_argument("--run", "--run-dir", dest="run", required=True)
-    s.add_argument("--method", choices=["eval", "distill"], default=None)
+    s.add_argument("--method", "--score", dest="method", choices=["eval", "distill"], default=None,
+                   help="eval: replace one layer and run the held-out split; distill: phase-1 held-out error")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("select", help="phase 2: choose one candidate per layer under a latency budget")
     s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--target", required=True, help="target id of a latency table in RUN/latency/")
-    g = s.add_mutually_exclusive_group(required=True)
+    g = s.add_mutually_exclusive_group(required=False)  # --sweep alone spans every feasible budget
     g.add_argument("--budget-ms", type=float, default=None)
     g.add_argument("--speedup", type=float, default=None)
     s.add_argument("--sweep", action="store_true", help="solve a range of budgets; write the Pareto front")
