@@ -223,6 +223,16 @@ def main() -> None:
                            trained_candidates=len(trained), candidate_step_s=round(cand_s, 2),
                            run_folder=str(run))
     result["peak_rss_mb"] = round(s["peak_rss_mb"], 1)
+    # Phase 1 of the demo at the default budget, at the rates just measured on this machine.
+    default_images = images_per_candidate(RunConfig(distill=DistillConfig()), None, 55000)
+    default_images = -(-default_images // s["batch_size"]) * s["batch_size"]
+    eval_rate = s["heldout_images"] / max(s["eval_s"], 1e-9)  # held-out images per second, all candidates
+    demo_s = (len(trained) * default_images / s["candidate_images_per_s"]
+              + DistillConfig().heldout_images / eval_rate)
+    result["demo_phase1_estimate"] = {"images_per_candidate": default_images,
+                                      "heldout_images": DistillConfig().heldout_images,
+                                      "seconds_at_measured_rate": round(demo_s), "threads": args.threads,
+                                      "load_avg": load_avg()}
     print(f"stage: {s['candidate_images_per_s']:.0f} candidate-images/s, {s['teacher_passes']} teacher passes, "
           f"peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
 

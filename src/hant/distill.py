@@ -1178,8 +1178,9 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
     overrides `distill.max_memory_mb` (default: half of the available RAM, 80% of free GPU
     memory). Under torchrun, candidates are shared among the ranks by FLOPs; rank 0
     merges the index. Writes RUN/candidates/<layer>/<spec>.safetensors and
-    RUN/candidates/index.json. Candidates already done (or failed) are kept; a group
-    interrupted mid-way resumes from its last checkpoint.
+    RUN/candidates/index.json. Candidates already done (or failed) are kept, with the
+    budget they were trained with (`steps`, `images` in the index); a group interrupted
+    mid-way resumes from its last checkpoint when its settings are unchanged.
 
     Returns a summary dict (candidates, done, failed, groups, teacher_passes,
     images_per_candidate, wall_s, peak_rss_mb, ...). Raises HantError when init has not
