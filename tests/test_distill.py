@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -465,9 +466,19 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     partial = read_json(run / "candidates" / "index.json")["candidates"]
     assert 0 < len(partial) < 9 and all(e["status"] == "done" for e in partial)
 
+    # Now no periodic checkpoints: a Ctrl-C (sent before this session's second step, the
+    # group's last) must still leave the group saved, in a consistent state.
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["distill"]["checkpoint_minutes"] = 60.0
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    interrupted = _hant("distill", "--run", str(run), env=_env(HANT_FAULT="distill:interrupt@2"))
+    out = interrupted.stdout + interrupted.stderr
+    assert interrupted.returncode == 130, out[-2000:]
+    assert "resuming at step 2/4" in out and "saved at step 4/4" in out
+
     resumed = _hant("distill", "--run", str(run), env=_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at step 2/4" in resumed.stdout + resumed.stderr
+    assert "resuming at step 4/4" in resumed.stdout + resumed.stderr
     final = read_json(run / "candidates" / "index.json")
     for e in partial:  # finished work was kept, not redone
         assert next(f for f in final["candidates"] if f["layer"] == e["layer"] and f["spec"] == e["spec"]) == e

@@ -42,6 +42,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -711,16 +712,17 @@ def _group_key(cands: Sequence[Candidate], opts: Phase1Options) -> str:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-def _fault(point: str) -> None:
+def _fault(point: str, action: Callable[[], None] | None = None) -> None:
     # Tests kill the process at a named point (`distill:after_checkpoint`), or at its N-th
-    # passage (`distill:after_checkpoint@N`), to check that a restart resumes correctly.
+    # passage (`distill:after_checkpoint@N`), to check that a restart resumes correctly;
+    # `distill:interrupt@N` sends the process a Ctrl-C instead.
     want = os.environ.get(FAULT_ENV, "")
     name, _, nth = want.partition("@")
     if name != f"distill:{point}":
         return
     _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
-    if _FAULT_COUNTS[point] >= (int(nth) if nth.isdigit() else 1):
-        os._exit(1)
+    if _FAULT_COUNTS[point] == (int(nth) if nth.isdigit() else 1):
+        (action or (lambda: os._exit(1)))()
 
 
 class _Checkpoints:
@@ -767,6 +769,46 @@ class _Checkpoints:
             self._meta(key).unlink()
             if meta:
                 (self.folder / meta["file"]).unlink()
+
+
+class _Interrupts:
+    """Defers SIGINT/SIGTERM to the end of the current step, so that the group in progress
+    can be checkpointed in a consistent state before the process stops. A second signal
+    stops at once. Only in the main thread (elsewhere signals cannot be caught)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupts":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame) -> None:
+        if self.signal is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal = sig
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def raise_if_pending(self) -> None:
+        if self.signal is None:
+            return
+        self._restore()
+        if self.signal == signal.SIGTERM:
+            raise SystemExit(128 + signal.SIGTERM)
+        raise KeyboardInterrupt
 
 
 def _resolve_device(opts: Phase1Options) -> tuple[torch.device, bool, bool]:
@@ -917,26 +959,36 @@ def train_pool(
         last_ckpt = time.time()
         shown = g.steps_done
         if g.active():
-            images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
-                                   skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
-                                                                            layers | later))
-            for step in range(g.steps_done, opts.steps):
-                batch = next(images)
-                acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
-                    train_set, plan.indices(s)), layers, later)
-                g.step(step, acts, autocast)
-                del acts, batch
-                shown += 1
-                if bar is not None:
-                    bar.update(bs)
-                    bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
-                                        refresh=False)
-                if ckpt is not None and step + 1 < opts.steps and time.time() - last_ckpt >= interval:
-                    ckpt.save(key, g)
-                    last_ckpt = time.time()
-                    _fault("after_checkpoint")
-                if not g.active():
-                    break
+            with _Interrupts() as interrupts:
+                images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
+                                       skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
+                                                                                layers | later))
+                for step in range(g.steps_done, opts.steps):
+                    _fault("interrupt", lambda: os.kill(os.getpid(), signal.SIGINT))
+                    batch = next(images)
+                    acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
+                        train_set, plan.indices(s)), layers, later)
+                    g.step(step, acts, autocast)
+                    del acts, batch
+                    shown += 1
+                    if bar is not None:
+                        bar.update(bs)
+                        bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
+                                            refresh=False)
+                    if ckpt is not None and ((step + 1 < opts.steps and time.time() - last_ckpt >= interval)
+                                             or interrupts.signal is not None):
+                        ckpt.save(key, g)
+                        last_ckpt = time.time()
+                        _fault("after_checkpoint")
+                    if interrupts.signal is not None:
+                        if bar is not None:
+                            bar.close()
+                        log(f"interrupted: group {gi + 1}/{n_groups} "
+                            + (f"saved at step {g.steps_done}/{opts.steps}; run again to resume"
+                               if ckpt is not None else f"stopped at step {g.steps_done}/{opts.steps}"))
+                        interrupts.raise_if_pending()
+                    if not g.active():
+                        break
         if bar is not None and shown < opts.steps:
             bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
         train_s += time.time() - t0
