@@ -377,6 +377,7 @@ def test_distill_stage_writes_weights_and_index(tmp_path, space):
     assert got == expected and index["version"] == 1
     assert summary["candidates"] == len(expected) and summary["done"] == len(expected)
     assert summary["teacher_passes"] == 8 + 2  # 512 images / 64, then the 96 held-out images
+    assert summary["candidate_images"] == sum(e["images"] for e in index["candidates"]) > 0
     by = {(e["layer"], e["spec"]): e for e in index["candidates"]}
     for e in index["candidates"]:
         for k in ("layer", "spec", "status", "init", "train_loss", "heldout_loss", "steps", "images", "file",
@@ -480,6 +481,9 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step 4/4" in resumed.stdout + resumed.stderr
     final = read_json(run / "candidates" / "index.json")
+    # The last session trained only what was left: the rest of the interrupted group's last
+    # step was done, so only the groups after it.
+    assert 0 < final["phase1"]["candidate_images"] < sum(e["images"] for e in final["candidates"])
     for e in partial:  # finished work was kept, not redone
         assert next(f for f in final["candidates"] if f["layer"] == e["layer"] and f["spec"] == e["spec"]) == e
     a, b = _weights(ref), _weights(run)

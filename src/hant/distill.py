@@ -573,6 +573,7 @@ class _Group:
         self.cand_steps = [0] * len(cands)  # steps each candidate completed (a failed one stops early)
         self.trainable = [c.trainable for c in cands]  # before any failure freezes parameters
         self.opt_seconds = 0.0
+        self.session_images = 0  # candidate-images trained by this process (not before a resume)
         self.tail_from = max(0, opts.steps - max(1, round(opts.steps * opts.tail_frac)))
         groups = []
         for i, c in enumerate(cands):
@@ -632,6 +633,7 @@ class _Group:
             c.seconds += time.perf_counter() - t0
             losses.append(loss.detach())
             who.append(i)
+            self.session_images += len(x)
         if losses:
             values = torch.stack(losses).cpu().tolist()
             for i, v in zip(who, values):
@@ -874,8 +876,8 @@ def train_pool(
     to measure memory (default: the first images of the first batch).
 
     Returns {"entries": [...], "groups", "teacher_passes", "teacher_images", "cache_mb",
-    "train_s", "eval_s", "teacher_train_s", "optimizer_s", "wall_s", "batch_size",
-    "device"}. Raises HantError for a user-fixable problem (a layer that does not run, an
+    "candidate_images", "train_s", "eval_s", "teacher_train_s", "optimizer_s", "wall_s",
+    "batch_size", "device"} (counts and times of this call). Raises HantError for a user-fixable problem (a layer that does not run, an
     unknown optimiser, several groups without a work folder).
     """
     device, channels_last, autocast = _resolve_device(opts)
@@ -940,6 +942,7 @@ def train_pool(
     entries: list[dict[str, Any]] = []
     done_count = 0
     train_s = eval_s = opt_s = teacher_eval_s = 0.0
+    session_images = 0
     interval = opts.checkpoint_minutes * 60.0
 
     for gi, idxs in enumerate(groups):
@@ -993,6 +996,7 @@ def train_pool(
             bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
         train_s += time.time() - t0
         opt_s += g.opt_seconds
+        session_images += g.session_images
         t0 = time.time()
         tap_train_s = tap.seconds
         held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
@@ -1052,6 +1056,7 @@ def train_pool(
         "cache_mb": (cache.bytes_written / _MB) if cache is not None else 0.0,
         "train_s": train_s,
         "eval_s": eval_s,
+        "candidate_images": session_images,  # trained in this call (a resumed group counts from its checkpoint)
         "teacher_train_s": tap.seconds - teacher_eval_s,  # teacher passes for training batches
         "optimizer_s": opt_s,
         "wall_s": time.time() - t_start,
@@ -1345,8 +1350,6 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         result = train_pool(teacher, cands, splits.train, heldout, opts, workdir=workdir,
                             on_group_done=on_group_done, log=quiet, sample=sample_images[:8])
         stats = {k: v for k, v in result.items() if k != "entries"}
-        trained_images = sum(e["images"] for e in result["entries"])
-        stats["candidate_images"] = trained_images
         stats["peak_rss_mb"] = peak_rss_mb()
 
         if world > 1:
