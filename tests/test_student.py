@@ -312,14 +312,18 @@ def test_finetune_under_torchrun_with_two_processes(run):
         pytest.skip("torchrun is not installed beside this python")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = ("import sys, json; from hant.student import finetune; "
-            "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None); print('RESULT', json.dumps(r))")
+    # Each rank writes its own file: two ranks printing to one pipe can interleave their lines.
+    code = ("import os, sys, json; from hant.student import finetune; "
+            "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None); "
+            "open(os.path.join(sys.argv[3], 'result-' + os.environ['RANK'] + '.json'), 'w').write(json.dumps(r))")
     script = run.parent / "ddp_finetune.py"
     script.write_text(code)
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run), plan],
+    out = run.parent / "ddp_results"
+    out.mkdir()
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run), plan, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("result-*.json"))]
     assert len(results) == 2 and results[0] == results[1]  # every rank returns rank 0's result
     ev = read_json(RunDir(run).student_dir(plan) / "eval.json")
     # 80 train images, global batch 16 split over 2 ranks: 5 steps for one epoch.
