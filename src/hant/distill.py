@@ -36,6 +36,7 @@ candidates' own steps dominate. See bench/phase1.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
+from hant.layers import LayerInfo
 
 __all__ = [
     "Candidate",
@@ -1173,26 +1175,18 @@ def _candidate_costs(layers, teacher: nn.Module, seed: int) -> dict[tuple[str, s
     return costs
 
 
-@dataclass
-class _LayerPool:
-    name: str
-    in_shape: tuple[int, int, int]
-    out_shape: tuple[int, int, int]
-    stride: int
-    in_chs: int
-    out_chs: int
-    flops: int
-    candidates: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class _LayerPool(LayerInfo):
+    """A layer from layers.json together with its candidate specs."""
+
+    candidates: tuple[str, ...] = ()
 
 
 def _layer_pools(doc: dict[str, Any]) -> list[_LayerPool]:
-    from hant.layers import LayerInfo
-
     out = []
     for d in doc.get("layers", []):
         info = LayerInfo.from_dict(d)
-        out.append(_LayerPool(info.name, info.in_shape, info.out_shape, info.stride, info.in_chs, info.out_chs,
-                              info.flops, list(d.get("candidates") or [])))
+        out.append(_LayerPool(**dataclasses.asdict(info), candidates=tuple(d.get("candidates") or [])))
     return out
 
 
