@@ -7,7 +7,7 @@ from hant.errors import HantError
 
 __version__ = "0.1.0"
 
-__all__ = ["HantError", "__version__", "load_student"]
+__all__ = ["HantError", "__version__", "accelerate", "load_student"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from hant.student import load_student
 
         return load_student
+    if name == "accelerate":
+        from hant.pipeline import accelerate
+
+        return accelerate
     raise AttributeError(f"module 'hant' has no attribute {name!r}")

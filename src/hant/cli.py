@@ -129,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_accelerate(args: argparse.Namespace) -> int:
-    from hant.accelerate import AccelerateOptions, accelerate_run
+    from hant.pipeline import AccelerateOptions, accelerate_run
 
     opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
                              validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs)
@@ -147,7 +147,7 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hant.accelerate import demo
+    from hant.pipeline import demo
 
     demo(run=args.run, quick=args.quick, data=args.data)
     return 0

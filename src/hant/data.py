@@ -5,6 +5,10 @@ A data spec string names the source:
     fashion-mnist        the idx files (Debian `dataset-fashion-mnist`, `data_dir`, or a download)
     imagefolder:/path    a torchvision ImageFolder tree (with train/ and test/ or val/ inside, or not)
     synthetic:N          N seeded, learnable images (class-dependent patterns); for tests
+    tensors:/file        a safetensors file of image tensors (what `hant.accelerate` writes for
+                         data given in memory): train_images/train_labels, and optionally
+                         heldout_* and test_*; uint8 images are normalised with the train
+                         statistics, float images are taken as already normalised
 
 `load_data(cfg)` returns `Splits`: train, held-out (carved from the train pool, never
 trained on by phase 1 or fine-tuning) and test, plus the normalisation and input size that
@@ -36,7 +40,7 @@ FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
-VALID_SPECS = "fashion-mnist, imagefolder:/path or synthetic:N"
+VALID_SPECS = "fashion-mnist, imagefolder:/path, tensors:/file.safetensors or synthetic:N"
 
 # Synthetic content is fixed per (N, size, channels, classes); only the splits follow the seed,
 # so that runs with different seeds still compare on the same images.
@@ -77,9 +81,11 @@ class Splits:
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as a uint8 tensor N x C x h x w, with int64 labels.
+    """Images held in memory as a uint8 (or float) tensor N x C x h x w, with int64 labels.
 
-    Items are float C x S x S tensors, normalised, where S is `input_size`: the image is
+    uint8 images are grey levels, normalised per batch with `mean` and `std` given on the
+    0..1 scale; float images are normalised with `mean` and `std` as they are (0 and 1 for
+    images that arrive normalised). Items are float C x S x S tensors, where S is `input_size`: the image is
     zero-padded when S exceeds h by at most 4 pixels (28 -> 32) and bilinearly resized
     otherwise. `get_batch` and `batches` transform whole batches at once; `__getitems__`
     lets a DataLoader use the same fast path.
@@ -87,23 +93,26 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], input_size: int, indices: torch.Tensor | None = None):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError("images must be a uint8 tensor N x C x H x W")
+        if images.dim() != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise ValueError("images must be a uint8 or float tensor N x C x H x W")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.input_size = int(input_size)
         # Resizing once, to uint8, makes a batch cost one gather and one multiply-add; the
         # rounding (half a grey level) is below the information in the 8-bit source.
         resized_bytes = len(images) * images.shape[1] * self.input_size**2
+        if images.is_floating_point():
+            images = images.float()
+            resized_bytes *= 4
         if images.shape[-2:] != (self.input_size, self.input_size) and resized_bytes <= _PRECOMPUTE_BYTES:
-            images = _resize_uint8(images, self.input_size)
+            images = self._resize(images)
         self.images = images
         self.labels = labels.to(torch.int64)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.indices = indices if indices is not None else torch.arange(len(images))
         std_t = torch.tensor(self.std).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
+        self._scale = 1.0 / ((1.0 if images.is_floating_point() else 255.0) * std_t)
         self._shift = torch.tensor(self.mean).view(1, -1, 1, 1) / std_t
 
     def __len__(self) -> int:
@@ -117,10 +126,17 @@ class TensorImageDataset(Dataset):
         return list(zip(x.unbind(0), y.tolist()))
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 B x C x h x w -> float B x C x S x S, resized and normalised."""
+        """uint8 or float B x C x h x w -> float B x C x S x S, resized and normalised."""
         if images.shape[-2:] != (self.input_size, self.input_size):
-            images = _resize_uint8(images, self.input_size)
-        return images.float().mul_(self._scale).sub_(self._shift)
+            images = self._resize(images)
+        # A float batch may be a view of the stored images; never scale those in place.
+        x = images.float() if images.dtype == torch.uint8 else images.clone()
+        return x.mul_(self._scale).sub_(self._shift)
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():
+            return resize_batch(images, self.input_size)
+        return _resize_uint8(images, self.input_size)
 
     def get_batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformed images and labels at `indices` (positions in this dataset)."""
@@ -213,6 +229,8 @@ def parse_data_spec(spec: str) -> tuple[str, str | int | None]:
     kind, sep, arg = s.partition(":")
     if sep and kind.lower() == "imagefolder" and arg:
         return "imagefolder", arg
+    if sep and kind.lower() == "tensors" and arg:
+        return "tensors", arg
     if sep and kind.lower() == "synthetic":
         try:
             n = int(arg)
@@ -238,10 +256,13 @@ def load_data(cfg: DataConfig) -> Splits:
     kind, arg = parse_data_spec(cfg.spec)
     if cfg.input_size < 8:
         raise HantError(f"input size {cfg.input_size} is too small; use at least 8 (e.g. --input-size 32)")
+    fixed_heldout = None
     if kind == "fashion-mnist":
         pool, test, classes = _fashion_mnist(cfg)
     elif kind == "synthetic":
         pool, test, classes = _synthetic(int(arg), cfg)
+    elif kind == "tensors":
+        pool, test, classes, fixed_heldout = _tensor_file(Path(str(arg)))
     else:
         pool, test, classes = _image_folder(Path(str(arg)), cfg)
 
@@ -259,7 +280,9 @@ def load_data(cfg: DataConfig) -> Splits:
         raise HantError(f"data '{cfg.spec}' has {num_classes} classes but the config says {cfg.num_classes}; "
                         "remove data.num_classes from the config")
 
-    if cfg.mean is not None and cfg.std is not None:
+    if in_memory and pool[0].is_floating_point():
+        mean, std = [0.0] * int(in_chans), [1.0] * int(in_chans)  # arrives normalised
+    elif cfg.mean is not None and cfg.std is not None:
         if len(cfg.mean) != in_chans or len(cfg.std) != in_chans:
             raise HantError(f"data.mean and data.std need {in_chans} values each; remove them to recompute")
         mean, std = [float(m) for m in cfg.mean], [float(s) for s in cfg.std]
@@ -267,10 +290,15 @@ def load_data(cfg: DataConfig) -> Splits:
         mean, std = _channel_stats(pool)
 
     n_pool = len(pool[0]) if in_memory else len(pool)
-    n_held = min(max(cfg.heldout, 0), n_pool // 5)
-    perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(cfg.seed))
-    heldout_idx, _ = perm[:n_held].sort()
-    train_idx, _ = perm[n_held:].sort()
+    if fixed_heldout is not None:
+        # The caller named its held-out images: the last `fixed_heldout` of the pool.
+        train_idx = torch.arange(n_pool - fixed_heldout)
+        heldout_idx = torch.arange(n_pool - fixed_heldout, n_pool)
+    else:
+        n_held = min(max(cfg.heldout, 0), n_pool // 5)
+        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(cfg.seed))
+        heldout_idx, _ = perm[:n_held].sort()
+        train_idx, _ = perm[n_held:].sort()
 
     if in_memory:
         base = TensorImageDataset(pool[0], pool[1], mean, std, cfg.input_size)
@@ -408,6 +436,81 @@ def _synthetic(n: int, cfg: DataConfig) -> tuple[tuple, tuple, list[str]]:
     pool = (images[: n - n_test], labels[: n - n_test])
     test = (images[n - n_test :], labels[n - n_test :])
     return pool, test, [f"class{i}" for i in range(k)]
+
+
+# ---------------------------------------------------------------- tensors in a file
+
+TENSOR_SPLITS = ("train", "heldout", "test")
+
+
+def save_tensor_data(path: str | Path, train: tuple[torch.Tensor, torch.Tensor],
+                     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     test: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     classes: Sequence[str] | None = None) -> str:
+    """Write (images, labels) splits to a safetensors file that the `tensors:` spec reads.
+
+    Images are N x C x H x W, uint8 grey levels or float values already normalised; labels
+    are integer class indices. Returns the file's sha256. Raises HantError on mismatching
+    shapes or dtypes.
+    """
+    from hant.workspace import save_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    shape = None
+    for name, part in zip(TENSOR_SPLITS, (train, heldout, test)):
+        if part is None:
+            continue
+        images, labels = part
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels).reshape(-1)
+        if images.dim() != 4 or len(images) != len(labels) or len(images) == 0:
+            raise HantError(f"{name} data must be N x C x H x W images with N labels, got images "
+                            f"{tuple(images.shape)} and {len(labels)} labels")
+        if shape is not None and images.shape[1:] != shape:
+            raise HantError(f"{name} images are {tuple(images.shape[1:])} but train images are {tuple(shape)}")
+        shape = images.shape[1:]
+        if not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise HantError(f"{name} images must be uint8 or float, got {images.dtype}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise HantError(f"{name} labels must be integer class indices, got {labels.dtype}")
+        tensors[f"{name}_images"] = images.float().contiguous() if images.is_floating_point() else images.contiguous()
+        tensors[f"{name}_labels"] = labels.to(torch.int64).contiguous()
+    meta = {"classes": ",".join(classes)} if classes else None
+    return save_safetensors(Path(path), tensors, metadata=meta)
+
+
+def _tensor_file(path: Path) -> tuple[tuple, tuple, list[str], int | None]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise HantError(f"data file {path} not found; write one with hant.data.save_tensor_data")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise HantError(f"{path} is not a readable safetensors file ({e}); write it with "
+                        "hant.data.save_tensor_data") from e
+    if "train_images" not in tensors or "train_labels" not in tensors:
+        raise HantError(f"{path} lacks train_images/train_labels; write it with hant.data.save_tensor_data")
+    parts = {n: (tensors[f"{n}_images"], tensors[f"{n}_labels"]) for n in TENSOR_SPLITS
+             if f"{n}_images" in tensors and f"{n}_labels" in tensors}
+    dtypes = {p[0].dtype for p in parts.values()}
+    if len(dtypes) > 1:
+        raise HantError(f"{path} mixes image dtypes {sorted(map(str, dtypes))}; give every split the same dtype")
+    labels = torch.cat([p[1] for p in parts.values()])
+    if int(labels.min()) < 0:
+        raise HantError(f"{path} has negative labels; labels must be class indices 0..K-1")
+    classes = [c for c in meta.get("classes", "").split(",") if c]
+    k = max(len(classes), int(labels.max()) + 1)
+    classes = classes + [f"class{i}" for i in range(len(classes), k)]
+    train, held = parts["train"], parts.get("heldout")
+    pool = (torch.cat([train[0], held[0]]), torch.cat([train[1], held[1]])) if held is not None else train
+    if "test" not in parts and held is None:
+        raise HantError(f"{path} has only train images; add heldout_* or test_* images so that accuracy is "
+                        "measured on images nobody trained on")
+    # Without a test split, accuracy is reported on the held-out images (never trained on).
+    test = parts.get("test") or held
+    return pool, test, classes, (len(held[0]) if held is not None else None)
 
 
 # ---------------------------------------------------------------- ImageFolder

@@ -5,6 +5,8 @@ A source names a network factory:
     timm:NAME                  any timm model (pretrained=False: nothing is downloaded)
     torchvision:NAME           any torchvision classification model (first conv adapted to in_chans)
     package.module:factory     a callable returning an nn.Module, given in_chans/num_classes if it takes them
+    memory:KEY                 a live nn.Module registered by `hant.accelerate` in this process
+                               (an architecture no source string can rebuild)
 
 Weights come from safetensors, or from a torch checkpoint read with `weights_only=True`;
 a file that needs unpickling is refused unless the caller trusts it.
@@ -12,7 +14,9 @@ a file that needs unpickling is refused unless the caller trusts it.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import hashlib
 import importlib
 import inspect
 import json
@@ -37,6 +41,10 @@ _IN_CHANS_NAMES = ("in_chans", "in_channels", "in_chs")
 # Wrappers other training scripts put around a state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 PARTIAL_VERSION = 1
+# Models handed over in memory (`register_model`), by key. Process-local on purpose: the
+# architecture of an arbitrary nn.Module cannot be written down, only kept alive; a run
+# that uses one can be resumed by the process that registers the same model again.
+_IN_MEMORY: dict[str, nn.Module] = {}
 
 
 # ---------------------------------------------------------------- building
@@ -51,7 +59,7 @@ def parse_source(source: str) -> tuple[str, str]:
     if not sep or not kind or not name:
         hint = f"; did you mean timm:{source}?" if source and _timm_is_model(source) else ""
         raise HantError(f"model source '{source}' must be {SOURCE_FORMS}{hint}")
-    if kind in ("timm", "torchvision"):
+    if kind in ("timm", "torchvision", "memory"):
         return kind, name
     return "factory", source
 
@@ -75,7 +83,66 @@ def _create(source: str, in_chans: int, num_classes: int, timm_kwargs: dict | No
                                  **(timm_kwargs or {}))
     if kind == "torchvision":
         return _torchvision_model(name, in_chans, num_classes)
+    if kind == "memory":
+        if name not in _IN_MEMORY:
+            raise HantError(f"model source 'memory:{name}' is a model held by the Python process that started this "
+                            "run; call hant.accelerate(model, ...) again with that model, or start the run from a "
+                            f"{SOURCE_FORMS} source")
+        return copy.deepcopy(_IN_MEMORY[name])
     return _factory_model(name, in_chans, num_classes)
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """A short hash of a model's class and parameter/buffer names and shapes (not its values)."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for k, v in model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+    return h.hexdigest()[:12]
+
+
+def register_model(model: nn.Module) -> str:
+    """Keep a copy of `model` (CPU, eval mode) buildable as `memory:KEY` in this process; return the source.
+
+    The key is the class name and `architecture_digest`, so registering the same
+    architecture again (in a later process, to resume a run) gives the same source.
+    """
+    key = f"{type(model).__name__}-{architecture_digest(model)}"
+    _IN_MEMORY[key] = copy.deepcopy(model).cpu().eval()
+    return f"memory:{key}"
+
+
+def infer_source(model: nn.Module, in_chans: int, num_classes: int) -> str | None:
+    """The `timm:` or `torchvision:` source that rebuilds `model`'s architecture, or None.
+
+    A timm model names its architecture in `pretrained_cfg`; a torchvision model is matched
+    against the builders that return its class. A match must have the same class and the
+    same parameter names and shapes; the caller should still compare outputs.
+    """
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def same(candidate: nn.Module) -> bool:
+        return type(candidate) is type(model) and {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == want
+
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if arch:
+        try:
+            if same(create_model(f"timm:{arch}", in_chans, num_classes)):
+                return f"timm:{arch}"
+        except HantError:
+            pass
+    if type(model).__module__.startswith("torchvision.models"):
+        import torchvision.models as tvm
+
+        for name in tvm.list_models(module=tvm):
+            if inspect.signature(tvm.get_model_builder(name)).return_annotation is not type(model):
+                continue
+            try:
+                if same(create_model(f"torchvision:{name}", in_chans, num_classes)):
+                    return f"torchvision:{name}"
+            except HantError:
+                continue
+    return None
 
 
 def _timm_is_model(name: str) -> bool:
