@@ -331,3 +331,35 @@ def test_finetune_under_torchrun_with_two_processes(run):
     x = _x()
     with torch.no_grad():
         assert not torch.equal(load_student(RunDir(run).student_dir(plan))(x), assemble(run, plan)(x))
+
+
+def test_finetune_module_is_the_same_recipe_as_finetune(run, tmp_path):
+    # An all-teacher plan replaces nothing (no BatchNorm re-estimation), so fine-tuning it
+    # through the plan and fine-tuning the bare teacher module must give the same weights.
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.student import finetune_module
+
+    names = layer_names(run)
+    write_plan(run, "all-teacher", {n: "teacher" for n in names})
+    finetune(run, "all-teacher", epochs=1.0, log=lambda *_: None)
+    cfg = RunConfig.load(RunDir(run).config)
+    train = load_data(cfg.data).train
+    teacher = _teacher(run)
+    model = _teacher(run)
+    res = finetune_module(model, teacher, cfg, train, epochs=1.0, out_dir=tmp_path / "m", key="t",
+                          log=lambda *_: None)
+    assert res["steps"] == 5 and res["final_loss"] is not None
+    a = _weights(run, "all-teacher")
+    b = model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The teacher given is not trained.
+    t0 = _teacher(run).state_dict()
+    assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())
+    # Finished: a rerun with the same key resumes at the end and leaves the weights alone.
+    logs = []
+    again = _teacher(run)
+    finetune_module(again, teacher, cfg, train, epochs=1.0, out_dir=tmp_path / "m", key="t", log=logs.append)
+    assert any("resuming at step 5/5" in line for line in logs)
+    assert all(torch.equal(b[k], v) for k, v in again.state_dict().items())

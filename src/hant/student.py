@@ -33,7 +33,7 @@ from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors
 
 __all__ = [
     "ARCH_VERSION", "read_plan", "assemble", "recalibrate_batchnorm", "save_student", "load_student",
-    "finetune", "measure", "update_eval", "kd_loss", "count_params_flops", "resolve_target",
+    "finetune", "finetune_module", "measure", "update_eval", "kd_loss", "count_params_flops", "resolve_target",
 ]
 
 ARCH_VERSION = 1
@@ -607,83 +607,85 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
         dist_.close()
 
 
-def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class _Schedule:
+    """Steps of one fine-tuning: per-process batch, steps per epoch, total and warm-up steps."""
 
-    from hant.data import load_data, random_crop_flip
+    batch: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
 
-    ft = cfg.finetune
-    rd = RunDir(run)
-    out = rd.student_dir(plan)
-    say = log if dist_.main else (lambda *_: None)
-    plan_d = read_plan(run, plan)
-    splits = load_data(cfg.data)
-    train = splits.train
+
+def _schedule(train, ft, epochs: float, seed: int, dist_: "_Dist") -> _Schedule:
     if len(train) < 2:
         raise HantError("the train split has fewer than 2 images; use more data")
     batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
-    steps_per_epoch = len(_epoch_batches(train, batch, 0, cfg.seed, dist_))
+    steps_per_epoch = len(_epoch_batches(train, batch, 0, seed, dist_))
     total = max(1, round(epochs * steps_per_epoch))
-    warmup = min(max(1, round(ft.warmup * total)), total)
-    settings = {"plan_layers": plan_d["layers"], "epochs": epochs, "total": total, "batch": batch,
-                "world": dist_.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
-                "ce": ft.ce_weight, "T": ft.temperature, "seed": cfg.seed, "train": len(train),
-                "augment": ft.augment}
-    state, ckpt = _load_resume(out, settings, say)
-    done_before = bool(state and state.get("done") and (out / STUDENT_FILE).exists())
+    return _Schedule(batch, steps_per_epoch, total, min(max(1, round(ft.warmup * total)), total))
 
-    model, arch, replaced = _assemble(run, plan, bn_recalibrate=state is None, splits=splits, log=say)
-    arch = {**arch, "plan": plan}
-    teacher = _teacher_from_config(cfg)
+
+def _settings(sched: _Schedule, epochs: float, cfg, train, dist_: "_Dist", **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must have been made with to be resumed."""
+    ft = cfg.finetune
+    return {**extra, "epochs": epochs, "total": sched.total, "batch": sched.batch, "world": dist_.world,
+            "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight, "ce": ft.ce_weight, "T": ft.temperature,
+            "seed": cfg.seed, "train": len(train), "augment": ft.augment}
+
+
+def _train_kd(model: nn.Module, teacher: nn.Module, train, cfg, sched: _Schedule, dist_: "_Dist", out: Path,
+              settings: Mapping[str, Any], state: dict | None, ckpt: dict | None, info: dict[str, Any],
+              meta: Mapping[str, Any], say: Callable[[str], None], name: str, fill: list[float], pad: int):
+    """The fine-tuning loop shared by `finetune` (a plan's student) and `finetune_module` (any network).
+
+    `model` and `teacher` are on the device in channels_last; `state`/`ckpt` a checkpoint to
+    resume from (None: start). `fill` (per channel) and `pad` set the random-crop
+    augmentation. Checkpoints go to `out` every epoch and every `finetune.checkpoint_minutes`,
+    with `meta` added to their state. `info` is updated in place (train_time_s, final_loss).
+    Returns (optimizer, steps done).
+    """
+    from tqdm.auto import tqdm
+
+    from hant.data import random_crop_flip
+
+    ft = cfg.finetune
     dev = dist_.device
-    model.to(dev).to(memory_format=torch.channels_last)
-    teacher.to(dev).to(memory_format=torch.channels_last).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
     opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
-    step, info = 0, {}
+    step = 0
     if state is not None:
         msd = {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
         model.load_state_dict(msd, strict=True)
         _load_optimizer(opt, ckpt, state["optimizer"])
         step = int(state["step"])
-        info = dict(state.get("info", {}))
-        say(f"fine-tune {plan}: resuming at step {step}/{total}")
+        say(f"fine-tune {name}: resuming at step {step}/{sched.total}")
     t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
-
-    if dist_.main and "teacher_top1" not in info:
-        info["teacher_top1"] = _top1(teacher, splits.test, ft.batch_size, cfg.data.workers)
-        info["assembled_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
-        say(f"test top-1: teacher {info['teacher_top1']:.2f}%, assembled student {info['assembled_top1']:.2f}% "
-            f"({replaced} of {len(arch['layers'])} layers replaced)")
 
     net: nn.Module = model
     if dist_.world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     net.train()
-    fill = [-m / s for m, s in zip(splits.mean, splits.std)]  # normalised black: the padding colour
-    pad = max(1, splits.input_size // 16)
     ckpt_every = max(1.0, ft.checkpoint_minutes * 60.0)
     last_ckpt = time.monotonic()
-    global_batch = batch * dist_.world
+    global_batch = sched.batch * dist_.world
+    total, steps_per_epoch = sched.total, sched.steps_per_epoch
 
-    def checkpoint(done: bool = False) -> None:
+    def checkpoint() -> None:
         if dist_.main:
             info["train_time_s"] = time.perf_counter() - t_start
-            _save_checkpoint(out, model, opt, {"plan": plan, "step": step, "total": total, "done": done,
+            _save_checkpoint(out, model, opt, {**meta, "step": step, "total": total, "done": False,
                                                "settings_key": _settings_key(settings), "info": info})
 
     if step < total:
-        say(f"fine-tune {plan}: {total} steps ({epochs:g} epochs of {steps_per_epoch}), batch {global_batch}"
+        say(f"fine-tune {name}: {total} steps ({settings['epochs']:g} epochs of {steps_per_epoch}), batch {global_batch}"
             f"{f' over {dist_.world} processes' if dist_.world > 1 else ''}, lr {ft.lr:g}, on {dev.type}")
     bar = tqdm(total=total * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
-               desc=f"finetune {plan}", disable=not dist_.main or step >= total, dynamic_ncols=True)
+               desc=f"finetune {name}", disable=not dist_.main or step >= total, dynamic_ncols=True)
     loss_ema = None
     while step < total:
         epoch = step // steps_per_epoch
-        batches = _epoch_batches(train, batch, epoch, cfg.seed, dist_)
+        batches = _epoch_batches(train, sched.batch, epoch, cfg.seed, dist_)
         first = step - epoch * steps_per_epoch
         loader = torch.utils.data.DataLoader(train, batch_sampler=batches[first:],
                                              num_workers=cfg.data.workers)
@@ -694,7 +696,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[s
             if ft.augment:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_.rank)
                 x = random_crop_flip(x, pad, g, fill=fill, flip=True)
-            lr = _lr_at(step, total, warmup, ft.lr)
+            lr = _lr_at(step, total, sched.warmup, ft.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -724,6 +726,52 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[s
             _fault("after_epoch", step // steps_per_epoch, say)
     bar.close()
     info["final_loss"] = loss_ema if loss_ema is not None else info.get("final_loss")
+    info["train_time_s"] = time.perf_counter() - t_start
+    return opt, step
+
+
+def _finish_checkpoint(out: Path, model: nn.Module, opt, meta: Mapping[str, Any], step: int, total: int,
+                       settings: Mapping[str, Any], info: dict[str, Any]) -> None:
+    _save_checkpoint(out, model, opt, {**meta, "step": step, "total": total, "done": True,
+                                       "settings_key": _settings_key(settings), "info": info})
+
+
+def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[str, Any]:
+    from hant.data import load_data
+
+    ft = cfg.finetune
+    rd = RunDir(run)
+    out = rd.student_dir(plan)
+    say = log if dist_.main else (lambda *_: None)
+    plan_d = read_plan(run, plan)
+    splits = load_data(cfg.data)
+    train = splits.train
+    sched = _schedule(train, ft, epochs, cfg.seed, dist_)
+    settings = _settings(sched, epochs, cfg, train, dist_, plan_layers=plan_d["layers"])
+    state, ckpt = _load_resume(out, settings, say)
+    done_before = bool(state and state.get("done") and (out / STUDENT_FILE).exists())
+    info = dict(state.get("info", {})) if state is not None else {}
+
+    model, arch, replaced = _assemble(run, plan, bn_recalibrate=state is None, splits=splits, log=say)
+    arch = {**arch, "plan": plan}
+    teacher = _teacher_from_config(cfg)
+    dev = dist_.device
+    model.to(dev).to(memory_format=torch.channels_last)
+    teacher.to(dev).to(memory_format=torch.channels_last).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    if dist_.main and "teacher_top1" not in info:
+        info["teacher_top1"] = _top1(teacher, splits.test, ft.batch_size, cfg.data.workers)
+        info["assembled_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        say(f"test top-1: teacher {info['teacher_top1']:.2f}%, assembled student {info['assembled_top1']:.2f}% "
+            f"({replaced} of {len(arch['layers'])} layers replaced)")
+
+    meta = {"plan": plan}
+    fill = [-m / s for m, s in zip(splits.mean, splits.std)]  # normalised black: the padding colour
+    opt, step = _train_kd(model, teacher, train, cfg, sched, dist_, out, settings, state, ckpt, info, meta, say,
+                          name=plan, fill=fill, pad=max(1, splits.input_size // 16))
+    total, global_batch = sched.total, sched.batch * dist_.world
 
     result: dict[str, Any] = {}
     if dist_.main:
@@ -732,7 +780,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[s
             info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
         model.to("cpu").to(memory_format=torch.contiguous_format)
         save_student(model, out, arch)
-        checkpoint(done=True)
+        _finish_checkpoint(out, model, opt, meta, step, total, settings, info)
         in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
         params, flops = count_params_flops(model, in_shape)
         t_params, t_flops = count_params_flops(teacher.to("cpu"), in_shape)
@@ -758,6 +806,53 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: "_Dist", log) -> dict[s
                   "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
                   "time_s": info["train_time_s"], "dir": str(out)}
     return dist_.from_main(result)
+
+
+def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: float | None = None,
+                    out_dir: str | os.PathLike | None = None, key: str = "module",
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune any network `model` with knowledge distillation from `teacher`, as `finetune` does a plan's.
+
+    The same loop as `finetune`: loss, AdamW, warm-up and cosine schedule, augmentation and
+    data order come from `cfg` (a RunConfig: its finetune, data and seed sections), so a
+    network trained here differs from a hant student only in where it started. `train` is
+    the train split (a dataset of (image, label)). With `out_dir`, checkpoints are written
+    there (finetune.ckpt.*) and a rerun with the same `key` and settings resumes, ending
+    with the same weights as an uninterrupted run. Single process (CPU, or CUDA when
+    available). `model` is trained in place and returned to the CPU in eval mode; the
+    teacher is not changed. Returns {"steps", "epochs", "batch_size", "train_images",
+    "final_loss", "time_s"}. Raises HantError for epochs <= 0 or fewer than 2 train images.
+    """
+    import copy
+    import tempfile
+
+    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    if not epochs > 0:
+        raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
+    if cfg.data.mean is None or cfg.data.std is None:
+        raise HantError("the config lacks data.mean and data.std; pass the run's config (written by `hant init`)")
+    fill = [-m / s for m, s in zip(cfg.data.mean, cfg.data.std)]
+    dist_ = _Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    sched = _schedule(train, cfg.finetune, epochs, cfg.seed, dist_)
+    settings = _settings(sched, epochs, cfg, train, dist_, key=key)
+    with contextlib.ExitStack() as stack:
+        out = Path(out_dir) if out_dir is not None else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="hant-finetune-")))
+        out.mkdir(parents=True, exist_ok=True)
+        state, ckpt = _load_resume(out, settings, log)
+        info = dict(state.get("info", {})) if state is not None else {}
+        teacher = copy.deepcopy(teacher).to(dist_.device).to(memory_format=torch.channels_last).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        model.to(dist_.device).to(memory_format=torch.channels_last)
+        meta = {"key": key}
+        opt, step = _train_kd(model, teacher, train, cfg, sched, dist_, out, settings, state, ckpt, info, meta,
+                              log, name=key, fill=fill, pad=max(1, int(cfg.data.input_size) // 16))
+        model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+        if out_dir is not None:
+            _finish_checkpoint(out, model, opt, meta, step, sched.total, settings, info)
+    return {"steps": sched.total, "epochs": epochs, "batch_size": sched.batch, "train_images": len(train),
+            "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1)}
 
 
 # ----------------------------------------------------------------------------- measure
