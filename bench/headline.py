@@ -125,12 +125,11 @@ def match_latency(ratio_at: Callable[[float], float], lo: float, hi: float, tol:
     """Find the parameter p in [lo, hi] at which ratio_at(p) = 1.
 
     ratio_at(p) is a network's latency over the reference's; it falls as p grows (more
-    pruning, a smaller network), and lo is taken to be slower than the reference. hi is
-    probed first; while it is still slower, `grow(hi)` gives a larger bound to try (None:
-    out of reach). Then regula falsi on log(ratio), falling back to bisection when a step
-    would land in the outer tenth of the bracket, until |ratio - 1| <= tol or `steps`
-    probes. Returns {"param", "ratio", "reached", "probes": [{"param", "ratio"}]}: the
-    closest probe.
+    pruning, a smaller network). lo and hi are probed first; while hi is still slower,
+    `grow(hi)` gives a larger bound to try (None: out of reach). Then regula falsi on
+    log(ratio), falling back to bisection when a step would land in the outer tenth of the
+    bracket, until |ratio - 1| <= tol or `steps` probes. Returns {"param", "ratio",
+    "reached", "probes": [{"param", "ratio"}]}: the closest probe.
     """
     probes: list[dict[str, float]] = []
 
@@ -139,27 +138,28 @@ def match_latency(ratio_at: Callable[[float], float], lo: float, hi: float, tol:
         probes.append({"param": float(p), "ratio": r})
         return math.log(r)
 
-    a, fa = lo, None
-    b, fb = hi, probe(hi)
+    a, fa = lo, probe(lo)
+    if fa <= 0:  # already as fast as the reference at lo
+        b, fb = lo, fa
+    else:
+        b, fb = hi, probe(hi)
     while fb > 0 and grow is not None and len(probes) < steps:
         nxt = grow(b)
         if nxt is None:
             break
         a, fa = b, fb
         b, fb = nxt, probe(nxt)
-    while fb <= 0 and abs(fb) > math.log1p(tol) and len(probes) < steps and abs(b - a) > 1e-4 * max(1.0, abs(b)):
-        if not any(abs(math.log(p["ratio"])) <= math.log1p(tol) for p in probes):
-            w = b - a
-            m = (a + b) / 2 if fa is None else b - fb * (b - a) / (fb - fa)
-            if not a + 0.1 * w <= m <= b - 0.1 * w:
-                m = (a + b) / 2
-            fm = probe(m)
-            if fm > 0:
-                a, fa = m, fm
-            else:
-                b, fb = m, fm
+    while (fa > 0 >= fb and len(probes) < steps and abs(b - a) > 1e-4 * max(1.0, abs(b))
+           and not any(abs(math.log(p["ratio"])) <= math.log1p(tol) for p in probes)):
+        w = b - a
+        m = b - fb * (b - a) / (fb - fa)
+        if not a + 0.1 * w <= m <= b - 0.1 * w:
+            m = (a + b) / 2
+        fm = probe(m)
+        if fm > 0:
+            a, fa = m, fm
         else:
-            break
+            b, fb = m, fm
     best = min(probes, key=lambda p: abs(math.log(p["ratio"])))
     return {"param": best["param"], "ratio": best["ratio"], "reached": abs(math.log(best["ratio"])) <= math.log1p(tol),
             "probes": probes}
@@ -205,7 +205,10 @@ class Bench:
                                     self.cfg.model.trust_pickle).eval()
         self.epochs = float(args.finetune_epochs if args.finetune_epochs is not None else self.cfg.finetune.epochs)
         self.small_epochs = float(args.small_epochs) if args.small_epochs is not None else self.epochs
-        self.costs: dict[str, float] = {}
+        # A cached network made with other settings is made again.
+        self.settings = {"finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
+                         "prune_round_to": args.prune_round_to, "match_tol": args.match_tol,
+                         "random_draws": args.random_draws}
 
     # --- cache ---------------------------------------------------------------------------
 
@@ -214,6 +217,9 @@ class Bench:
         if not path.exists():
             return None
         d = json.loads(path.read_text())
+        if d.get("settings") != self.settings and d.get("status") != "unreachable":
+            self.log(f"[headline] {unit}: cached with other settings ({d.get('settings')}); redoing it")
+            return None
         for key in ("weights", "onnx"):
             f = d.get(key)
             if f and not Path(f).exists():
@@ -224,7 +230,7 @@ class Bench:
     def save(self, unit: str, d: dict) -> dict:
         from hant.workspace import atomic_write_text
 
-        d = {"unit": unit, **d}
+        d = {"unit": unit, **d, "settings": self.settings}
         atomic_write_text(self.rows_dir / f"{unit}.json", json.dumps(d, indent=1) + "\n")
         return d
 
@@ -276,9 +282,19 @@ class Bench:
     # --- stages ----------------------------------------------------------------------------
 
     def tables(self) -> None:
-        from hant.latency import measure_table
+        from hant.latency import get_target, measure_table, table_path
 
         for b in self.args.batch_sizes:
+            path = table_path(self.run, TARGET, b)
+            if path.exists():
+                # A complete table measured here, validated at least as widely, is kept as it is
+                # (measure_table would validate it again every time).
+                t = json.loads(path.read_text())
+                v = t.get("validation") or {}
+                here = get_target(TARGET, batch_size=b, threads=self.cfg.latency.threads).fingerprint()
+                if t.get("complete") and t.get("fingerprint") == here and (v.get("k") or 0) >= self.args.validate:
+                    self.log(f"[headline] latency table {path.name}: complete, kept")
+                    continue
             self.log(f"[headline] latency table {TARGET} batch {b}")
             measure_table(self.run, target=TARGET, batch_size=b, validate=self.args.validate,
                           progress=sys.stderr.isatty(), log=self.log)
@@ -362,20 +378,25 @@ class Bench:
     def random_unit(self, b: int, s: float, ref: dict) -> dict:
         def make():
             from hant.latency import load_table, predict_ms
-            from hant.select import build_pool, predicted_latency, random_feasible
+            from hant.select import build_pool, plan_totals, predicted_latency, random_feasible
             from hant.workspace import read_json
 
             plan_h = self.plan_of(ref)
             table = load_table(self.run, self.table_id(b))
             pool = build_pool(self.layers(), read_json(self.rd.scores), [table], self.cfg.score.objective)
             lat, fixed = predicted_latency(table, pool)
-            sol = random_feasible(pool.cost, lat, plan_h["budget_ms"], fixed=fixed, rng=self.cfg.seed)
+            # Of many random feasible plans, the one that uses the budget most: a uniform draw is
+            # usually far under it, which would compare hant with a faster network.
+            rng = np.random.default_rng(self.cfg.seed)
+            draws = [random_feasible(pool.cost, lat, plan_h["budget_ms"], fixed=fixed, rng=rng)
+                     for _ in range(max(1, self.args.random_draws))]
+            sol = max(draws, key=lambda d: plan_totals(d.choice, lat, fixed))
             layers = pool.plan_layers(sol.choice)
             plan = f"headline-b{b}-x{s:g}-random"
             d = self.finetune_plan(plan, "random", {
                 "target": self.table_id(b), "batch_size": b, "budget_ms": plan_h["budget_ms"], "layers": layers,
                 "predicted_ms": float(predict_ms(table, layers)), "predicted_score": float(sol.objective),
-                "status": "random", "seed": self.cfg.seed})
+                "status": "random", "seed": self.cfg.seed, "draws": self.args.random_draws})
             return {**d, "batch_size": b, "speedup_target": s, "matched_to": ref["unit"], "budget_ms": plan_h["budget_ms"]}
 
         return self.unit(f"random-b{b}-x{s:g}", make)
@@ -411,9 +432,8 @@ class Bench:
 
         def make():
             search_file = self.work / unit / "match.json"
-            if search_file.exists():
-                match = json.loads(search_file.read_text())
-            else:
+            match = json.loads(search_file.read_text()) if search_file.exists() else None
+            if match is None or match.get("settings") != self.settings:
                 target = self.target(b)
                 proto = self.probe_protocol()
                 ref_item = target.prepare(load_student(ref["dir"]), self.in_shape)
@@ -432,6 +452,7 @@ class Bench:
                 else:
                     match = match_latency(ratio_at, 0.0, 4.0, self.args.match_tol, self.args.match_steps,
                                           grow=lambda h: None if h >= 24 else h * 1.6)
+                match["settings"] = self.settings
                 search_file.parent.mkdir(parents=True, exist_ok=True)
                 search_file.write_text(json.dumps(match, indent=1))
             model = build(match["param"])
@@ -629,6 +650,7 @@ def write_outputs(bench: Bench, rows: list[dict], best: float | None, command: s
         "space": cfg.space,
         "target": TARGET,
         "teacher_top1": bench.teacher_d["top1"],
+        "teacher_training": teacher_training(bench),
         "test_images": len(bench.splits.test),
         "max_drop": max_drop,
         "best_speedup_within_0_4": best_within(rows, hant_methods, 64, max_drop)
@@ -653,6 +675,20 @@ def write_outputs(bench: Bench, rows: list[dict], best: float | None, command: s
     atomic_write_text(out / "headline.md", markdown(result))
     plot(result, out / "headline.png")
     return result
+
+
+def teacher_training(bench: Bench) -> dict | None:
+    """How the teacher was trained (the JSON `hant train-teacher` writes beside it), when it is there."""
+    from hant.teacher import teacher_meta_path
+
+    ckpt = bench.cfg.model.checkpoint
+    path = teacher_meta_path(ckpt) if ckpt else None
+    if path is None or not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    keep = ("epochs", "steps", "batch_size", "train_images", "lr", "test_top1", "heldout_top1", "train_time_s",
+            "images_per_s", "threads", "command", "history", "sha256")
+    return {"file": str(path), **{k: meta.get(k) for k in keep if k in meta}}
 
 
 def notes(bench: Bench, rows: list[dict]) -> list[str]:
@@ -742,12 +778,11 @@ def plot(result: dict, path: Path) -> None:
                         ms=9 if marker == "*" else 6, lw=1, capsize=2, label=LABELS[m])
         t = result["teacher_top1"]
         ax.axhline(t - result["max_drop"], color="grey", lw=0.8, ls="--", label=f"teacher − {result['max_drop']:g}")
-        ax.set_xscale("log")
         ax.set_xlabel("measured latency, ms (median, p10–p90)")
         ax.set_ylabel("test top-1, %")
         ax.set_title(f"{result['target']}, batch {b}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -842,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate", type=int, help="latency tables: networks to validate on (default 10; --quick 3)")
     p.add_argument("--match-tol", type=float, default=0.03, help="latency match tolerance (relative)")
     p.add_argument("--match-steps", type=int, help="latency probes per matched network (default 7; --quick 4)")
+    p.add_argument("--random-draws", type=int, default=200,
+                   help="random feasible plans drawn; the one closest to the budget is trained")
     p.add_argument("--prune-round-to", type=int, default=8, help="channel multiple after pruning (0: none)")
     p.add_argument("--time-cap", type=float, help="seconds of interleaved timing per batch size (default: the run's)")
     p.add_argument("--quick", action="store_true", help="build and use a tiny run; a few minutes end to end")
