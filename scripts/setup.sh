@@ -19,7 +19,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     echo "[setup] installing torch 2.14.1 / torchvision 0.29.1 and hant (first time: a few minutes)"
     # The exact versions this kind of machine holds on local disk; users elsewhere may use any torch>=2.1.
     "$VENV/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
-    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+    "$VENV/bin/pip" install -q -e "$ROOT[dev,bench]"  # bench: Torch-Pruning, for bench/headline.py and its test
     touch "$STAMP"
 fi
 
