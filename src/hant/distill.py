@@ -947,107 +947,109 @@ def train_pool(
     session_images = 0
     interval = opts.checkpoint_minutes * 60.0
 
-    for gi, idxs in enumerate(groups):
-        group_cands = [cands[i] for i in idxs]
-        g = _Group(group_cands, opts, device)
-        layers = {c.layer for c in group_cands}
-        later = {cands[i].layer for later_idxs in groups[gi + 1 :] for i in later_idxs}
-        key = _group_key(group_cands, opts)
-        if ckpt is not None and any(c.trainable for c in group_cands):
-            loaded = ckpt.load(key)
-            if loaded is not None:
-                g.load(*loaded)
-                log(f"group {gi + 1}/{n_groups}: resuming at step {g.steps_done}/{opts.steps}")
-        if bar is not None:
-            bar.update(g.steps_done * bs)
-        t0 = time.time()
-        last_ckpt = time.time()
-        shown = g.steps_done
-        if g.active():
-            with _Interrupts() as interrupts:
-                images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
-                                       skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
-                                                                                layers | later))
-                for step in range(g.steps_done, opts.steps):
-                    _fault("interrupt", lambda: os.kill(os.getpid(), signal.SIGINT))
-                    batch = next(images)
-                    acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
-                        train_set, plan.indices(s)), layers, later)
-                    g.step(step, acts, autocast)
-                    del acts, batch
-                    shown += 1
-                    if bar is not None:
-                        bar.update(bs)
-                        bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
-                                            refresh=False)
-                    if ckpt is not None and ((step + 1 < opts.steps and time.time() - last_ckpt >= interval)
-                                             or interrupts.signal is not None):
-                        ckpt.save(key, g)
-                        last_ckpt = time.time()
-                        _fault("after_checkpoint")
-                    if interrupts.signal is not None:
+    try:  # a stage that stops on an error must not leave its bar open over the error line
+        for gi, idxs in enumerate(groups):
+            group_cands = [cands[i] for i in idxs]
+            g = _Group(group_cands, opts, device)
+            layers = {c.layer for c in group_cands}
+            later = {cands[i].layer for later_idxs in groups[gi + 1 :] for i in later_idxs}
+            key = _group_key(group_cands, opts)
+            if ckpt is not None and any(c.trainable for c in group_cands):
+                loaded = ckpt.load(key)
+                if loaded is not None:
+                    g.load(*loaded)
+                    log(f"group {gi + 1}/{n_groups}: resuming at step {g.steps_done}/{opts.steps}")
+            if bar is not None:
+                bar.update(g.steps_done * bs)
+            t0 = time.time()
+            last_ckpt = time.time()
+            shown = g.steps_done
+            if g.active():
+                with _Interrupts() as interrupts:
+                    images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
+                                           skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
+                                                                                    layers | later))
+                    for step in range(g.steps_done, opts.steps):
+                        _fault("interrupt", lambda: os.kill(os.getpid(), signal.SIGINT))
+                        batch = next(images)
+                        acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
+                            train_set, plan.indices(s)), layers, later)
+                        g.step(step, acts, autocast)
+                        del acts, batch
+                        shown += 1
                         if bar is not None:
-                            bar.close()
-                        log(f"interrupted: group {gi + 1}/{n_groups} "
-                            + (f"saved at step {g.steps_done}/{opts.steps}; run again to resume"
-                               if ckpt is not None else f"stopped at step {g.steps_done}/{opts.steps}"))
-                        interrupts.raise_if_pending()
-                    if not g.active():
-                        break
-        if bar is not None and shown < opts.steps:
-            bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
-        train_s += time.time() - t0
-        opt_s += g.opt_seconds
-        session_images += g.session_images
-        t0 = time.time()
-        tap_train_s = tap.seconds
-        held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
-                             tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
-            float("nan")] * len(group_cands)
-        eval_s += time.time() - t0
-        teacher_eval_s += tap.seconds - tap_train_s
-        group_entries = []
-        for i, c in enumerate(group_cands):
-            tail = g.tail[i]
-            status, reason = g.status[i], g.reason[i]
-            if status == "pending":
-                status = "done"
-            if status == "done" and not math.isfinite(held[i]):
-                status, reason = "failed", f"held-out loss is {held[i]}"
-            trained = g.trainable[i]
-            e = {
-                "layer": c.layer,
-                "spec": c.spec,
-                "status": status,
-                "init": c.init,
-                "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
-                "train_loss_first": g.first[i] if trained else None,
-                "heldout_loss": held[i] if math.isfinite(held[i]) else None,
-                "steps": g.cand_steps[i] if trained else 0,
-                "images": g.cand_steps[i] * bs if trained else 0,
-                "flops": c.cost,
-                "train_s": round(c.seconds, 4),
-            }
-            if reason:
-                e["reason"] = reason
-            group_entries.append(e)
-        if on_group_done is not None:
-            on_group_done(group_cands, group_entries)
-        _fault("after_group")
-        if ckpt is not None:
-            ckpt.drop(key)
-        entries.extend(group_entries)
-        done_count += len(group_cands)
+                            bar.update(bs)
+                            bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
+                                                refresh=False)
+                        if ckpt is not None and ((step + 1 < opts.steps and time.time() - last_ckpt >= interval)
+                                                 or interrupts.signal is not None):
+                            ckpt.save(key, g)
+                            last_ckpt = time.time()
+                            _fault("after_checkpoint")
+                        if interrupts.signal is not None:
+                            if bar is not None:
+                                bar.close()
+                            log(f"interrupted: group {gi + 1}/{n_groups} "
+                                + (f"saved at step {g.steps_done}/{opts.steps}; run again to resume"
+                                   if ckpt is not None else f"stopped at step {g.steps_done}/{opts.steps}"))
+                            interrupts.raise_if_pending()
+                        if not g.active():
+                            break
+            if bar is not None and shown < opts.steps:
+                bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
+            train_s += time.time() - t0
+            opt_s += g.opt_seconds
+            session_images += g.session_images
+            t0 = time.time()
+            tap_train_s = tap.seconds
+            held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
+                                 tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
+                float("nan")] * len(group_cands)
+            eval_s += time.time() - t0
+            teacher_eval_s += tap.seconds - tap_train_s
+            group_entries = []
+            for i, c in enumerate(group_cands):
+                tail = g.tail[i]
+                status, reason = g.status[i], g.reason[i]
+                if status == "pending":
+                    status = "done"
+                if status == "done" and not math.isfinite(held[i]):
+                    status, reason = "failed", f"held-out loss is {held[i]}"
+                trained = g.trainable[i]
+                e = {
+                    "layer": c.layer,
+                    "spec": c.spec,
+                    "status": status,
+                    "init": c.init,
+                    "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
+                    "train_loss_first": g.first[i] if trained else None,
+                    "heldout_loss": held[i] if math.isfinite(held[i]) else None,
+                    "steps": g.cand_steps[i] if trained else 0,
+                    "images": g.cand_steps[i] * bs if trained else 0,
+                    "flops": c.cost,
+                    "train_s": round(c.seconds, 4),
+                }
+                if reason:
+                    e["reason"] = reason
+                group_entries.append(e)
+            if on_group_done is not None:
+                on_group_done(group_cands, group_entries)
+            _fault("after_group")
+            if ckpt is not None:
+                ckpt.drop(key)
+            entries.extend(group_entries)
+            done_count += len(group_cands)
+            if bar is not None:
+                bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done")
+            # Later groups replay from disk; free this group's memory before they start.
+            if device.type != "cpu":
+                for c in group_cands:
+                    if c.module is not None:
+                        c.module.to("cpu")
+            del g
+    finally:
         if bar is not None:
-            bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done")
-        # Later groups replay from disk; free this group's memory before they start.
-        if device.type != "cpu":
-            for c in group_cands:
-                if c.module is not None:
-                    c.module.to("cpu")
-        del g
-    if bar is not None:
-        bar.close()
+            bar.close()
     if cache is not None:
         shutil.rmtree(cache.folder, ignore_errors=True)
     return {
@@ -1122,23 +1124,34 @@ def images_per_candidate(cfg, images: int | None, n_train: int) -> int:
     return int(images)
 
 
-def _read_entries(path: Path) -> list[dict[str, Any]]:
+def _read_entries(path: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from hant.workspace import read_json
 
     if not path.exists():
         return []
     try:
         return list(read_json(path).get("candidates", []))
-    except HantError:
-        return []  # a torn or foreign file: its candidates are trained again
+    except HantError:  # a torn or foreign file
+        log(f"phase 1: {path} is unreadable; the candidates it listed are trained again")
+        return []
 
 
-def _finished(rd, entries: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Entries that need no more work: failed, or done with their weights file present."""
+def _finished(rd, entries: Iterable[dict[str, Any]], log: Callable[[str], None]
+              ) -> dict[tuple[str, str], dict[str, Any]]:
+    """Entries that need no more work: failed, or done with their weights file present and
+    matching its recorded sha256 (a truncated or altered file is reported and trained again)."""
+    from hant.workspace import sha256_file
+
     out = {}
     for e in entries:
         status = e.get("status")
-        if status == "failed" or (status == "done" and e.get("file") and (rd.root / e["file"]).is_file()):
+        if status == "done" and e.get("file") and (rd.root / e["file"]).is_file():
+            if e.get("sha256") and sha256_file(rd.root / e["file"]) != e["sha256"]:
+                log(f"phase 1: {e['file']} does not match its recorded checksum (truncated or altered); "
+                    "training it again")
+                continue
+            out[(e["layer"], e["spec"])] = e
+        elif status == "failed":
             out[(e["layer"], e["spec"])] = e
     return out
 
@@ -1278,10 +1291,10 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         steps = math.ceil(n_img / plan.batch_size)
 
         parts_dir = rd.candidates_dir / ".parts"
-        previous = _read_entries(rd.candidates_index)
+        previous = _read_entries(rd.candidates_index, quiet)
         for part in sorted(parts_dir.glob("rank*.json")) if parts_dir.exists() else []:
-            previous += _read_entries(part)
-        finished = _finished(rd, previous)
+            previous += _read_entries(part, quiet)
+        finished = _finished(rd, previous, quiet)
 
         # Shares are computed over all candidates, finished or not, so that a restart
         # gives every rank the same share (and its checkpoints stay valid).

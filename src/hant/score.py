@@ -335,6 +335,10 @@ def score(run: str | Path, method: str | None = None, log: Callable[[str], None]
             f"images) in {time.perf_counter() - t0:.0f} s -> {rd.scores}"
             + (f"; {len(failed)} failed (e.g. {failed[0]['layer']}/{failed[0]['spec']}: {failed[0]['reason']})"
                if failed else ""))
+        unreadable = sum(1 for e in failed if e.get("unreadable"))
+        if unreadable:
+            log(f"scores: {unreadable} candidates have unreadable weights; `hant distill --run {run}` recomputes "
+                "them, then rerun `hant score`")
     return out
 
 
@@ -343,7 +347,7 @@ def _teacher_entries(layers) -> list[dict]:
              "params": d.params, "flops": d.flops, "status": "done"} for d in layers]
 
 
-def _previous(run: Path, method: str, images: int | None) -> dict[tuple[str, str], dict]:
+def _previous(run: Path, method: str, images: int | None, log) -> dict[tuple[str, str], dict]:
     """Entries of an earlier, interrupted or finished, run of the same method and images."""
     from hant.workspace import RunDir, read_json
 
@@ -353,6 +357,7 @@ def _previous(run: Path, method: str, images: int | None) -> dict[tuple[str, str
     try:
         old = read_json(path)
     except HantError:
+        log(f"scores: {path} is unreadable (corrupt or truncated); scoring every candidate afresh")
         return {}
     if old.get("method") != method or old.get("images") != images:
         return {}
@@ -361,7 +366,7 @@ def _previous(run: Path, method: str, images: int | None) -> dict[tuple[str, str
 
 def _score_distill(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
     by_name = {d.name: d for d in layers}
-    prev = _previous(run, "distill", None)
+    prev = _previous(run, "distill", None, log)
     entries = _teacher_entries(layers)
     torch.manual_seed(cfg.seed)
     for e in todo:
@@ -421,25 +426,31 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
     teacher_info = {"loss": t_loss, "top1": t_top1, "params": sum(p.numel() for p in teacher.parameters()),
                     "flops": count_flops(teacher, in_shape), "images": n_images}
 
-    prev = _previous(run, "eval", n_images)
+    prev = _previous(run, "eval", n_images, log)
     done: dict[tuple[str, str], dict] = {}
     pending: list[dict] = []
     for e in todo:
         old = prev.get((e["layer"], e["spec"]))
-        if old is not None and old.get("sha256") == e.get("sha256"):
+        # Weights that could not be read are tried again: phase 1 may have recomputed them since.
+        if old is not None and old.get("sha256") == e.get("sha256") and not old.get("unreadable"):
             done[(e["layer"], e["spec"])] = old
         else:
             pending.append(e)
     if done:
         log(f"scores: {len(done)} candidates already scored, {len(pending)} to go")
 
-    def snapshot() -> dict[str, Any]:
-        return {"version": 1, "method": "eval", "images": n_images, "teacher": teacher_info,
-                "entries": _teacher_entries(layers) + list(done.values())}
+    # Entries in the index's order, so that the file does not depend on where a run was resumed.
+    order = {(e["layer"], e["spec"]): i for i, e in enumerate(todo)}
 
-    from hant.workspace import RunDir, write_json
+    def snapshot() -> dict[str, Any]:
+        rows = sorted(done.values(), key=lambda r: order.get((r["layer"], r["spec"]), len(order)))
+        return {"version": 1, "method": "eval", "images": n_images, "teacher": teacher_info,
+                "entries": _teacher_entries(layers) + rows}
+
+    from hant.workspace import RunDir, fault_point, write_json
 
     path = RunDir(run).scores
+    chunks = 0
     bar = _bar(len(pending) * n_images, "score")
     try:
         for layer in layers:
@@ -453,7 +464,8 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
                         modules[e["spec"]] = _load_candidate(run, layer, e, teacher_layer).to(device, memory_format=fmt)
                     except HantError as err:
                         done[key] = {"layer": key[0], "spec": key[1], "d_loss": None, "d_acc": None, "kl": None,
-                                     "sha256": e.get("sha256"), "status": "failed", "reason": str(err)}
+                                     "sha256": e.get("sha256"), "status": "failed", "reason": str(err),
+                                     "unreadable": True}
                         bar.update(n_images)
                 bar.set_postfix_str(f"{layer.name} {start + len(chunk)}/{len(mine)}", refresh=False)
                 if modules:
@@ -469,6 +481,8 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
                             row.update(status="failed", reason="non-finite output on the held-out split")
                         done[(layer.name, e["spec"])] = row
                 write_json(path, snapshot())
+                chunks += 1
+                fault_point("score:after_chunk", chunks)
     finally:
         bar.close()
     return snapshot()

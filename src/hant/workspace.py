@@ -7,10 +7,13 @@ place, so a killed process leaves either the old file or the new one, never half
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,11 +23,38 @@ import yaml
 from hant.errors import HantError
 
 FORMAT_VERSION = 1
+FAULT_ENV = "HANT_FAULT"
+
+
+def fault_point(name: str, n: int = 1) -> None:
+    """Crash tests: with HANT_FAULT=<name>@<n> (or just <name> for n=1) the process kills
+    itself with SIGKILL here, at the n-th passage that the caller counts, as `kill -9` or a
+    power cut would: no cleanup, no finally blocks. Does nothing otherwise."""
+    want = os.environ.get(FAULT_ENV, "")
+    point, _, nth = want.partition("@")
+    if point == name and (int(nth) if nth.isdigit() else 1) == n:
+        print(f"{FAULT_ENV}: killing the process at {name}@{n}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file + fsync + rename). Returns the path."""
+    """Write `data` to `path` atomically (temp file + fsync + rename). Returns the path.
+
+    Raises HantError when the disk is full (nothing is left half-written: a rerun after
+    freeing space continues from the artifacts already complete).
+    """
     path = Path(path)
+    try:
+        _replace_atomically(path, data)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HantError(f"no space left on the device writing {path}; free some space and rerun "
+                            "(finished work is kept)") from None
+        raise
+    return path
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -38,7 +68,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -92,12 +121,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
-    """Save tensors as safetensors atomically. Returns the file's sha256."""
+    """Save tensors as safetensors atomically. Returns the file's sha256.
+
+    The same tensors and metadata give the same bytes in every process.
+    """
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = _sorted_metadata(data)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    # safetensors writes the metadata in hash-map order, which changes from process to
+    # process; sorted, equal weights give equal files and checksums on every run. The
+    # header keeps its length (the same entries in another order), so offsets hold.
+    n = int.from_bytes(data[:8], "little")
+    raw = data[8:8 + n]
+    header = json.loads(raw)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or len(meta) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(new) != len(raw.rstrip(b" ")):
+        return data  # serialised differently from safetensors: keep its bytes
+    return data[:8] + new + raw[len(new):] + data[8 + n:]
 
 
 def load_safetensors(path: str | os.PathLike, expect_sha256: str | None = None) -> dict:
@@ -109,7 +159,8 @@ def load_safetensors(path: str | os.PathLike, expect_sha256: str | None = None) 
         raise HantError(f"{path} does not exist")
     data = path.read_bytes()
     if expect_sha256 is not None and hashlib.sha256(data).hexdigest() != expect_sha256:
-        raise HantError(f"{path} does not match its recorded checksum (truncated or altered); it will be recomputed")
+        raise HantError(f"{path} does not match its recorded checksum (truncated or altered); "
+                        "rerun the stage that wrote it to recompute it")
     try:
         return load(data)
     except Exception as e:  # safetensors raises its own error types

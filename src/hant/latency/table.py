@@ -47,6 +47,7 @@ target id with `batch_size`, or a target id alone when only one table exists for
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
 import random
@@ -63,7 +64,7 @@ from torch import nn
 from hant.errors import HantError
 from hant.latency.base import Target, get_target, torch_threads
 from hant.latency.protocol import Protocol, Stats, measure
-from hant.workspace import RunDir, read_json, run_lock, write_json
+from hant.workspace import RunDir, fault_point, read_json, run_lock, write_json
 
 __all__ = [
     "table_id",
@@ -421,7 +422,11 @@ def _start_table(ctx: _Run, path: Path, tid: str, tgt: Target, fingerprint: dict
     }
     if not path.exists():
         return fresh, {}
-    old = read_json(path)
+    try:
+        old = read_json(path)
+    except HantError:  # torn or altered: measure again rather than trust any of it
+        log(f"latency {tid}: {path} is unreadable (corrupt or truncated); measuring it afresh")
+        return fresh, {}
     if old.get("target") != tgt.id or int(old.get("batch_size", -1)) != tgt.batch_size:
         raise HantError(f"{path} holds a table for {old.get('target')} at batch {old.get('batch_size')}, "
                         f"not {tgt.id} at batch {tgt.batch_size}; delete it to measure afresh")
@@ -461,7 +466,7 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
     tid = table["table_id"]
     bar = _bar(total, f"latency {tid}", progress)
     try:
-        for layer, specs in groups:
+        for done, (layer, specs) in enumerate(groups, 1):
             bar.set_postfix_str(f"{layer.name}: preparing {len(specs)}", refresh=True)
             prepared: dict[Any, Any] = {}
             examples = layer_inputs.get(layer.name)
@@ -473,6 +478,10 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
                     except HantError:
                         raise
                     except Exception as e:  # one candidate the runtime cannot take must not sink the table
+                        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                            # The machine's problem, not the candidate's: stop, and time it on the rerun.
+                            raise HantError(f"no space left on the device while preparing {layer.name}/{spec}; "
+                                            "free some space and rerun (finished work is kept)") from None
                         failed[(layer.name, spec)] = {"layer": layer.name, "spec": spec,
                                                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
                         log(f"latency {tid}: cannot time {layer.name}/{spec}: {failed[(layer.name, spec)]['error']}")
@@ -490,6 +499,7 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
                 entries[(layer.name, spec)] = _net(s, null)
             del prepared
             save(False)
+            fault_point("latency:after_layer", done)
     finally:
         bar.close()
 
