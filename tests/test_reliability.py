@@ -170,7 +170,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-_TIMING_KEYS = {"train_s", "seconds"}
+_TIMING_KEYS = {"train_s"}
 
 
 def _results(entries: list[dict]) -> list[dict]:
@@ -336,6 +336,23 @@ def test_damaged_candidate_weights_are_refused_reported_and_trained_again(base, 
     assert again["entries"] == read_json(base / "scores.json")["entries"]
 
 
+def test_damaged_phase1_index_is_reported_and_rebuilt(base, tmp_path):
+    from hant.distill import distill
+
+    run = _copy(base, tmp_path / "run")
+    _truncate(RunDir(run).candidates_index)
+    logs = []
+    distill(run, log=logs.append)
+    assert len([m for m in logs if "index.json is unreadable" in m]) == 1
+    # Without the index, no weights file can be checked against its checksum: phase 1 is
+    # trained again, to the same result.
+    assert _results(read_json(RunDir(run).candidates_index)["candidates"]) == \
+        _results(read_json(RunDir(base).candidates_index)["candidates"])
+    assert _files(run / "candidates").keys() == _files(base / "candidates").keys()
+    assert all(v == _files(base / "candidates")[k] for k, v in _files(run / "candidates").items()
+               if k.endswith(".safetensors"))
+
+
 def test_damaged_latency_table_is_reported_and_measured_afresh(base, tmp_path, capsys):
     from hant.latency import measure_table
 
@@ -390,6 +407,16 @@ def test_damaged_student_weights_are_refused_and_rewritten_without_training(base
     assert steps == []  # rewritten from the finished fine-tuning's checkpoint
     assert weights.read_bytes() == good
     student_mod.load_student(folder)
+
+    # With the checkpoint damaged too, fine-tuning says so in one line and trains again, to
+    # the same weights.
+    _flip_byte(weights)
+    _flip_byte(folder / "finetune.ckpt.safetensors")
+    logs = []
+    student_mod.finetune(run, PLAN, log=logs.append)
+    unusable = [m for m in logs if "checkpoint unusable" in m]
+    assert len(unusable) == 1 and "checksum" in unusable[0] and "\n" not in unusable[0]
+    assert steps and weights.read_bytes() == good
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,10 +530,11 @@ def test_bad_input_to_init_is_one_line_and_writes_nothing(tmp_path, capsys, chan
     assert not (run / "config.yaml").exists() and not (run / "layers.json").exists()
 
 
-def test_pickled_checkpoint_loads_with_trust_pickle(tmp_path, capsys):
+def test_pickled_checkpoint_loads_with_trust_pickle(tmp_path):
     ckpt = _checkpoint(tmp_path / "whole.pt", "pickle")
     assert main(["init", "--run", str(tmp_path / "run"), "--model", TEACHER, "--data", DATA, "--input-size", "16",
                  "--space", "tiny", "--checkpoint", str(ckpt), "--trust-pickle"]) == 0
+    assert read_json(tmp_path / "run" / "layers.json")["layers"]
 
 
 def test_infeasible_budget_names_the_fastest_reachable_latency(base, tmp_path, capsys):
