@@ -266,10 +266,21 @@ def test_teacher_training_killed_at_a_random_moment_resumes_to_the_same_weights(
                                  "--max-images", str(images), "--out", str(out)],
                                 env=_env(), cwd=str(TESTS), stdout=subprocess.DEVNULL, stderr=err)
         try:
+            # Progress is saved at every epoch's end (an atomic write: a new inode each time).
+            # Time one epoch from the first two saves, then kill at a random moment within
+            # the next three epochs, on a machine of any speed.
             deadline = time.monotonic() + 300
-            while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(random.uniform(0.0, 0.3))  # some epochs are done; kill at any moment after
+            saves = []
+            while len(saves) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    ino = partial.stat().st_ino
+                except FileNotFoundError:
+                    ino = None
+                if ino is not None and (not saves or saves[-1][0] != ino):
+                    saves.append((ino, time.monotonic()))
+                time.sleep(0.002)
+            epoch_s = saves[1][1] - saves[0][1] if len(saves) == 2 else 0.0
+            time.sleep(random.uniform(0.0, 3 * epoch_s))
             proc.kill()
         finally:
             proc.wait()

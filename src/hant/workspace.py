@@ -1,4 +1,4 @@
-"""The run folder: paths, atomic writes, checksums and the single-writer lock.
+"""The run folder: paths, atomic writes, checksums, the single-writer lock and crash points for tests.
 
 Every artifact is written to a temporary name in the same folder and renamed into
 place, so a killed process leaves either the old file or the new one, never half.
