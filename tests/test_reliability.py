@@ -580,8 +580,10 @@ def test_latency_table_from_another_machine_is_refused_unless_forced(base, tmp_p
 def test_corrupt_run_config_is_one_line(base, tmp_path, capsys):
     run = _copy(base, tmp_path / "run")
     (run / "config.yaml").write_text("model: {source: [unclosed\n")
+    before = _files(run)
     assert main(["score", "--run", str(run)]) == 2
     assert "config.yaml is not valid YAML" in _error_line(capsys.readouterr().err)
+    assert _files(run) == before
 
 
 class _NaNOp(nn.Module):
