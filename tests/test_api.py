@@ -101,6 +101,18 @@ def test_accelerate_timm_model_in_memory_data(tmp_path, splits):
     assert all(torch.equal(v, r2.student.state_dict()[k]) for k, v in w1.items())
     assert len(list((tmp_path / "run").glob("data-*.safetensors"))) == 1
 
+    # Damaged student weights and plan are redone by the same call, not skipped as finished.
+    student_file = tmp_path / "run" / "students" / r.plans[0] / "student.safetensors"
+    student_file.write_bytes(student_file.read_bytes()[:-64])
+    (tmp_path / "run" / "plans" / f"{r.plans[0]}.json").write_text("{not json")
+    lines.clear()
+    r3 = hant.accelerate(model, train, held, test_data=test, speedup=1.5, run=tmp_path / "run",
+                         config=_config(tmp_path), log=lines.append)
+    assert not any("complete, skipped" in ln and ("finetune" in ln or "select" in ln) for ln in lines)
+    assert r3.evals[r3.plans[0]]["speedup"] > 1.0
+    with torch.no_grad():
+        assert r3.student(test[0][:2]).shape == (2, 10)
+
     # Other data in the same run folder is refused instead of mixed with the finished work.
     other = (train[0][:-8], train[1][:-8])
     with pytest.raises(HantError, match="already initialised with another configuration"):

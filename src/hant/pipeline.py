@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hant.errors import HantError
-from hant.workspace import RunDir, read_json, write_json
+from hant.workspace import RunDir, read_json, sha256_file, write_json
 
 
 @dataclass
@@ -63,9 +63,27 @@ class _Timer:
         return out
 
 
+def _readable(path: Path) -> bool:
+    """Whether a JSON artifact exists and reads back (a damaged one is redone, not skipped)."""
+    try:
+        read_json(path)
+        return True
+    except (HantError, OSError, ValueError):
+        return False
+
+
+def _student_intact(run: Path, plan: str) -> bool:
+    """Whether the plan's fine-tuned student exists with the checksum its arch.json records."""
+    out = RunDir(run).student_dir(plan)
+    weights = out / "student.safetensors"
+    if not weights.exists() or not _readable(out / "arch.json"):
+        return False
+    return sha256_file(weights) == read_json(out / "arch.json").get("sha256")
+
+
 def _eval_complete(run: Path, plan: str, int8: bool) -> bool:
     path = RunDir(run).student_dir(plan) / "eval.json"
-    if not path.exists():
+    if not _readable(path):
         return False
     ev = read_json(path)
     ok = ev.get("student", {}).get("top1") is not None and ev.get("student", {}).get("latency_ms") is not None
@@ -109,12 +127,12 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
         name = plan_name(opts.target, opts.batch_size, s)
         plans.append(name)
         timer.run(f"select {name}", lambda: select.select(run, target=tid, speedup=s, name=name),
-                  skip=rd.plan(name).exists())
+                  skip=_readable(rd.plan(name)))
     for name in plans:
-        done = _eval_complete(run, name, opts.int8)
-        student_file = rd.student_dir(name) / "student.safetensors"
+        intact = _student_intact(run, name)
+        done = intact and _eval_complete(run, name, opts.int8)
         timer.run(f"finetune {name}", lambda: student.finetune(run, name, epochs=opts.finetune_epochs, log=log),
-                  skip=done or student_file.exists())
+                  skip=intact)
         timer.run(f"measure {name}", lambda: student.measure(run, name, log=log), skip=done)
         timer.run(f"export {name}", lambda: export_mod.export(run, name, int8=opts.int8), skip=done)
     path = timer.run("report", lambda: report.write_report(run))
