@@ -72,7 +72,7 @@ def test_bad_data_spec(spec):
 
 
 def test_unknown_spec_lists_valid_forms():
-    with pytest.raises(HantError, match="fashion-mnist, imagefolder:/path or synthetic:N"):
+    with pytest.raises(HantError, match="fashion-mnist, imagefolder:/path, tensors:/file.safetensors or synthetic:N"):
         load_data(DataConfig(spec="cifar10"))
 
 

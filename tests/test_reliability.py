@@ -73,7 +73,7 @@ def unpadded_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # One thread: fast for tiny models on a shared machine, and bit-reproducible between this
     # process and the `OMP_NUM_THREADS=1` subprocesses whose results are compared with it.
