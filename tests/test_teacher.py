@@ -187,6 +187,22 @@ def test_train_teacher_learns_and_writes_files(tmp_path):
     assert evaluate(teacher, make_loader(splits.test, 64))["top1"] == pytest.approx(r["test_top1"], abs=1e-3)
 
 
+def test_train_teacher_init_from_continues_from_weights(tmp_path):
+    first = tmp_path / "first.safetensors"
+    r1 = train_teacher(TINY, _cfg(), epochs=2, out=first, lr=5e-3, seed=0, max_train_images=200, command="t")
+    # A second cycle at a learning rate too small to move anything starts where the first ended.
+    again = tmp_path / "again.safetensors"
+    r2 = train_teacher(TINY, _cfg(), epochs=1, out=again, lr=1e-9, seed=0, max_train_images=200, command="t",
+                       init_from=first)
+    assert r2["test_top1"] == pytest.approx(r1["test_top1"], abs=2.0) and r1["test_top1"] > 25
+    assert r2["init_from"]["file"] == str(first) and len(r2["init_from"]["sha256"]) == 64
+    a, b = load_teacher(TINY, 1, 10, checkpoint=first), load_teacher(TINY, 1, 10, checkpoint=again)
+    convs = [k for k, v in a.state_dict().items() if v.dim() == 4]
+    assert all(torch.allclose(a.state_dict()[k], b.state_dict()[k], atol=1e-6) for k in convs)
+    with pytest.raises(HantError, match="--init-from .* not found"):
+        train_teacher(TINY, _cfg(), epochs=1, out=tmp_path / "x.safetensors", init_from=tmp_path / "missing")
+
+
 def test_train_teacher_resumes_after_interrupt(tmp_path):
     kw = dict(epochs=2, lr=5e-3, seed=1, max_train_images=96, eval_each_epoch=False, command="x")
     straight = train_teacher(TINY, _cfg(), out=tmp_path / "a.safetensors", **kw)

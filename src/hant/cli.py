@@ -46,7 +46,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     data = DataConfig(spec=args.data, data_dir=args.data_dir, input_size=args.input_size,
                       batch_size=args.batch_size, seed=args.seed)
     result = train_teacher(args.model, data, epochs=args.epochs, out=args.out, lr=args.lr,
-                           seed=args.seed, max_train_images=args.max_images)
+                           seed=args.seed, max_train_images=args.max_images, init_from=args.init_from)
     print(f"teacher: test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs "
           f"in {result['train_time_s']:.0f} s -> {args.out}")
     return 0
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=None, help="cap train images (for quick runs)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
+    s.add_argument("--init-from", default=None, help="start from these weights (e.g. another cycle at a lower --lr)")
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("init", help="create a run folder: config.yaml and layers.json")

@@ -395,7 +395,7 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
                   weight_decay: float = 0.05, label_smoothing: float = 0.1, drop_rate: float = 0.2,
                   drop_path_rate: float = 0.1, augment: bool = True, resume: bool = True,
                   checkpoint_minutes: float = 10.0, eval_each_epoch: bool = True,
-                  command: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  init_from: str | Path | None = None, command: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train a teacher from scratch on `data_cfg` and save it.
 
     Recipe: AdamW (decay on weights only), one-cycle LR peaking at `lr`, label smoothing,
@@ -406,7 +406,9 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
     (source, in_chans, num_classes, input_size, data, mean, std, test_top1, epochs,
     train_time_s, images_per_s, command, ...), and returns that dict. Progress is saved
     to `out`.partial.safetensors at each epoch end, every `checkpoint_minutes` and on
-    Ctrl-C; a rerun with the same settings resumes from it. Raises HantError for bad
+    Ctrl-C; a rerun with the same settings resumes from it. `init_from` starts from those
+    weights instead of random ones (a second, gentler cycle on a teacher that was still
+    improving). Raises HantError for bad
     arguments, data or model sources, or a partial file from other settings.
     """
     from hant.data import TensorImageDataset, load_data, make_loader, random_crop_flip
@@ -445,6 +447,14 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
         model = _create(source, splits.in_chans, splits.num_classes, timm_kwargs)
     except TypeError:  # a timm family without drop path
         model = _create(source, splits.in_chans, splits.num_classes, {"drop_rate": drop_rate})
+    init_sha = None
+    if init_from is not None:
+        from hant.workspace import sha256_file
+
+        if not Path(init_from).is_file():
+            raise HantError(f"--init-from {init_from} not found; pass an existing weights file")
+        load_checkpoint(model, init_from)
+        init_sha = sha256_file(init_from)
     model = model.to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
@@ -456,6 +466,8 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
                  "data_seed": data_cfg.seed, "epochs": float(epochs), "lr": lr, "batch_size": batch,
                  "train_images": n_train, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
                  "drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "augment": augment}
+    if init_sha is not None:
+        signature["init_from_sha256"] = init_sha
     partial = out.with_suffix(".partial.safetensors")
     state = {"step": 0, "elapsed_s": 0.0, "history": []}
     if resume and partial.exists():
@@ -546,6 +558,7 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
         "test_top1": round(test["top1"], 4),
         "test_loss": round(test["loss"], 6),
         "heldout_top1": round(heldout["top1"], 4) if heldout else None,
+        "init_from": {"file": str(init_from), "sha256": init_sha} if init_from is not None else None,
         "epochs": epochs,
         "steps": total_steps,
         "batch_size": batch,
