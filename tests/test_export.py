@@ -15,13 +15,8 @@ from hant.workspace import RunDir, read_json
 from student_run import layer_names, make_run, write_plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # See test_student.py: two threads per process crawl on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two threads per process crawl on a shared 2-core machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

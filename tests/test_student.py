@@ -22,14 +22,9 @@ from student_run import layer_names, make_run, write_plan
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, two intra-op threads per process spin against other
-    # processes and run 20x slower; results do not depend on it, only the wall time.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# On a shared 2-core machine, two intra-op threads per process spin against other
+# processes and run 20x slower; results do not depend on it, only the wall time.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
