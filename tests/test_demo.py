@@ -27,9 +27,16 @@ def test_demo_quick_end_to_end(tmp_path):
     assert ev["student"]["top1"] is not None and ev["teacher"]["top1"] > 20.0
     assert ev["int8"]["top1"] is not None
     assert (evals[0].parent / "model.onnx").exists()
+    # The plan was timed against the teacher before fine-tuning (and tightened if it fell short).
+    plan = json.loads((run / "plans" / "onnxruntime-cpu-b1-x2.json").read_text())
+    rounds = plan["latency_check"]["rounds"]
+    assert 1 <= len(rounds) <= 4 and all(r["teacher_ms"] > 0 and r["student_ms"] > 0 for r in rounds)
+    assert "measured" in proc.stdout and "against the teacher's" in proc.stdout
+    assert "## Budgets checked on the hardware" in (run / "report.md").read_text()
 
     # A rerun reuses the cached teacher and every finished stage.
     proc2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "teacher: cached" in proc2.stdout
     assert "finetune onnxruntime-cpu-b1-x2: complete, skipped" in proc2.stdout
+    assert "select onnxruntime-cpu-b1-x2: complete, skipped" in proc2.stdout

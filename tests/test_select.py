@@ -173,7 +173,7 @@ def test_malformed_arrays_are_refused():
 # The stage, on a synthetic run folder (no torch passes)
 
 from hant.config import RunConfig  # noqa: E402
-from hant.select import select  # noqa: E402
+from hant.select import select, select_measured  # noqa: E402
 from hant.workspace import RunDir, read_json, write_json  # noqa: E402
 
 SPECS = ["teacher", "proj", "mb_k3_e1_relu", "mb_k3_e3_silu", "fmb_k3_e1_relu"]
@@ -351,3 +351,38 @@ def test_sweep_writes_plans_and_front(tmp_path):
     scores = [pt["predicted_score"] for pt in sorted(pts, key=lambda p: p["budget_ms"])]
     assert all(b <= a + 1e-12 for a, b in zip(scores, scores[1:])) and scores[-1] == pytest.approx(0.0)
     assert pts[0]["pareto"] and sum(p["pareto"] for p in pts) >= 2
+
+
+def test_select_measured_tightens_the_budget_until_the_measured_speedup_is_met(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    timed = []
+
+    def slow_timer(r, name):
+        # The hardware runs every plan 15% slower than the table predicts; the teacher as predicted.
+        p = read_json(RunDir(r).plan(name))
+        timed.append(p["predicted_ms"])
+        return {"teacher_ms": 4.5, "student_ms": 1.15 * p["predicted_ms"]}
+
+    p = select_measured(run, "t1", speedup=1.5, name="x1.5", timer=slow_timer, log=_quiet)
+    check = p["latency_check"]
+    assert len(check["rounds"]) == len(timed) >= 2 and check["met"]
+    assert check["rounds"][0]["speedup"] < 1.5 * 0.98 <= check["rounds"][-1]["speedup"]
+    assert check["rounds"][1]["budget_ms"] == pytest.approx(3.0 / 1.15)
+    on_disk = read_json(RunDir(run).plan("x1.5"))
+    assert on_disk["speedup"] == 1.5 and on_disk["latency_check"] == check
+    assert on_disk["predicted_ms"] <= 3.0 / 1.15 + 1e-9
+
+
+def test_select_measured_keeps_a_plan_that_meets_the_speedup_and_stops_when_out_of_reach(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    exact = select_measured(run, "t1", speedup=1.5, name="a", log=_quiet,
+                            timer=lambda r, n: {"teacher_ms": 4.5,
+                                                "student_ms": read_json(RunDir(r).plan(n))["predicted_ms"]})
+    assert len(exact["latency_check"]["rounds"]) == 1 and exact["latency_check"]["met"]
+    lines = []
+    # Ten times slower than predicted: no plan of the pool can make up for it.
+    far = select_measured(run, "t1", speedup=1.5, name="b", log=lines.append,
+                          timer=lambda r, n: {"teacher_ms": 4.5,
+                                              "student_ms": 10 * read_json(RunDir(r).plan(n))["predicted_ms"]})
+    assert not far["latency_check"]["met"] and any("out of reach" in line for line in lines)
+    assert read_json(RunDir(run).plan("b"))["layers"] == far["layers"]

@@ -95,12 +95,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from hant.select import select
+    from hant.select import select, select_measured
 
+    options = dict(max_params=args.max_params, max_flops=args.max_flops, second_target=args.second_target,
+                   second_budget_ms=args.second_budget_ms, freeze=args.freeze,
+                   exclude_families=args.exclude_family, objective=args.objective)
+    if args.check_rounds:
+        if args.speedup is None or args.sweep:
+            raise HantError("--check-rounds checks a --speedup plan on the hardware; give --speedup S without --sweep")
+        select_measured(args.run, args.target, speedup=args.speedup,
+                        name=args.name or f"{args.target}-x{args.speedup:g}", rounds=args.check_rounds, **options)
+        return 0
     select(args.run, target=args.target, budget_ms=args.budget_ms, speedup=args.speedup,
-           sweep=args.sweep, name=args.name, max_params=args.max_params, max_flops=args.max_flops,
-           second_target=args.second_target, second_budget_ms=args.second_budget_ms,
-           freeze=args.freeze, exclude_families=args.exclude_family, objective=args.objective)
+           sweep=args.sweep, name=args.name, **options)
     return 0
 
 
@@ -132,7 +139,8 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
     from hant.pipeline import AccelerateOptions, accelerate_run
 
     opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
-                             validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs)
+                             validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs,
+                             check_rounds=args.check_rounds)
     init_kwargs = None
     if args.model or args.config or args.data:
         init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
@@ -237,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--second-budget-ms", type=float, default=None)
     s.add_argument("--freeze", action="append", default=[], help="layer glob kept as the teacher")
     s.add_argument("--exclude-family", action="append", default=[], help="op family never chosen")
+    s.add_argument("--check-rounds", type=int, default=0,
+                   help="time the --speedup plan against the teacher and tighten its budget up to N times "
+                        "until the measured speedup is met")
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("finetune", help="phase 3: assemble a plan's student, fine-tune it with distillation, measure it")
@@ -274,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", type=int, default=10)
     s.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs")
     s.add_argument("--no-int8", action="store_true")
+    s.add_argument("--check-rounds", type=int, default=3,
+                   help="times each plan is checked against the teacher on the target and its budget "
+                        "tightened until the measured speedup is met (0: trust the latency table)")
     s.set_defaults(func=cmd_accelerate)
 
     s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")

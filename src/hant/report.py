@@ -264,6 +264,13 @@ def write_report(run: str | Path) -> Path:
           results_table(info)]
     if pareto:
         md += ["![accuracy against latency](pareto.png)", ""]
+    checks = _budget_check_lines(info)
+    if checks:
+        md += ["## Budgets checked on the hardware", "",
+               "Each plan was timed against the teacher before fine-tuning; where its measured speedup fell "
+               "short, the budget was tightened by the shortfall and the program solved again.", "",
+               "| plan | round | budget ms | predicted ms | measured ms | teacher ms | speedup |",
+               "|---|---:|---:|---:|---:|---:|---:|"] + checks + [""]
     md += ["## Chosen operations", "", stage_summary(info), choices_table(info)]
     if arch:
         md += ["![architecture](architecture.png)", ""]
@@ -278,6 +285,17 @@ def write_report(run: str | Path) -> Path:
     path = rd.report
     atomic_write_text(path, "\n".join(md))
     return path
+
+
+def _budget_check_lines(info: dict[str, Any]) -> list[str]:
+    """Table rows for each plan's latency_check rounds (see `hant.select.select_measured`)."""
+    rows = []
+    for name, plan in info["plans"].items():
+        for i, r in enumerate((plan.get("latency_check") or {}).get("rounds") or [], 1):
+            rows.append(f"| {name} | {i} | {_fmt(r.get('budget_ms'), '.3f')} | {_fmt(r.get('predicted_ms'), '.3f')} "
+                        f"| {_fmt(r.get('student_ms'), '.3f')} | {_fmt(r.get('teacher_ms'), '.3f')} "
+                        f"| {_fmt(r.get('speedup'), '.2f', 'x')} |")
+    return rows
 
 
 def require_report_inputs(run: str | Path) -> None:

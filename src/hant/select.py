@@ -844,3 +844,58 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         result["sweep"] = points
         result["plot"] = str(plot)
     return result
+
+
+def select_measured(run: str | Path, target: str, speedup: float, name: str, *, rounds: int = 3,
+                    tolerance: float = 0.02, timer: Callable[[str | Path, str], dict] | None = None,
+                    log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    """`select` for a speedup, checked against the hardware: the chosen plan is assembled and
+    timed end to end against the teacher (interleaved); while its measured speedup falls
+    short of `speedup` by more than `tolerance`, the budget is tightened by the shortfall
+    and the program solved again, at most `rounds` times after the first.
+
+    A table predicts each plan to a few per cent, and the teacher's latency it divides by
+    `speedup` was measured at another moment; without this check a 2x request can give
+    1.8x. The new budget assumes the next plan errs like the last one: budget = (measured
+    teacher / speedup) * (predicted / measured) of the plan that fell short. `timer(run, name)`
+    returns {"teacher_ms", "student_ms"} (default: `hant.student.time_plan`). `options` go to
+    `select`. The plan file records every round under "latency_check"; the last plan is kept,
+    and a shortfall that remains (or a tighter budget the pool cannot meet) is logged, not
+    raised. Returns the plan as `select` does.
+    """
+    from hant.workspace import RunDir, write_json
+
+    if timer is None:
+        from hant.student import time_plan
+
+        def timer(r, n):
+            return time_plan(r, n, log=log)
+
+    plan = select(run, target=target, speedup=speedup, name=name, log=log, **options)
+    checks: list[dict[str, Any]] = []
+    while True:
+        timed = timer(run, name)
+        t_ms, s_ms = float(timed["teacher_ms"]), float(timed["student_ms"])
+        measured = t_ms / s_ms if s_ms > 0 else math.inf
+        checks.append({"budget_ms": plan["budget_ms"], "predicted_ms": plan["predicted_ms"],
+                       "teacher_ms": t_ms, "student_ms": s_ms, "speedup": measured})
+        log(f"plan {name}: measured {s_ms:.4g} ms against the teacher's {t_ms:.4g} ms, {measured:.2f}x "
+            f"(asked {speedup:g}x; predicted {plan['predicted_ms']:.4g} ms)")
+        if measured >= speedup * (1.0 - tolerance) or len(checks) > rounds:
+            break
+        budget = (t_ms / speedup) * (plan["predicted_ms"] / s_ms)
+        try:
+            tighter = select(run, target=target, budget_ms=budget, name=name, log=log, **options)
+        except InfeasibleError as e:
+            log(f"plan {name}: a budget of {budget:.4g} ms to make up the shortfall is out of reach ({e}); "
+                "keeping the last plan")
+            break
+        plan = {**tighter, "speedup": speedup}
+    if checks[-1]["speedup"] < speedup * (1.0 - tolerance):
+        log(f"plan {name}: measured {checks[-1]['speedup']:.2f}x, short of {speedup:g}x after "
+            f"{len(checks)} timings")
+    plan = {k: v for k, v in plan.items() if k != "path"}
+    plan["latency_check"] = {"rounds": checks, "tolerance": tolerance,
+                             "met": checks[-1]["speedup"] >= speedup * (1.0 - tolerance)}
+    path = write_json(RunDir(run).plan(name), plan)
+    return {**plan, "path": str(path)}

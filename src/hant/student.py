@@ -894,16 +894,10 @@ def measure(run: str | os.PathLike, plan: str, log: Callable[[str], None] = prin
 
 
 def _measure(run, plan: str, log) -> dict[str, Any]:
-    from hant.data import load_data
-    from hant.latency import get_target
-    from hant.latency.protocol import Protocol
-    from hant.latency.protocol import measure as protocol_measure
-
     cfg = _config(run)
     rd = RunDir(run)
     plan_d = read_plan(run, plan)
     out = rd.student_dir(plan)
-    target_id, batch_size, threads = resolve_target(run, plan_d)
     if (out / ARCH_FILE).exists() and (out / STUDENT_FILE).exists():
         student = load_student(out)
     else:
@@ -911,19 +905,7 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
         student = assemble(run, plan, bn_recalibrate=False)
     teacher = _teacher_from_config(cfg)
     in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
-    target = get_target(target_id, batch_size=batch_size, threads=threads)
-    examples = None
-    if getattr(target, "precision", "fp32") != "fp32":
-        # Calibrating targets (INT8) want real inputs, not noise.
-        train = load_data(cfg.data).train
-        n = min(len(train), max(64, batch_size * 8))
-        examples = torch.stack([train[i][0] for i in range(n)])
-    log(f"measure {plan}: timing teacher and student on {target_id} (batch {batch_size}, "
-        f"{target.threads} threads), interleaved")
-    prepared = {k: target.prepare(m.eval(), in_shape, example_inputs=examples)
-                for k, m in (("teacher", teacher), ("student", student))}
-    # One untimed call per turn, so each network is timed with warm caches as it runs alone.
-    stats = protocol_measure(prepared, target, dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1))
+    stats, target, target_id, batch_size = _time_against_teacher(run, cfg, plan_d, teacher, student, log)
     params, flops = count_params_flops(student, in_shape)
     t_params, t_flops = count_params_flops(teacher, in_shape)
 
@@ -948,3 +930,48 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
     log(f"measure {plan}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms, speedup "
         f"{patch['speedup']:.2f}x" + (f", predicted {pred:.3f} ms" if pred else ""))
     return merged
+
+
+def _time_against_teacher(run, cfg, plan_d: dict, teacher: nn.Module, student: nn.Module, log
+                          ) -> tuple[dict[str, Any], Any, str, int]:
+    """Time `teacher` and `student` on the plan's target, interleaved in this process.
+
+    Returns ({"teacher": Stats, "student": Stats}, target, target_id, batch_size).
+    """
+    from hant.data import load_data
+    from hant.latency import get_target
+    from hant.latency.protocol import Protocol
+    from hant.latency.protocol import measure as protocol_measure
+
+    target_id, batch_size, threads = resolve_target(run, plan_d)
+    in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
+    target = get_target(target_id, batch_size=batch_size, threads=threads)
+    examples = None
+    if getattr(target, "precision", "fp32") != "fp32":
+        # Calibrating targets (INT8) want real inputs, not noise.
+        train = load_data(cfg.data).train
+        n = min(len(train), max(64, batch_size * 8))
+        examples = torch.stack([train[i][0] for i in range(n)])
+    log(f"measure {plan_d.get('name')}: timing teacher and student on {target_id} (batch {batch_size}, "
+        f"{target.threads} threads), interleaved")
+    prepared = {k: target.prepare(m.eval(), in_shape, example_inputs=examples)
+                for k, m in (("teacher", teacher), ("student", student))}
+    # One untimed call per turn, so each network is timed with warm caches as it runs alone.
+    stats = protocol_measure(prepared, target, dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1))
+    return stats, target, target_id, batch_size
+
+
+def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = print) -> dict[str, float]:
+    """The plan assembled from its phase-1 candidates, timed end to end against the teacher on
+    the plan's target (interleaved, as `measure` does), before any fine-tuning; writes nothing.
+
+    Returns {"teacher_ms", "student_ms", "speedup", "predicted_ms"} (medians). Used to check
+    that a plan chosen from the latency table really gives the requested speedup.
+    """
+    cfg = _config(run)
+    plan_d = read_plan(run, plan)
+    student = assemble(run, plan, bn_recalibrate=False)
+    stats, *_ = _time_against_teacher(run, cfg, plan_d, _teacher_from_config(cfg), student, log)
+    t, s = stats["teacher"].median_ms, stats["student"].median_ms
+    return {"teacher_ms": t, "student_ms": s, "speedup": t / s if s > 0 else math.inf,
+            "predicted_ms": plan_d.get("predicted_ms")}
