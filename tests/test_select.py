@@ -386,3 +386,15 @@ def test_select_measured_keeps_a_plan_that_meets_the_speedup_and_stops_when_out_
                                               "student_ms": 10 * read_json(RunDir(r).plan(n))["predicted_ms"]})
     assert not far["latency_check"]["met"] and any("out of reach" in line for line in lines)
     assert read_json(RunDir(run).plan("b"))["layers"] == far["layers"]
+
+
+def test_cli_check_rounds_needs_a_speedup(tmp_path, capsys):
+    from hant.cli import main
+
+    run, _ = _fake_run(tmp_path)
+    assert main(["select", "--run", str(run), "--target", "t1", "--budget-ms", "3", "--check-rounds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--check-rounds" in err[0] and "--speedup" in err[0]
+    assert not RunDir(run).plan("t1-3ms").exists()
+    assert main(["select", "--run", str(run), "--target", "t1", "--speedup", "1.5"]) == 0
+    assert "latency_check" not in read_json(RunDir(run).plan("t1-x1.5"))
