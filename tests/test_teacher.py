@@ -256,3 +256,51 @@ def test_evaluate_counts(tmp_path):
     y = torch.tensor([0, 1, 1, 1])
     r = evaluate(model, [(x, y)])
     assert r["top1"] == 75.0 and r["n"] == 4 and r["loss"] > 0
+
+
+def test_cli_train_teacher_regularisation_flags(tmp_path, capsys):
+    from hant.cli import main
+
+    out = tmp_path / "t.safetensors"
+    rc = main(["train-teacher", "--model", TINY, "--data", "synthetic:120", "--input-size", "16", "--epochs", "0.5",
+               "--batch-size", "16", "--drop-rate", "0", "--drop-path-rate", "0", "--weight-decay", "0.01",
+               "--label-smoothing", "0", "--no-augment", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads(teacher_meta_path(out).read_text())
+    assert (meta["drop_rate"], meta["drop_path_rate"], meta["weight_decay"], meta["label_smoothing"],
+            meta["augment"]) == (0.0, 0.0, 0.01, 0.0, False)
+    capsys.readouterr()
+    assert main(["train-teacher", "--model", TINY, "--data", "synthetic:120", "--label-smoothing", "1.5",
+                 "--out", str(tmp_path / "u.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--label-smoothing must be in [0, 1)" in err[0]
+    assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_demo_teacher_trains_stages_in_a_chain_and_reuses_them(tmp_path, monkeypatch):
+    from hant.pipeline import DemoSetup, TeacherStage, _teacher_seconds, demo_teacher
+
+    monkeypatch.setenv("HANT_CACHE", str(tmp_path))
+    stages = (TeacherStage(16, 1, 5e-3), TeacherStage(16, 1, 1e-3, regularise=False))
+    setup = DemoSetup(model=TINY, data="synthetic:200", teacher_stages=stages, teacher_images=120, space="tiny",
+                      distill_images=None, heldout=20, finetune_epochs=0.1, speedups=[2.0], batch_size=1,
+                      validate=1, int8=False)
+    logged = []
+    final, meta = demo_teacher(setup, log=logged.append)
+    first = tmp_path / "teachers" / "test_efficientnet-synthetic_20016.safetensors"
+    assert final == tmp_path / "teachers" / "test_efficientnet-synthetic_20016-2.safetensors"
+    assert first.exists() and final.exists() and sum("stage" in m for m in logged) == 2
+    assert meta["init_from"]["file"] == str(first)
+    assert (meta["drop_rate"], meta["drop_path_rate"]) == (0.0, 0.0)
+    assert "--drop-rate 0 --drop-path-rate 0" in meta["command"] and "--init-from" in meta["command"]
+    first_meta = json.loads(first.with_suffix(".json").read_text())
+    assert _teacher_seconds(meta) == pytest.approx(meta["train_time_s"] + first_meta["train_time_s"])
+    # Cached: nothing is trained again.
+    logged.clear()
+    again, meta2 = demo_teacher(setup, log=logged.append)
+    assert again == final and meta2["sha256"] == meta["sha256"] and len(logged) == 1 and "cached" in logged[0]
+    # The last stage lost: only it is retrained, from the first stage that stayed on disk.
+    final.unlink()
+    logged.clear()
+    demo_teacher(setup, log=logged.append)
+    assert sum("stage" in m for m in logged) == 1 and "stage 2 of 2" in logged[0]

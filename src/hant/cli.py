@@ -46,7 +46,9 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     data = DataConfig(spec=args.data, data_dir=args.data_dir, input_size=args.input_size,
                       batch_size=args.batch_size, seed=args.seed)
     result = train_teacher(args.model, data, epochs=args.epochs, out=args.out, lr=args.lr,
-                           seed=args.seed, max_train_images=args.max_images, init_from=args.init_from)
+                           seed=args.seed, max_train_images=args.max_images, init_from=args.init_from,
+                           weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                           drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate, augment=not args.no_augment)
     print(f"teacher: test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs "
           f"in {result['train_time_s']:.0f} s -> {args.out}")
     return 0
@@ -190,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
     s.add_argument("--init-from", default=None, help="start from these weights (e.g. another cycle at a lower --lr)")
+    s.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weights (not norms, biases)")
+    s.add_argument("--label-smoothing", type=float, default=0.1)
+    s.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier (timm models)")
+    s.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth (timm models that have it)")
+    s.add_argument("--no-augment", action="store_true", help="no random crop and flip")
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("init", help="create a run folder: config.yaml and layers.json")

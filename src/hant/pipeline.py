@@ -171,14 +171,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HANT_CACHE", Path.home() / ".cache" / "hant"))
 
 
+@dataclass(frozen=True)
+class TeacherStage:
+    """One cycle of the demo teacher's training: input size, epochs and peak LR; `regularise`
+    keeps dropout and drop-path on (off for a last cycle that fits what the earlier ones learnt)."""
+
+    input_size: int
+    epochs: float
+    lr: float
+    regularise: bool = True
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `train_teacher` beyond the shared ones."""
+        return {"lr": self.lr} if self.regularise else {"lr": self.lr, "drop_rate": 0.0, "drop_path_rate": 0.0}
+
+    def flags(self) -> str:
+        """The same as `hant train-teacher` flags."""
+        extra = "" if self.regularise else " --drop-rate 0 --drop-path-rate 0"
+        return f"--input-size {self.input_size} --epochs {self.epochs:g} --lr {self.lr:g}{extra}"
+
+
 @dataclass
 class DemoSetup:
     """The embedded default: teacher, data, space and budgets; `quick` is the test-sized one."""
 
     model: str
     data: str
-    input_size: int
-    teacher_epochs: float
+    teacher_stages: tuple[TeacherStage, ...]  # each starts from the previous one's weights
     teacher_images: int | None
     space: str
     distill_images: int | None
@@ -190,50 +209,52 @@ class DemoSetup:
     int8: bool
     score_images: int | None = None
     include: list[str] = field(default_factory=list)
-    teacher_lr: float = 3e-3
-    # Progressive resizing: train first at this smaller input size (cheaper per image), then
-    # continue at `input_size` from those weights for `teacher_epochs` at `teacher_lr`.
-    warmup_size: int | None = None
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 3e-3
+
+    @property
+    def input_size(self) -> int:
+        """The teacher's (and so the run's) input size: that of the last stage."""
+        return self.teacher_stages[-1].input_size
 
 
 def demo_setup(quick: bool, data: str | None = None) -> DemoSetup:
     """The demo's settings. Full: EfficientNet-B0 on Fashion-MNIST at 64x64 (at 32x32 the last
-    stages see 1x1 maps and it underfits), trained progressively (5 epochs at 32x32, then 3 at
-    64x64: about an hour on 2 cores instead of three and a half for 10 epochs at 64x64), the
-    `default` space, 2x and 3x on onnxruntime-cpu. Quick: timm's small test
-    EfficientNet at 32x32 (80% top-1 after 85 s of training), the `tiny` space and a few thousand images, to finish in minutes."""
+    stages see 1x1 maps and it underfits), trained in three cycles, each from the last one's
+    weights: 5 epochs at 32x32 (a quarter of the cost per image), 3 at 64x64, then 3 at 64x64
+    without dropout or drop-path (the regularised cycles still underfit: train accuracy below
+    held-out). Then the `default` space, 2x and 3x on onnxruntime-cpu. Quick: timm's small test
+    EfficientNet at 32x32 (80% top-1 after 85 s of training), the `tiny` space and a few
+    thousand images, to finish in minutes."""
     if quick:
-        return DemoSetup(model="timm:test_efficientnet", data=data or "fashion-mnist", input_size=32,
-                         teacher_epochs=2.0, teacher_images=16000, space="tiny", distill_images=4096,
-                         heldout=500, finetune_epochs=0.25, speedups=[2.0], batch_size=1, validate=3,
-                         int8=True)
-    return DemoSetup(model="timm:efficientnet_b0", data=data or "fashion-mnist", input_size=64,
-                     teacher_epochs=3, teacher_lr=1e-3, warmup_size=32, warmup_epochs=5, teacher_images=None, space="default", distill_images=None,
-                     heldout=5000, finetune_epochs=0.5, speedups=[2.0, 3.0], batch_size=1, validate=10,
-                     int8=True, score_images=1024)
+        return DemoSetup(model="timm:test_efficientnet", data=data or "fashion-mnist",
+                         teacher_stages=(TeacherStage(32, 2.0, 3e-3),), teacher_images=16000, space="tiny",
+                         distill_images=4096, heldout=500, finetune_epochs=0.25, speedups=[2.0], batch_size=1,
+                         validate=3, int8=True)
+    stages = (TeacherStage(32, 5, 3e-3), TeacherStage(64, 3, 1e-3), TeacherStage(64, 3, 1e-3, regularise=False))
+    return DemoSetup(model="timm:efficientnet_b0", data=data or "fashion-mnist", teacher_stages=stages,
+                     teacher_images=None, space="default", distill_images=None, heldout=5000,
+                     finetune_epochs=0.5, speedups=[2.0, 3.0], batch_size=1, validate=10, int8=True,
+                     score_images=1024)
 
 
-def demo(run: str | Path | None = None, quick: bool = False, data: str | None = None,
-         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or reuse a cached) teacher, then accelerate it for the demo budgets and print the table.
-
-    Returns accelerate_run's result plus "teacher" (its JSON) and "table" (markdown).
-    """
-    from hant.config import DataConfig, RunConfig
+def demo_teacher(setup: DemoSetup, quick: bool = False,
+                 log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The demo's teacher: (weights file, its JSON). Reused from the cache when its last stage
+    is there; otherwise each missing stage is trained from the previous stage's weights, and
+    stages already on disk are kept."""
+    from hant.config import DataConfig
     from hant.teacher import train_teacher
     from hant.workspace import read_json as _read
 
-    setup = demo_setup(quick, data)
-    run = Path(run or Path("runs") / ("demo-quick" if quick else "demo"))
     data_tag = "fmnist" if setup.data == "fashion-mnist" else setup.data.replace(":", "_").replace("/", "_")
 
-    def tag(size: int) -> str:
-        return f"{setup.model.split(':')[-1]}-{data_tag}{size}" + ("-quick" if quick else "")
+    def stage_file(i: int) -> Path:
+        # The first stage at a size is <model>-<data><size>; a later one at the same size gets -2, -3...
+        size = setup.teacher_stages[i].input_size
+        nth = sum(st.input_size == size for st in setup.teacher_stages[:i]) + 1
+        name = f"{setup.model.split(':')[-1]}-{data_tag}{size}" + (f"-{nth}" if nth > 1 else "")
+        return default_cache_dir() / "teachers" / (name + ("-quick" if quick else "") + ".safetensors")
 
-    teachers = default_cache_dir() / "teachers"
-    teacher_file = teachers / f"{tag(setup.input_size)}.safetensors"
+    teacher_file = stage_file(len(setup.teacher_stages) - 1)
     meta_file = teacher_file.with_suffix(".json")
     if teacher_file.exists() and meta_file.exists():
         meta = _read(meta_file)
@@ -242,22 +263,37 @@ def demo(run: str | Path | None = None, quick: bool = False, data: str | None = 
     else:
         t0 = time.perf_counter()
         init_from = None
-        if setup.warmup_size:
-            init_from = teachers / f"{tag(setup.warmup_size)}.safetensors"
-            if not (init_from.exists() and init_from.with_suffix(".json").exists()):
-                log(f"[hant] teacher, first stage: {setup.model} on {setup.data} at {setup.warmup_size}px "
-                    f"for {setup.warmup_epochs:g} epochs -> {init_from}")
-                dcfg = DataConfig(spec=setup.data, input_size=setup.warmup_size, heldout=setup.heldout)
-                train_teacher(setup.model, dcfg, epochs=setup.warmup_epochs, out=str(init_from),
-                              lr=setup.warmup_lr, seed=0, max_train_images=setup.teacher_images)
-        log(f"[hant] teacher: training {setup.model} on {setup.data} at {setup.input_size}px "
-            f"for {setup.teacher_epochs:g} epochs -> {teacher_file}")
-        dcfg = DataConfig(spec=setup.data, input_size=setup.input_size, heldout=setup.heldout)
-        meta = train_teacher(setup.model, dcfg, epochs=setup.teacher_epochs, out=str(teacher_file),
-                             lr=setup.teacher_lr, seed=0, max_train_images=setup.teacher_images,
-                             init_from=init_from)
+        for i, stage in enumerate(setup.teacher_stages):
+            out = stage_file(i)
+            if out.exists() and out.with_suffix(".json").exists():
+                meta = _read(out.with_suffix(".json"))
+            else:
+                log(f"[hant] teacher, stage {i + 1} of {len(setup.teacher_stages)}: {setup.model} on {setup.data}, "
+                    f"{stage.flags()} -> {out}")
+                dcfg = DataConfig(spec=setup.data, input_size=stage.input_size, heldout=setup.heldout)
+                command = (f"hant train-teacher --model {setup.model} --data {setup.data} {stage.flags()}"
+                           + (f" --init-from {init_from}" if init_from else "") + f" --out {out}")
+                meta = train_teacher(setup.model, dcfg, epochs=stage.epochs, out=str(out), seed=0,
+                                     max_train_images=setup.teacher_images, init_from=init_from,
+                                     command=command, **stage.options())
+            init_from = out
         log(f"[hant] teacher training time: {time.perf_counter() - t0:.0f} s "
             f"(test top-1 {meta['test_top1']:.2f}%)")
+    return teacher_file, meta
+
+
+def demo(run: str | Path | None = None, quick: bool = False, data: str | None = None,
+         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or reuse a cached) teacher, then accelerate it for the demo budgets and print the table.
+
+    Returns accelerate_run's result plus "teacher" (its JSON) and "table" (markdown).
+    """
+    from hant.config import RunConfig
+
+    setup = demo_setup(quick, data)
+    run = Path(run or Path("runs") / ("demo-quick" if quick else "demo"))
+
+    teacher_file, meta = demo_teacher(setup, quick, log)
 
     cfg = RunConfig()
     cfg.model.source = setup.model
@@ -292,16 +328,18 @@ def demo(run: str | Path | None = None, quick: bool = False, data: str | None = 
 
 
 def _teacher_seconds(meta: dict[str, Any]) -> float:
-    """Training time of a cached teacher, including the stage it was initialised from when that
-    file's JSON is beside it."""
-    seconds = float(meta.get("train_time_s") or 0.0)
-    init = meta.get("init_from") or {}
-    if init.get("file"):
-        first = Path(init["file"]).with_suffix(".json")
-        if first.exists():
-            from hant.workspace import read_json
+    """Training time of a cached teacher, including every stage it was initialised from whose
+    JSON is beside that stage's weights."""
+    from hant.workspace import read_json
 
-            seconds += float(read_json(first).get("train_time_s") or 0.0)
+    seconds, seen = 0.0, set()
+    while meta is not None:
+        seconds += float(meta.get("train_time_s") or 0.0)
+        init = (meta.get("init_from") or {}).get("file")
+        meta = None
+        if init and init not in seen and Path(init).with_suffix(".json").exists():
+            seen.add(init)
+            meta = read_json(Path(init).with_suffix(".json"))
     return seconds
 
 

@@ -421,6 +421,10 @@ def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: 
         raise HantError(f"--epochs must be positive, got {epochs}")
     if not lr > 0:
         raise HantError(f"--lr must be positive, got {lr}")
+    for flag, value, high in (("--weight-decay", weight_decay, float("inf")), ("--label-smoothing", label_smoothing, 1.0),
+                              ("--drop-rate", drop_rate, 1.0), ("--drop-path-rate", drop_path_rate, 1.0)):
+        if not 0.0 <= value < high:
+            raise HantError(f"{flag} must be in [0, {high:g}), got {value}")
     log = log or _tqdm_write
     cmd = command if command is not None else _command_line()
 
