@@ -187,8 +187,8 @@ class TeacherStage:
 
     def flags(self) -> str:
         """The same as `hant train-teacher` flags."""
-        extra = "" if self.regularise else " --drop-rate 0 --drop-path-rate 0"
-        return f"--input-size {self.input_size} --epochs {self.epochs:g} --lr {self.lr:g}{extra}"
+        return (f"--input-size {self.input_size} --epochs {self.epochs:g} "
+                + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in self.options().items()))
 
 
 @dataclass
