@@ -12,7 +12,8 @@ every batch size (64 and 1):
 2. selects hant students at each speedup (`--speedups`, 2x 3x 4x) and fine-tunes them with
    hant's own stage (`hant.student.finetune`); at batch 64 it then bisects the speedup for
    the largest one whose top-1 drop is at most `--max-drop` points (0.4);
-3. at each student's *measured* latency, trains what a user would otherwise reach for, each
+3. at each student's *measured* latency (at the first batch size, `--alternatives-at`; at the
+   others these networks are timed as they are), trains what a user would otherwise reach for, each
    with the same distillation loss, epochs and images (`hant.student.finetune_module` runs
    the very loop that fine-tunes hant's students):
    - `pruned`: Torch-Pruning, DepGraph with L2 magnitude importance, one pruning ratio for
@@ -23,7 +24,7 @@ every batch size (64 and 1):
      same way; from random weights, as no pretrained ones can be downloaded here;
    - `random`: a random feasible plan from hant's pool under the same latency budget
      (`hant.select.random_feasible`), fine-tuned by hant's own stage;
-   - `hant-int8`: the hant student quantised with ONNX Runtime's static INT8 (hant.export);
+   - `hant-int8` (at every batch size): the hant student quantised with ONNX Runtime's static INT8;
 4. adds the teacher, the teacher in static INT8, and the control: the teacher fine-tuned
    with the same recipe (so that nothing extra training alone gives is credited to hant);
 5. times every network of a batch size in one interleaved run of hant's latency protocol
@@ -560,6 +561,17 @@ def sweep(bench: Bench, b: int, found: dict[float, dict], max_drop: float, steps
     return max(good) if good else None
 
 
+def timed_only(units: list[dict]) -> list[dict]:
+    """The alternatives matched at another batch size, to be timed at this one as they are.
+
+    Their latency was matched to a hant student of that batch size, not this one's, so
+    their rows carry `matched_at_batch` and no `matched_to`: they are points on the
+    accuracy-latency plane of this batch size, not matched comparisons.
+    """
+    return [{**u, "matched_to": None, "matched_at_batch": u["batch_size"]}
+            for u in units if u["method"] in ("random", "pruned", "smaller")]
+
+
 def build_rows(bench: Bench, units_by_batch: dict[int, list[dict]]) -> list[dict]:
     t1 = bench.teacher_d["top1"]
     rows = []
@@ -578,7 +590,7 @@ def build_rows(bench: Bench, units_by_batch: dict[int, list[dict]]) -> list[dict
                 "top1_before_finetune": u.get("top1_before_finetune"), "params": u.get("params"),
                 "flops": u.get("flops"), "finetune": u.get("finetune"), "cost_s": u.get("cost_s"),
             }
-            for k in ("plan", "detail", "match", "budget_ms", "calibration_images", "sweep"):
+            for k in ("plan", "detail", "match", "budget_ms", "calibration_images", "sweep", "matched_at_batch"):
                 if u.get(k) is not None:
                     row[k] = u[k]
             rows.append(row)
@@ -710,7 +722,13 @@ def notes(bench: Bench, rows: list[dict]) -> list[str]:
         f"{bench.small_epochs:g} epochs they are far from converged, so their row says what the same training "
         "budget buys, not what the architecture can reach.",
     ]
-    unmatched = [r["unit"] for r in rows if r.get("match") and not r["match"]["reached"]]
+    elsewhere = sorted({r["matched_at_batch"] for r in rows if r.get("matched_at_batch") is not None})
+    if elsewhere:
+        n.append("Rows noted 'matched at batch N' are the alternatives trained at batch N's matched latency, "
+                 "timed as they are at this batch size: points on its accuracy-latency plane, not matched "
+                 "comparisons (they are left out of hant's lead).")
+    unmatched = [r["unit"] for r in rows
+                 if r.get("match") and not r["match"]["reached"] and r.get("matched_at_batch") is None]
     if unmatched:
         n.append("latency not matched within tolerance (closest probe used): " + ", ".join(unmatched))
     return n
@@ -737,12 +755,15 @@ def markdown(result: dict) -> str:
     for r in sorted(result["rows"], key=lambda r: (-r["batch_size"], r["speedup_target"] or 0,
                                                    order.get(r["method"], 99))):
         note = ""
+        if r.get("matched_at_batch") is not None:
+            note = f"matched at batch {r['matched_at_batch']}; "
         if r.get("detail", {}).get("pruning_ratio") is not None:
-            note = f"ratio {r['detail']['pruning_ratio']:.3f}"
+            note += f"ratio {r['detail']['pruning_ratio']:.3f}"
         elif r.get("detail", {}).get("phi") is not None:
-            note = f"width {r['detail']['channel_multiplier']:.2f}, depth {r['detail']['depth_multiplier']:.2f}"
+            note += f"width {r['detail']['channel_multiplier']:.2f}, depth {r['detail']['depth_multiplier']:.2f}"
         elif r.get("sweep"):
-            note = "found by the sweep"
+            note += "found by the sweep"
+        note = note.rstrip("; ")
         lines.append(f"| {r['batch_size']} | {r['label']} | {_f(r['speedup_target'], 'g') if r['speedup_target'] else ''}"
                      f"{'x' if r['speedup_target'] else ''} | {r['latency_ms']:.3f} ({r['latency_p10_ms']:.3f}–"
                      f"{r['latency_p90_ms']:.3f}) | {r['speedup']:.2f}x | {r['top1']:.2f} | {r['top1_drop']:+.2f} | {note} |")
@@ -879,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",")], default=list(METHODS),
                    help=f"alternatives to run, of {','.join(METHODS)}")
     p.add_argument("--alternatives-at", type=lambda s: [int(x) for x in s.split(",")],
-                   help="batch sizes at which the alternatives are matched (default: every batch size)")
+                   help="batch sizes at which the alternatives are matched and trained (default: the first "
+                        "batch size; at the others they are timed as they are)")
     p.add_argument("--validate", type=int, help="latency tables: networks to validate on (default 10; --quick 3)")
     p.add_argument("--match-tol", type=float, default=0.03, help="latency match tolerance (relative)")
     p.add_argument("--match-steps", type=int, help="latency probes per matched network (default 7; --quick 4)")
@@ -894,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sweep_steps = args.sweep_steps if args.sweep_steps is not None else (1 if q else 2)
     args.validate = args.validate if args.validate is not None else (3 if q else 10)
     args.match_steps = args.match_steps if args.match_steps is not None else (4 if q else 7)
-    args.alternatives_at = args.alternatives_at or list(args.batch_sizes)
+    args.alternatives_at = args.alternatives_at or args.batch_sizes[:1]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method {bad[0]}; choose from {', '.join(METHODS)}")
@@ -934,17 +956,21 @@ def main(argv: list[str] | None = None) -> int:
             if "int8" in args.methods:
                 units.append(bench.cached("teacher-int8"))
             units += [{**d, "sweep": s not in args.speedups} for s, d in sorted(found.items()) if d is not None]
-            if b in args.alternatives_at:
-                for s in points:
-                    ref = found[s]
-                    if "int8" in args.methods:
-                        units.append(bench.hant_int8_unit(b, s, ref))
+            for s in points:
+                ref = found[s]
+                if "int8" in args.methods:
+                    units.append(bench.hant_int8_unit(b, s, ref))
+                if b in args.alternatives_at:
                     if "random" in args.methods:
                         units.append(bench.random_unit(b, s, ref))
                     for m in ("pruned", "smaller"):
                         if m in args.methods:
                             units.append(bench.matched_unit(m, b, s, ref))
             units_by_batch[b] = units
+        matched_at = next((b for b in args.batch_sizes if b in args.alternatives_at), None)
+        for b in args.batch_sizes:
+            if b not in args.alternatives_at and matched_at is not None:
+                units_by_batch[b] += timed_only(units_by_batch[matched_at])
         rows = build_rows(bench, units_by_batch)
         result = write_outputs(bench, rows, best, command, time.perf_counter() - t0)
     except HantError as e:

@@ -81,3 +81,26 @@ def test_smaller_efficientnet_search_hits_a_flops_target():
     assert small(torch.randn(2, *SHAPE)).shape == (2, 10)
     with pytest.raises(Exception, match="EfficientNet"):
         hl.scaled_model("timm:resnet18", -1.0, 1, 10)
+
+
+def test_alternatives_timed_at_another_batch_are_not_matched_comparisons():
+    hl = _headline()
+    hant = {"unit": "hant-b1-x2", "method": "hant", "batch_size": 1}
+    alt64 = [{"unit": "hant-b64-x2", "method": "hant", "batch_size": 64},
+             {"unit": "pruned-b64-x2", "method": "pruned", "batch_size": 64, "matched_to": "hant-b64-x2",
+              "match": {"reached": False}},
+             {"unit": "hant-int8-b64-x2", "method": "hant-int8", "batch_size": 64}]
+    extra = hl.timed_only(alt64)
+    # Only the alternatives travel, keeping where they were matched and losing what they were matched to.
+    assert [u["unit"] for u in extra] == ["pruned-b64-x2"]
+    assert extra[0]["matched_to"] is None and extra[0]["matched_at_batch"] == 64
+    assert alt64[1]["matched_to"] == "hant-b64-x2"  # the batch-64 unit itself is untouched
+
+    def row(u, b, top1, ms):
+        return {**u, "batch_size": b, "top1": top1, "latency_ms": ms, "speedup_target": 2.0}
+
+    rows = [row(alt64[0], 64, 90.0, 10.0), row(alt64[1], 64, 88.5, 10.2),
+            row(hant, 1, 89.0, 1.0), row(extra[0], 1, 88.5, 1.3)]
+    comps = hl.comparisons(rows)
+    assert len(comps) == 1 and comps[0]["batch_size"] == 64
+    assert math.isclose(comps[0]["hant_minus_method"], 1.5) and comps[0]["hant_leads_by_1_point"]
