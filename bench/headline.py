@@ -687,6 +687,8 @@ def write_outputs(bench: Bench, rows: list[dict], best: float | None, command: s
             "hant_leads_by_1_point_at_every_match": all(c["hant_leads_by_1_point"] for c in comps) if comps else None,
         },
         "wall_time_s": round(wall_s, 1),
+        # What a run from nothing cached spends on its networks (this invocation may have reused them).
+        "networks_cost_s": round(sum({r["unit"]: r.get("cost_s") or 0.0 for r in rows}.values()), 1),
         "fingerprint": fingerprint(bench, bench.target(args.batch_sizes[0])),
         "notes": notes(bench, rows),
     }
@@ -774,7 +776,9 @@ def markdown(result: dict) -> str:
         for c in comps:
             lines.append(f"| {c['batch_size']} | {c['speedup_target']:g}x | {c['method']} | "
                          f"{c['hant_minus_method']:+.2f} | {c['latency_ratio_to_hant']:.2f} |")
-    lines += ["", *[f"- {n}" for n in result.get("notes", [])], "", f"Command: `{result['command']}`", ""]
+    lines += ["", *[f"- {n}" for n in result.get("notes", [])], "",
+              f"Command: `{result['command']}` ({result['wall_time_s']:.0f} s this time; making every network from "
+              f"nothing cached takes {result.get('networks_cost_s', 0):.0f} s, timing and tables aside).", ""]
     return "\n".join(lines)
 
 
