@@ -756,16 +756,14 @@ def markdown(result: dict) -> str:
                                          "pruned", "smaller"])}
     for r in sorted(result["rows"], key=lambda r: (-r["batch_size"], r["speedup_target"] or 0,
                                                    order.get(r["method"], 99))):
-        note = ""
-        if r.get("matched_at_batch") is not None:
-            note = f"matched at batch {r['matched_at_batch']}; "
+        parts = [f"matched at batch {r['matched_at_batch']}"] if r.get("matched_at_batch") is not None else []
         if r.get("detail", {}).get("pruning_ratio") is not None:
-            note += f"ratio {r['detail']['pruning_ratio']:.3f}"
+            parts.append(f"ratio {r['detail']['pruning_ratio']:.3f}")
         elif r.get("detail", {}).get("phi") is not None:
-            note += f"width {r['detail']['channel_multiplier']:.2f}, depth {r['detail']['depth_multiplier']:.2f}"
+            parts.append(f"width {r['detail']['channel_multiplier']:.2f}, depth {r['detail']['depth_multiplier']:.2f}")
         elif r.get("sweep"):
-            note += "found by the sweep"
-        note = note.rstrip("; ")
+            parts.append("found by the sweep")
+        note = "; ".join(parts)
         lines.append(f"| {r['batch_size']} | {r['label']} | {_f(r['speedup_target'], 'g') if r['speedup_target'] else ''}"
                      f"{'x' if r['speedup_target'] else ''} | {r['latency_ms']:.3f} ({r['latency_p10_ms']:.3f}–"
                      f"{r['latency_p90_ms']:.3f}) | {r['speedup']:.2f}x | {r['top1']:.2f} | {r['top1_drop']:+.2f} | {note} |")
