@@ -348,7 +348,7 @@ def _init(run: Path, space: Path, images: int = 512, **distill_cfg) -> None:
     d = {"batch_size": 64, "images": images, "lr": 5e-3, **distill_cfg}
     cfg.write_text(json.dumps({"data": {"heldout": 96}, "distill": d}))
     init_run(run, model="test_distill:small_teacher", data="synthetic:600", input_size=16, space=str(space),
-             config=str(cfg), log=lambda m: None)
+             config=str(cfg), random_teacher=True, log=lambda m: None)
 
 
 @pytest.fixture()

@@ -94,7 +94,8 @@ def _init(run: Path, space_yaml: str = SPACE, **top) -> Path:
     space.write_text(space_yaml)
     cfg = run.parent / f"{run.name}-config.yaml"
     cfg.write_text(yaml.safe_dump({**CONFIG, **top}))
-    init_run(run, model=TEACHER, data=DATA, input_size=16, space=str(space), config=str(cfg), log=_quiet)
+    init_run(run, model=TEACHER, data=DATA, input_size=16, space=str(space), config=str(cfg), random_teacher=True,
+             log=_quiet)
     return run
 
 
@@ -536,7 +537,8 @@ def _write(path: Path, text: str) -> Path:
 def test_bad_input_to_init_is_one_line_and_writes_nothing(tmp_path, capsys, change, message):
     args = {"--model": TEACHER, "--data": DATA, "--input-size": "16", "--space": "tiny", **change(tmp_path)}
     run = tmp_path / "run"
-    assert main(["init", "--run", str(run), *[x for kv in args.items() for x in kv]]) == 2
+    flags = [] if "--checkpoint" in args else ["--random-teacher"]
+    assert main(["init", "--run", str(run), *[x for kv in args.items() for x in kv], *flags]) == 2
     assert message in _error_line(capsys.readouterr().err)
     assert not (run / "config.yaml").exists() and not (run / "layers.json").exists()
 

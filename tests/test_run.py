@@ -37,6 +37,8 @@ QUIET = dict(log=lambda m: None)
 def _init(run, **kw):
     args = dict(model=MODEL, data="synthetic:200", input_size=16, space="tiny")
     args.update(kw)
+    if args.get("checkpoint") is None:
+        args.setdefault("random_teacher", True)
     return init_run(run, **args, **QUIET)
 
 
@@ -89,13 +91,13 @@ def test_init_arguments_override_the_config_file(tmp_path):
     base.write_text(yaml.safe_dump({"space": "default", "data": {"spec": "synthetic:200", "input_size": 16},
                                     "distill": {"images": 777}, "layers": {"exclude": ["blocks.0.1"]}}))
     run = tmp_path / "run"
-    cfg = init_run(run, model=MODEL, space="tiny", config=str(base), **QUIET)
+    cfg = init_run(run, model=MODEL, space="tiny", config=str(base), random_teacher=True, **QUIET)
     assert cfg.space == "tiny"  # the argument wins
     assert cfg.distill.images == 777 and cfg.data.spec == "synthetic:200"  # the file fills the rest
     assert [d["name"] for d in read_json(run / "layers.json")["layers"]] == ["blocks.0.0"]
     # Empty include/exclude from the command line keep the file's.
     run2 = tmp_path / "run2"
-    cfg2 = init_run(run2, model=MODEL, include=[], exclude=[], config=str(base), **QUIET)
+    cfg2 = init_run(run2, model=MODEL, include=[], exclude=[], config=str(base), random_teacher=True, **QUIET)
     assert cfg2.layers.exclude == ["blocks.0.1"]
 
 
@@ -122,14 +124,91 @@ def test_init_bad_inputs_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(HantError):
         _init(tmp_path / "b", include=["nothing.*"])
     code = main(["init", "--run", str(tmp_path / "c"), "--model", MODEL, "--data", "synthetic:200",
-                 "--input-size", "16", "--space", "nope"])
+                 "--input-size", "16", "--space", "nope", "--random-teacher"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("hant: error:") and "\n" not in err
 
 
 def test_cli_init(tmp_path, capsys):
     code = main(["init", "--run", str(tmp_path / "run"), "--model", MODEL, "--data", "synthetic:200",
-                 "--input-size", "16", "--space", "tiny", "--exclude", "blocks.0.0"])
+                 "--input-size", "16", "--space", "tiny", "--exclude", "blocks.0.0", "--random-teacher"])
     assert code == 0
     doc = json.loads((tmp_path / "run" / "layers.json").read_text())
     assert [d["name"] for d in doc["layers"]] == ["blocks.0.1"]
+
+
+def unseeded_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
+    """A network named without weights: every call draws new ones from the global RNG."""
+    return nn.Sequential(OrderedDict(
+        stem=nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()),
+        blocks=nn.Sequential(nn.Sequential(ops.build("mb_k3_e2_silu", 8, 16, 2),
+                                           ops.build("mb_k3_e2_silu", 16, 16, 1))),
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)),
+    )).eval()
+
+
+def test_a_teacher_without_weights_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(HantError, match="without weights: pass --checkpoint FILE .* or --random-teacher"):
+        init_run(tmp_path / "a", model="test_run:unseeded_net", data="synthetic:200", input_size=16, space="tiny",
+                 **QUIET)
+    assert not (tmp_path / "a" / "config.yaml").exists()
+    code = main(["init", "--run", str(tmp_path / "b"), "--model", "test_run:unseeded_net", "--data", "synthetic:200",
+                 "--input-size", "16", "--space", "tiny"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--random-teacher" in err and "\n" not in err
+    with pytest.raises(HantError, match="drop --checkpoint"):
+        _init(tmp_path / "c", checkpoint=str(tmp_path / "x.safetensors"), random_teacher=True)
+
+
+def test_random_teacher_is_seeded_saved_and_checked_like_a_checkpoint(tmp_path):
+    from hant.teacher import load_teacher
+    from hant.workspace import sha256_file
+
+    run = tmp_path / "run"
+    kw = dict(model="test_run:unseeded_net", random_teacher=True)
+    cfg = _init(run, **kw)
+    saved = run / "teacher.safetensors"
+    assert cfg.model.random_init and cfg.model.checkpoint == str(saved.resolve())
+    sha = sha256_file(saved)
+    assert read_json(run / "layers.json")["checkpoint_sha256"] == sha
+    # The same command again reuses the weights; nothing is redrawn.
+    _init(run, **kw)
+    assert sha256_file(saved) == sha
+    # Every later load is that network, whatever the global RNG does meanwhile.
+    torch.manual_seed(123)
+    a = load_teacher(cfg.model.source, 1, 10, cfg.model.checkpoint)
+    b = load_teacher(cfg.model.source, 1, 10, cfg.model.checkpoint)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # Another run with the same seed gets the same weights (the seed, not the RNG's state, decides).
+    _init(tmp_path / "twin", **kw)
+    assert sha256_file(tmp_path / "twin" / "teacher.safetensors") == sha
+
+
+def test_two_processes_with_random_teacher_give_identical_phase1(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"heldout": 32, "batch_size": 32},
+                                      "distill": {"images": 64, "batch_size": 32, "heldout_images": 32}}))
+
+    def hant(*args):
+        proc = subprocess.run([sys.executable, "-m", "hant.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    index = {}
+    for name in ("a", "b"):
+        run = tmp_path / name
+        hant("init", "--run", str(run), "--model", "test_run:unseeded_net", "--data", "synthetic:160",
+             "--input-size", "16", "--space", "tiny", "--config", str(config), "--random-teacher")
+        hant("distill", "--run", str(run))
+        index[name] = {(e["layer"], e["spec"]): e for e in read_json(run / "candidates" / "index.json")["candidates"]}
+    assert index["a"].keys() == index["b"].keys() and len(index["a"]) > 3
+    for key, e in index["a"].items():
+        assert e["heldout_loss"] == index["b"][key]["heldout_loss"] and e["sha256"] == index["b"][key]["sha256"], key

@@ -10,7 +10,7 @@ from hant.config import DataConfig
 from hant.errors import HantError
 from hant.teacher import (create_model, evaluate, load_teacher, one_cycle_lr, parse_source, read_checkpoint,
                           teacher_meta_path, train_teacher)
-from hant.workspace import save_safetensors
+from hant.workspace import save_safetensors, sha256_file
 
 TINY = "timm:test_efficientnet"
 
@@ -190,12 +190,14 @@ def test_train_teacher_learns_and_writes_files(tmp_path):
 def test_train_teacher_init_from_continues_from_weights(tmp_path):
     first = tmp_path / "first.safetensors"
     r1 = train_teacher(TINY, _cfg(), epochs=2, out=first, lr=5e-3, seed=0, max_train_images=200, command="t")
-    # A second cycle at a learning rate too small to move anything starts where the first ended.
+    # A second cycle at a learning rate too small to move any weight starts where the first
+    # ended. Its accuracy is not compared: BatchNorm running statistics still move in train
+    # mode, by amounts that depend on the CPU's kernels.
     again = tmp_path / "again.safetensors"
     r2 = train_teacher(TINY, _cfg(), epochs=1, out=again, lr=1e-9, seed=0, max_train_images=200, command="t",
                        init_from=first)
-    assert r2["test_top1"] == pytest.approx(r1["test_top1"], abs=2.0) and r1["test_top1"] > 25
-    assert r2["init_from"]["file"] == str(first) and len(r2["init_from"]["sha256"]) == 64
+    assert r2["init_from"]["file"] == str(first) and r2["init_from"]["sha256"] == sha256_file(first)
+    assert "init_from" not in r1 or not r1["init_from"]
     a, b = load_teacher(TINY, 1, 10, checkpoint=first), load_teacher(TINY, 1, 10, checkpoint=again)
     convs = [k for k, v in a.state_dict().items() if v.dim() == 4]
     assert all(torch.allclose(a.state_dict()[k], b.state_dict()[k], atol=1e-6) for k in convs)

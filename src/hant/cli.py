@@ -60,7 +60,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     cfg = init_run(args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
                    data_dir=args.data_dir, input_size=args.input_size, space=args.space,
                    include=args.include, exclude=args.exclude, trust_pickle=args.trust_pickle,
-                   config=args.config)
+                   config=args.config, random_teacher=args.random_teacher)
     print(f"initialised {args.run}: {cfg.model.source}, data {cfg.data.spec} at {cfg.data.input_size}px, "
           f"space {cfg.space}")
     return 0
@@ -147,7 +147,8 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
     if args.model or args.config or args.data:
         init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
                            input_size=args.input_size, space=args.space, include=args.include,
-                           exclude=args.exclude, trust_pickle=args.trust_pickle, config=args.config)
+                           exclude=args.exclude, trust_pickle=args.trust_pickle, config=args.config,
+                           random_teacher=args.random_teacher)
     out = accelerate_run(args.run, opts, init_kwargs=init_kwargs)
     from hant.report import collect, results_table
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--model", default=None, help="teacher source (default from --config or timm:efficientnet_b0)")
     s.add_argument("--checkpoint", default=None)
+    s.add_argument("--random-teacher", action="store_true",
+                   help="no trained weights: seed the network and save it in the run folder")
     s.add_argument("--trust-pickle", action="store_true")
     s.add_argument("--data", default=None, help="fashion-mnist | imagefolder:/path | synthetic:N")
     s.add_argument("--data-dir", default=None)
@@ -279,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a YAML config that drives the run")
     s.add_argument("--model", default=None)
     s.add_argument("--checkpoint", default=None)
+    s.add_argument("--random-teacher", action="store_true",
+                   help="no trained weights: seed the network and save it in the run folder")
     s.add_argument("--trust-pickle", action="store_true")
     s.add_argument("--data", default=None)
     s.add_argument("--data-dir", default=None)

@@ -19,6 +19,9 @@ class ModelConfig:
     source: str = "timm:efficientnet_b0"  # timm:NAME | torchvision:NAME | package.module:factory
     checkpoint: str | None = None
     trust_pickle: bool = False
+    # No trained weights: `init` seeds the network (RunConfig.seed), saves it into the run
+    # folder as its checkpoint, and every stage and process loads those same weights.
+    random_init: bool = False
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 def _build_config(model, checkpoint, data, data_dir, input_size, space, include, exclude, trust_pickle,
-                  config) -> RunConfig:
+                  random_teacher, config) -> RunConfig:
     cfg = RunConfig.load(config) if config is not None else RunConfig()
     cfg = copy.deepcopy(cfg)
     if model is not None:
@@ -46,6 +46,8 @@ def _build_config(model, checkpoint, data, data_dir, input_size, space, include,
         cfg.model.checkpoint = checkpoint
     if trust_pickle:
         cfg.model.trust_pickle = True
+    if random_teacher:
+        cfg.model.random_init = True
     if data is not None:
         cfg.data.spec = data
     if data_dir is not None:
@@ -64,6 +66,36 @@ def _build_config(model, checkpoint, data, data_dir, input_size, space, include,
     if cfg.space and Path(cfg.space).suffix in (".yaml", ".yml"):
         cfg.space = _resolve_path(cfg.space)
     return cfg
+
+
+RANDOM_TEACHER_FILE = "teacher.safetensors"
+
+
+def _random_teacher_checkpoint(rd, cfg: RunConfig, in_chans: int, num_classes: int, log) -> None:
+    """Make sure a run whose teacher has no trained weights has seeded ones on disk.
+
+    Without weights, every process would initialise the network afresh, so phase 1,
+    scores and fine-tuning (and every torchrun rank) would each see another teacher.
+    The first `init` seeds the network with `cfg.seed` and saves it into the run folder;
+    later calls reuse that file, whose sha256 every stage then checks like any checkpoint.
+    """
+    import torch
+
+    from hant.teacher import create_model
+    from hant.workspace import save_safetensors
+
+    path = rd.root / RANDOM_TEACHER_FILE
+    if path.is_file():
+        return
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model.source, in_chans, num_classes)
+    finally:
+        torch.random.set_rng_state(state)
+    rd.root.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
+    log(f"{rd.root}: {cfg.model.source} has no trained weights; seeded it (seed {cfg.seed}) and saved {path}")
 
 
 def _checkpoint_sha(path: str | None) -> str | None:
@@ -89,6 +121,7 @@ def init_run(
     exclude: Sequence[str] | None = None,
     trust_pickle: bool = False,
     config: str | Path | None = None,
+    random_teacher: bool = False,
     log=print,
 ) -> RunConfig:
     """Create (or confirm) the run folder `run` and return its resolved RunConfig.
@@ -101,8 +134,13 @@ def init_run(
     (`{"version", "model", "checkpoint_sha256", "input_size", "space", "layers":
     [LayerInfo fields + "candidates"], "skipped": [{"name", "reason"}]}`).
 
-    Raises HantError when the run already holds another configuration, or for any
-    problem with the model, checkpoint, data, space or layer globs.
+    A teacher needs weights: `checkpoint`, or `random_teacher=True` (CLI `--random-teacher`),
+    which seeds the network with the run's seed and saves it as RUN/teacher.safetensors, the
+    run's checkpoint from then on, so every stage and process sees the same teacher.
+
+    Raises HantError when the run already holds another configuration, when the teacher has
+    no weights and `random_teacher` is not set, or for any problem with the model,
+    checkpoint, data, space or layer globs.
     """
     from hant.data import load_data
     from hant.layers import discover_layers
@@ -112,15 +150,29 @@ def init_run(
 
     rd = RunDir(run)
     cfg = _build_config(model, checkpoint, data, data_dir, input_size, space, include, exclude, trust_pickle,
-                        config)
+                        random_teacher, config)
+    seeded = str((rd.root / RANDOM_TEACHER_FILE).expanduser().resolve())
+    if cfg.model.random_init and cfg.model.checkpoint is None:
+        cfg.model.checkpoint = seeded
+    elif cfg.model.random_init and cfg.model.checkpoint != seeded:
+        raise HantError("--random-teacher seeds a teacher without weights; drop it, or drop --checkpoint")
+    elif cfg.model.checkpoint is None:
+        raise HantError(f"{cfg.model.source} is named without weights: pass --checkpoint FILE with the trained "
+                        "teacher, or --random-teacher to seed an untrained one and save it in the run folder "
+                        "(every stage then uses those same weights)")
     space_obj = load_space(cfg.space)  # fail on a bad space before loading anything heavy
     splits = load_data(cfg.data)
     cfg.data = splits.record(cfg.data)
     new = cfg.to_dict()
 
     if rd.config.exists():
-        old_raw = read_yaml(rd.config) or {}
-        old = {k: v for k, v in old_raw.items() if k != "version"} if isinstance(old_raw, dict) else {}
+        try:
+            # Through the dataclasses, so a key that a newer hant added with its default
+            # does not count as a difference.
+            old = RunConfig.load(rd.config).to_dict()
+        except HantError:
+            old_raw = read_yaml(rd.config) or {}
+            old = {k: v for k, v in old_raw.items() if k != "version"} if isinstance(old_raw, dict) else {}
         diff = _first_difference(old, new)
         if diff is not None:
             raise HantError(f"{rd.root} is already initialised with another configuration ({diff}); "
@@ -128,6 +180,9 @@ def init_run(
         if rd.layers.exists():
             return RunConfig.load(rd.config)
 
+    if cfg.model.random_init:
+        with run_lock(rd.root, log=log):
+            _random_teacher_checkpoint(rd, cfg, splits.in_chans, splits.num_classes, log)
     sha = _checkpoint_sha(cfg.model.checkpoint)
     teacher = load_teacher(cfg.model.source, splits.in_chans, splits.num_classes, cfg.model.checkpoint,
                            cfg.model.trust_pickle)
