@@ -51,7 +51,11 @@ def test_protocol_gives_complete_stats_for_three_modules():
     assert set(stats) == {"a", "b", "c"}
     for s in stats.values():
         assert 0 < s.p10_ms <= s.median_ms <= s.p90_ms
-        assert FAST.min_repeats <= s.n <= FAST.max_repeats
+        assert s.ci_lo_ms <= s.median_ms <= s.ci_hi_ms
+        assert FAST.min_repeats <= s.n <= FAST.max_repeats and len(s.samples) == s.n
+        d = s.to_dict()
+        assert {"ci_lo_ms", "ci_hi_ms", "converged"} <= set(d) and "samples" not in d
+        json.dumps(d)  # plain JSON values
 
 
 class _FakeTarget(L.Target):
@@ -72,17 +76,88 @@ class _FakeTarget(L.Target):
         return list(1.0 + self.noise[runnable] * self.rng.standard_normal(n))
 
 
-def test_protocol_interleaves_in_shuffled_rounds_and_stops_on_stability():
+def test_protocol_interleaves_in_shuffled_rounds_and_stops_when_the_interval_is_narrow():
     target = _FakeTarget({"steady": 0.0, "noisy": 0.5, "other": 0.0})
     proto = L.Protocol(warmup=2, min_repeats=5, max_repeats=40, time_cap_s=60.0)
     stats = L.measure({k: k for k in target.noise}, target, proto)
-    # A constant item is stable at its first checks; a very noisy one runs to max_repeats.
-    assert stats["steady"].n < proto.max_repeats
-    assert stats["noisy"].n == proto.max_repeats
+    # A constant item has a zero-width interval at its first check; a very noisy one never
+    # gets within 2% and runs to max_repeats.
+    assert stats["steady"].n == proto.min_repeats and stats["steady"].converged
+    assert stats["steady"].ci_lo_ms == stats["steady"].median_ms == stats["steady"].ci_hi_ms == 1.0
+    assert stats["noisy"].n == proto.max_repeats and not stats["noisy"].converged
+    noisy = stats["noisy"]
+    assert noisy.ci_lo_ms < noisy.median_ms < noisy.ci_hi_ms
+    assert (noisy.ci_hi_ms - noisy.ci_lo_ms) / 2 > proto.rel_tol * noisy.median_ms
     timed = target.calls[2 * 3:]  # after the warm-up calls
     rounds = [timed[i:i + 3] for i in range(0, 3 * stats["steady"].n, 3)]
     assert all(sorted(r) == ["noisy", "other", "steady"] for r in rounds)  # each item once per round
     assert len({tuple(r) for r in rounds}) > 1  # and the order changes between rounds
+
+
+class _ScriptedTarget(L.Target):
+    """Returns, for each item, the next values of its script (the last one repeated)."""
+
+    id = "scripted"
+
+    def __init__(self, scripts: dict[str, list[float]]):
+        super().__init__(1, 1)
+        self.scripts, self.pos = scripts, dict.fromkeys(scripts, 0)
+
+    def prepare(self, module, input_shape, example_inputs=None):
+        return module
+
+    def time(self, runnable, n):
+        script, out = self.scripts[runnable], []
+        for _ in range(n):
+            out.append(script[min(self.pos[runnable], len(script) - 1)])
+            self.pos[runnable] += 1
+        return out
+
+
+def test_protocol_stops_at_the_first_check_where_the_interval_is_narrow_enough():
+    from hant.latency.protocol import median_ci
+
+    # Noisy for the first 10 samples, then constant: the checks at 5 and 10 samples see a
+    # wide interval, later ones see the constant samples outweigh the noise.
+    noisy = [1.0, 3.0, 0.5, 2.5, 0.2, 4.0, 0.1, 3.5, 0.3, 2.0]
+    target = _ScriptedTarget({"x": noisy + [1.0]})
+    proto = L.Protocol(warmup=0, min_repeats=5, max_repeats=200, check_every=5, time_cap_s=60.0)
+    s = L.measure({"x": "x"}, target, proto)["x"]
+    assert 10 < s.n < proto.max_repeats and (s.n - proto.min_repeats) % proto.check_every == 0
+    assert s.converged and (s.ci_hi_ms - s.ci_lo_ms) / 2 <= proto.rel_tol * s.median_ms
+    # One check earlier the interval was still too wide.
+    med, lo, hi = median_ci(s.samples[:s.n - proto.check_every], proto.confidence, proto.resamples)
+    assert (hi - lo) / 2 > proto.rel_tol * med
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_samples():
+    from hant.latency.protocol import median_ci
+
+    rng = np.random.default_rng(1)
+    few, many = rng.lognormal(0.0, 0.3, 20), rng.lognormal(0.0, 0.3, 2000)
+    widths = []
+    for a in (few, many):
+        med, lo, hi = median_ci(a)
+        assert med == pytest.approx(float(np.median(a))) and lo <= med <= hi
+        widths.append(hi - lo)
+        assert median_ci(a) == (med, lo, hi)  # a fixed seed: the same samples give the same interval
+    assert 0 < widths[1] < widths[0] / 3
+    assert median_ci([2.0] * 10) == (2.0, 2.0, 2.0) and median_ci([3.0]) == (3.0, 3.0, 3.0)
+    with pytest.raises(ValueError):
+        median_ci([])
+
+
+def test_ratio_ci_brackets_the_ratio_of_medians():
+    from hant.latency.protocol import ratio_ci
+
+    rng = np.random.default_rng(2)
+    teacher, student = 2.0 * rng.lognormal(0.0, 0.1, 200), rng.lognormal(0.0, 0.1, 150)
+    r, lo, hi = ratio_ci(teacher, student)
+    assert r == pytest.approx(np.median(teacher) / np.median(student))
+    assert lo < r < hi and lo < 2.0 < hi and hi - lo < 0.2
+    assert ratio_ci([4.0] * 5, [2.0] * 7) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        ratio_ci([1.0], [0.0])
 
 
 def test_protocol_turn_warmup_runs_untimed_calls_before_each_timed_one():
@@ -248,7 +323,16 @@ def test_table_covers_every_candidate_and_is_written_atomically(analytic_run):
     assert len(on_disk["entries"]) == len(_pool(run))
     for e in on_disk["entries"]:
         assert 0 <= e["p10_ms"] <= e["median_ms"] <= e["p90_ms"] and e["n"] >= 3
+        assert e["ci_lo_ms"] <= e["median_ms"] <= e["ci_hi_ms"] and e["converged"]  # the roofline is constant
     assert on_disk["fixed_ms"] > 0 and on_disk["teacher_ms"] > on_disk["fixed_ms"]
+    lo, hi = on_disk["teacher_ci_ms"]
+    assert lo <= on_disk["teacher_ms"] <= hi
+    lo, hi = on_disk["fixed_ci_ms"]
+    assert lo <= on_disk["fixed_ms"] <= hi
+    assert on_disk["fixed"]["cheapest_ms"]["ci_lo_ms"] <= on_disk["fixed"]["cheapest_ms"]["median_ms"]
+    assert on_disk["protocol"]["rel_tol"] > 0 and on_disk["protocol"]["confidence"] == 0.95
+    for p in on_disk["validation"]["points"]:
+        assert p["ci_lo_ms"] <= p["measured_ms"] <= p["ci_hi_ms"]
     assert sorted(p.name for p in path.parent.iterdir()) == ["analytic.json"]  # no temporary file left
 
 
@@ -420,6 +504,7 @@ def test_measured_table_and_validation_end_to_end(tmp_path, target_id):
     for p in v["points"]:
         assert p["measured_ms"] > 0 and p["predicted_ms"] > 0
         assert p["p10_ms"] <= p["measured_ms"] <= p["p90_ms"]
+        assert p["ci_lo_ms"] <= p["measured_ms"] <= p["ci_hi_ms"]
     assert -1.0 <= v["kendall_tau"] <= 1.0
     assert v["median_abs_pct_error"] <= v["max_abs_pct_error"]
     assert set(table["overheads"]) == set(table["layers"])
@@ -432,4 +517,7 @@ def test_int8_table_is_calibrated_on_real_layer_inputs(tmp_path):
     run = make_run(tmp_path, include=("blocks.2.0",))
     table = L.measure_table(run, target="onnxruntime-cpu-int8", batch_size=1, progress=False, log=lambda s: None)
     assert table["quant_calibration"].startswith("real")
+    # The scheme is the one measured for this machine and recorded beside the table.
+    choice = read_json(run / "latency" / f"int8_scheme-b1-t{table['fingerprint']['threads']}.json")
+    assert table["fingerprint"]["int8_scheme"] == choice["scheme"]
     assert {(e["layer"], e["spec"]) for e in table["entries"]} == _pool(run)

@@ -3,8 +3,8 @@
 import pytest
 
 from hant.errors import HantError
-from hant.report import collect, results_rows, stage_of, write_report
-from hant.workspace import write_json, write_yaml
+from hant.report import collect, results_rows, stage_of, timing_disagreements, write_report
+from hant.workspace import read_json, write_json, write_yaml
 
 
 def _fake_run(root):
@@ -48,3 +48,45 @@ def test_stage_labels():
     assert stage_of("blocks.3.1") == "blocks.3"
     assert stage_of("layer2.0") == "layer2"
     assert stage_of("features") == "features"
+
+
+def _check_and_eval(root, teacher_check, teacher_final, student_check=(1.0, 0.98, 1.02),
+                    student_final=(1.0, 0.99, 1.01)):
+    """A plan whose hardware check and final measurement give these (median, lo, hi) in ms."""
+    _fake_run(root)
+    (t, tl, th), (s, sl, sh) = teacher_check, student_check
+    plan = read_json(root / "plans" / "p2.json")
+    plan["latency_check"] = {"rounds": [{
+        "budget_ms": 1.0, "predicted_ms": 0.9, "teacher_ms": t, "teacher_ci_lo_ms": tl, "teacher_ci_hi_ms": th,
+        "student_ms": s, "student_ci_lo_ms": sl, "student_ci_hi_ms": sh, "speedup": t / s,
+        "speedup_ci_lo": 0.97 * t / s, "speedup_ci_hi": 1.03 * t / s, "decision": "met"}], "met": True}
+    write_json(root / "plans" / "p2.json", plan)
+    ev = read_json(root / "students" / "p2" / "eval.json")
+    for who, (m, lo, hi) in (("teacher", teacher_final), ("student", student_final)):
+        ev[who].update(latency_ms=m, latency_ci_lo_ms=lo, latency_ci_hi_ms=hi)
+    ev.update(speedup=teacher_final[0] / student_final[0], speedup_ci_lo=1.9, speedup_ci_hi=2.1,
+              timing={"threads": 1, "clock": "thread-cpu", "protocol": {"confidence": 0.95}})
+    write_json(root / "students" / "p2" / "eval.json", ev)
+
+
+def test_report_flags_timings_that_disagree_beyond_their_intervals(tmp_path):
+    # The teacher's two timings do not overlap; the student's do.
+    _check_and_eval(tmp_path, teacher_check=(2.2, 2.15, 2.25), teacher_final=(2.0, 1.98, 2.02))
+    lines = timing_disagreements(collect(tmp_path))
+    assert len(lines) == 1 and "p2, teacher" in lines[0] and "2.200 [2.150, 2.250]" in lines[0]
+    text = write_report(tmp_path).read_text()
+    assert lines[0] in text
+    assert "2.000 ±1.0%" in text  # the final teacher median with its interval
+    assert "95% bootstrap" in text and "| met |" in text
+
+
+def test_report_does_not_flag_timings_whose_intervals_overlap(tmp_path):
+    _check_and_eval(tmp_path, teacher_check=(2.05, 2.01, 2.09), teacher_final=(2.0, 1.98, 2.02))
+    assert timing_disagreements(collect(tmp_path)) == []
+    assert "disagree" not in write_report(tmp_path).read_text()
+    # Timings without intervals (artifacts from before they were recorded) are not compared.
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["teacher"] = {"top1": 90.0, "latency_ms": 3.0}
+    write_json(path, ev)
+    assert timing_disagreements(collect(tmp_path)) == []

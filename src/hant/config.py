@@ -65,7 +65,10 @@ class DistillConfig:
 
 @dataclass
 class LatencyConfig:
-    threads: int | None = None  # None: all cores
+    # One thread by default: the target then times with the thread's CPU clock, which does not
+    # count time preempted by other processes, so tables are stable on a shared machine.
+    # None: every core (and the wall clock); time for the deployment's own thread count.
+    threads: int | None = 1
     warmup: int = 5
     min_repeats: int = 15
     max_repeats: int = 200

@@ -143,16 +143,23 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
                                                       validate=opts.validate))
     timer.run("score", lambda: score.score(run))
     plans = []
-    for s in opts.speedups:
+    # Ascending, each capped by the budget the previous one ended with: a check that tightens
+    # a small speedup's budget must not leave a larger speedup with a looser one.
+    cap = None
+    for s in sorted(opts.speedups):
         name = plan_name(opts.target, opts.batch_size, s)
         plans.append(name)
         if opts.check_rounds > 0:
             def choose():
-                return select.select_measured(run, tid, speedup=s, name=name, rounds=opts.check_rounds, log=log)
+                return select.select_measured(run, tid, speedup=s, name=name, rounds=opts.check_rounds,
+                                              max_budget_ms=cap, log=log)
         else:
             def choose():
                 return select.select(run, target=tid, speedup=s, name=name, log=log)
         timer.run(f"select {name}", choose, skip=_plan_settled(run, name, opts.check_rounds))
+        budget = read_json(rd.plan(name)).get("budget_ms")
+        if budget is not None:
+            cap = budget if cap is None else min(cap, budget)
     for name in plans:
         intact = _student_intact(run, name)
         done = intact and _eval_complete(run, name, opts.int8)

@@ -64,6 +64,21 @@ def _fmt(x: Any, spec: str = ".2f", suffix: str = "") -> str:
         return str(x)
 
 
+def _with_ci(x: Any, lo: Any, hi: Any, spec: str = ".3f", suffix: str = "") -> str:
+    """`1.899 ±1.2%`: a median and the half-width of its interval relative to it (the
+    interval may be lopsided; the budget-check table and eval.json keep both ends)."""
+    if x is None or lo is None or hi is None or not x:
+        return _fmt(x, spec, suffix)
+    return f"{_fmt(x, spec, suffix)} ±{100.0 * (hi - lo) / 2.0 / abs(x):.1f}%"
+
+
+def _span(x: Any, lo: Any, hi: Any, spec: str = ".3f", suffix: str = "") -> str:
+    """`1.95x [1.90, 2.01]`: a median and both ends of its interval."""
+    if x is None or lo is None or hi is None:
+        return _fmt(x, spec, suffix)
+    return f"{_fmt(x, spec, suffix)} [{lo:{spec}}, {hi:{spec}}]"
+
+
 def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per evaluated student (fp32 and, when exported, INT8), plus the teacher first."""
     rows: list[dict[str, Any]] = []
@@ -73,6 +88,7 @@ def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
         if not teacher_seen and t:
             rows.append({"name": "teacher", "precision": "fp32", "target": ev.get("target"),
                          "batch_size": ev.get("batch_size"), "latency_ms": t.get("latency_ms"),
+                         "latency_ci_lo_ms": t.get("latency_ci_lo_ms"), "latency_ci_hi_ms": t.get("latency_ci_hi_ms"),
                          "top1": t.get("top1"), "speedup": 1.0, "predicted_ms": None, "d_top1": 0.0})
             teacher_seen = True
         plan = info["plans"].get(name, {})
@@ -81,8 +97,10 @@ def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "name": name, "precision": "fp32", "target": ev.get("target"), "batch_size": ev.get("batch_size"),
             "budget_ms": plan.get("budget_ms"), "predicted_ms": pred, "latency_ms": lat,
+            "latency_ci_lo_ms": s.get("latency_ci_lo_ms"), "latency_ci_hi_ms": s.get("latency_ci_hi_ms"),
             "pred_err_pct": (100.0 * (pred - lat) / lat) if (pred and lat) else None,
-            "speedup": ev.get("speedup"), "top1": s.get("top1"),
+            "speedup": ev.get("speedup"), "speedup_ci_lo": ev.get("speedup_ci_lo"),
+            "speedup_ci_hi": ev.get("speedup_ci_hi"), "top1": s.get("top1"),
             "d_top1": (s["top1"] - t["top1"]) if (s.get("top1") is not None and t.get("top1") is not None) else None,
         })
         q = ev.get("int8")
@@ -98,7 +116,8 @@ def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def results_table(info: dict[str, Any]) -> str:
-    """The headline table as markdown: accuracy, measured latency, speedup, predicted vs measured."""
+    """The headline table as markdown: accuracy, measured latency and speedup (each with the
+    relative half-width of its confidence interval where recorded), predicted vs measured."""
     rows = results_rows(info)
     if not rows:
         return "_No student has been evaluated yet (run `hant finetune`)._\n"
@@ -107,8 +126,10 @@ def results_table(info: dict[str, Any]) -> str:
     for r in rows:
         out.append(
             f"| {r['name']} | {r['precision']} | {_fmt(r.get('budget_ms'), '.3f')} | {_fmt(r.get('predicted_ms'), '.3f')} "
-            f"| {_fmt(r.get('latency_ms'), '.3f')} | {_fmt(r.get('pred_err_pct'), '+.1f', '%')} "
-            f"| {_fmt(r.get('speedup'), '.2f', 'x')} | {_fmt(r.get('top1'), '.2f')} | {_fmt(r.get('d_top1'), '+.2f')} |"
+            f"| {_with_ci(r.get('latency_ms'), r.get('latency_ci_lo_ms'), r.get('latency_ci_hi_ms'))} "
+            f"| {_fmt(r.get('pred_err_pct'), '+.1f', '%')} "
+            f"| {_with_ci(r.get('speedup'), r.get('speedup_ci_lo'), r.get('speedup_ci_hi'), '.2f', 'x')} "
+            f"| {_fmt(r.get('top1'), '.2f')} | {_fmt(r.get('d_top1'), '+.2f')} |"
         )
     return "\n".join(out) + "\n"
 
@@ -242,6 +263,27 @@ def _fusion_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _int8_scheme_lines(info: dict[str, Any]) -> list[str]:
+    """One line per INT8 scheme the exports used, with the reason it was chosen (eval.json's int8)."""
+    seen: dict[tuple, list[str]] = {}
+    for name, ev in info["evals"].items():
+        q = ev.get("int8") or {}
+        sch = q.get("scheme")
+        if isinstance(sch, dict) and sch.get("name"):
+            key = (sch["name"], sch.get("activations"), sch.get("weights"), sch.get("reduce_range"),
+                   q.get("scheme_reason"), q.get("scheme_faster_than_fp32"))
+            seen.setdefault(key, []).append(name)
+    lines = []
+    for (scheme, act, wts, reduced, reason, faster), plans in seen.items():
+        slower = "; INT8 is slower than fp32 on this CPU" if faster is False else ""
+        lines.append(f"INT8 scheme `{scheme}` ({act} activations, {wts} weights, "
+                     f"{'7-bit' if reduced else 'full'} range) for {', '.join(plans)}: "
+                     f"{reason or 'no reason recorded'}{slower}.")
+    if len(lines) > 1:  # several batch sizes or machines: a list, so that markdown keeps them apart
+        lines = [f"- {line}" for line in lines]
+    return lines + [""] if lines else []
+
+
 def write_report(run: str | Path) -> Path:
     """Write RUN/report.md, RUN/pareto.png and RUN/architecture.png. Returns the report path.
 
@@ -259,18 +301,26 @@ def write_report(run: str | Path) -> Path:
           f"Teacher `{model}`, data `{data.get('spec', '?')}` at {data.get('input_size', '?')} px, "
           f"candidate space `{cfg.get('space', '?')}`, {len(info['layers'])} replaceable layers.", "",
           "## Accuracy and measured latency", "",
-          "Latency is measured end to end on the plan's target in one interleaved run (medians); "
-          "`predicted` is the latency table's estimate used by the selection.", "",
+          "Latency is measured end to end on the plan's target in one interleaved run (medians; "
+          f"± is the half-width of the median's {_confidence(info)}bootstrap confidence interval, relative to "
+          "it); `predicted` is the latency table's estimate used by the selection.", "",
           results_table(info)]
+    disagree = timing_disagreements(info)
+    if disagree:
+        md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, "
+               "the machine's speed changed between them; neither number is the network's latency alone:", "",
+               *disagree, ""]
     if pareto:
         md += ["![accuracy against latency](pareto.png)", ""]
+    md += _int8_scheme_lines(info)
     checks = _budget_check_lines(info)
     if checks:
         md += ["## Budgets checked on the hardware", "",
-               "Each plan was timed against the teacher before fine-tuning; where its measured speedup fell "
-               "short, the budget was tightened by the shortfall and the program solved again.", "",
-               "| plan | round | budget ms | predicted ms | measured ms | teacher ms | speedup |",
-               "|---|---:|---:|---:|---:|---:|---:|"] + checks + [""]
+               "Each plan was timed against the teacher before fine-tuning, with the protocol of the final "
+               "measurement; where its measured speedup fell short beyond the measurement's interval, the "
+               "budget was tightened by the shortfall and the program solved again.", "",
+               "| plan | round | budget ms | predicted ms | measured ms | teacher ms | speedup | decision |",
+               "|---|---:|---:|---:|---:|---:|---:|---|"] + checks + [""]
     md += ["## Chosen operations", "", stage_summary(info), choices_table(info)]
     if arch:
         md += ["![architecture](architecture.png)", ""]
@@ -293,9 +343,51 @@ def _budget_check_lines(info: dict[str, Any]) -> list[str]:
     for name, plan in info["plans"].items():
         for i, r in enumerate((plan.get("latency_check") or {}).get("rounds") or [], 1):
             rows.append(f"| {name} | {i} | {_fmt(r.get('budget_ms'), '.3f')} | {_fmt(r.get('predicted_ms'), '.3f')} "
-                        f"| {_fmt(r.get('student_ms'), '.3f')} | {_fmt(r.get('teacher_ms'), '.3f')} "
-                        f"| {_fmt(r.get('speedup'), '.2f', 'x')} |")
+                        f"| {_with_ci(r.get('student_ms'), r.get('student_ci_lo_ms'), r.get('student_ci_hi_ms'))} "
+                        f"| {_with_ci(r.get('teacher_ms'), r.get('teacher_ci_lo_ms'), r.get('teacher_ci_hi_ms'))} "
+                        f"| {_span(r.get('speedup'), r.get('speedup_ci_lo'), r.get('speedup_ci_hi'), '.2f', 'x')} "
+                        f"| {r.get('decision', '–')} |")
     return rows
+
+
+def _confidence(info: dict[str, Any]) -> str:
+    """`95% `: the confidence level the evaluations were timed at (from eval.json's protocol),
+    or "" when they record none or several."""
+    levels = {((ev.get("timing") or {}).get("protocol") or {}).get("confidence") for ev in info["evals"].values()}
+    levels.discard(None)
+    return f"{100 * levels.pop():g}% " if len(levels) == 1 else ""
+
+
+def _interval(x: Any, lo: Any, hi: Any) -> tuple[float, float, float] | None:
+    if x is None or lo is None or hi is None:
+        return None
+    return float(x), float(lo), float(hi)
+
+
+def timing_disagreements(info: dict[str, Any]) -> list[str]:
+    """One markdown line per network whose two timings disagree beyond their intervals.
+
+    For each plan with a hardware check ("latency_check" in the plan) and a final
+    measurement (eval.json), the teacher and the student are compared separately: the
+    check's last round against the final measurement. They disagree when their confidence
+    intervals do not overlap. Timings without an interval (older artifacts) are not
+    compared. Returns the lines (empty when everything agrees).
+    """
+    lines = []
+    for name, ev in info["evals"].items():
+        rounds = ((info["plans"].get(name) or {}).get("latency_check") or {}).get("rounds") or []
+        if not rounds:
+            continue
+        last = rounds[-1]
+        for who in ("teacher", "student"):
+            sec = ev.get(who) or {}
+            check = _interval(last.get(f"{who}_ms"), last.get(f"{who}_ci_lo_ms"), last.get(f"{who}_ci_hi_ms"))
+            final = _interval(sec.get("latency_ms"), sec.get("latency_ci_lo_ms"), sec.get("latency_ci_hi_ms"))
+            if check is None or final is None or (check[1] <= final[2] and final[1] <= check[2]):
+                continue
+            lines.append(f"- {name}, {who}: {_span(*check)} ms at the plan's hardware check, {_span(*final)} ms "
+                         f"in the final measurement; the two disagree beyond their intervals.")
+    return lines
 
 
 def require_report_inputs(run: str | Path) -> None:

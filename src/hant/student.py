@@ -894,6 +894,10 @@ def measure(run: str | os.PathLike, plan: str, log: Callable[[str], None] = prin
 
 
 def _measure(run, plan: str, log) -> dict[str, Any]:
+    """`measure` under the run lock. Besides the medians, eval.json gets each one's confidence
+    interval (teacher/student latency_ci_lo_ms, latency_ci_hi_ms, latency_converged;
+    speedup_ci_lo, speedup_ci_hi) and `timing` (threads, clock and protocol, the same record
+    as the plan's hardware check)."""
     cfg = _config(run)
     rd = RunDir(run)
     plan_d = read_plan(run, plan)
@@ -905,47 +909,56 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
         student = assemble(run, plan, bn_recalibrate=False)
     teacher = _teacher_from_config(cfg)
     in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
-    stats, target, target_id, batch_size = _time_against_teacher(run, cfg, plan_d, teacher, student, log)
+    timed = _time_against_teacher(run, cfg, plan_d, teacher, student, log)
+    target = timed["target"]
     params, flops = count_params_flops(student, in_shape)
     t_params, t_flops = count_params_flops(teacher, in_shape)
 
     def section(s, p, f):
-        return {"latency_ms": s.median_ms, "latency_p10_ms": s.p10_ms, "latency_p90_ms": s.p90_ms,
+        return {"latency_ms": s.median_ms, "latency_ci_lo_ms": s.ci_lo_ms, "latency_ci_hi_ms": s.ci_hi_ms,
+                "latency_converged": s.converged, "latency_p10_ms": s.p10_ms, "latency_p90_ms": s.p90_ms,
                 "latency_n": s.n, "params": p, "flops": f}
 
-    t, s = stats["teacher"], stats["student"]
+    t, s = timed["teacher"], timed["student"]
     pred = plan_d.get("predicted_ms")
     patch = {
         "plan": plan,
         "teacher": section(t, t_params, t_flops),
         "student": section(s, params, flops),
-        "speedup": t.median_ms / s.median_ms if s.median_ms > 0 else None,
+        "speedup": timed["speedup"], "speedup_ci_lo": timed["speedup_ci_lo"], "speedup_ci_hi": timed["speedup_ci_hi"],
         "predicted_ms": pred,
         "prediction_error_pct": (100.0 * (pred - s.median_ms) / s.median_ms) if pred and s.median_ms else None,
-        "target": plan_d.get("target"), "target_id": target_id, "batch_size": batch_size,
+        "target": plan_d.get("target"), "target_id": timed["target_id"], "batch_size": timed["batch_size"],
         "threads": target.threads, "params": params, "flops": flops,
-        "latency_fingerprint": target.fingerprint(),
+        "latency_fingerprint": target.fingerprint(), "timing": timed["timing"],
     }
     merged = update_eval(out, patch)
-    log(f"measure {plan}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms, speedup "
-        f"{patch['speedup']:.2f}x" + (f", predicted {pred:.3f} ms" if pred else ""))
+    speedup = (f"{patch['speedup']:.2f}x [{patch['speedup_ci_lo']:.2f}, {patch['speedup_ci_hi']:.2f}]"
+               if patch["speedup"] is not None else "n/a")
+    log(f"measure {plan}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms, speedup {speedup}"
+        + (f", predicted {pred:.3f} ms" if pred else ""))
     return merged
 
 
 def _time_against_teacher(run, cfg, plan_d: dict, teacher: nn.Module, student: nn.Module, log
-                          ) -> tuple[dict[str, Any], Any, str, int]:
+                          ) -> dict[str, Any]:
     """Time `teacher` and `student` on the plan's target, interleaved in this process.
 
-    Returns ({"teacher": Stats, "student": Stats}, target, target_id, batch_size).
+    The one protocol behind both the plan's hardware check (`time_plan`) and the final
+    measurement (`measure`), so that their numbers are comparable. Returns {"teacher": Stats,
+    "student": Stats, "speedup", "speedup_ci_lo", "speedup_ci_hi" (None without a positive
+    student median), "target": Target, "target_id", "batch_size", "timing": {target_id,
+    batch_size, threads, clock, protocol}} (timing is what both outputs record).
     """
     from hant.data import load_data
     from hant.latency import get_target
-    from hant.latency.protocol import Protocol
+    from hant.latency.protocol import Protocol, ratio_ci
     from hant.latency.protocol import measure as protocol_measure
 
     target_id, batch_size, threads = resolve_target(run, plan_d)
     in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
-    target = get_target(target_id, batch_size=batch_size, threads=threads)
+    # The table's thread count when there is a table, else the config's: never a silent "all cores".
+    target = get_target(target_id, batch_size=batch_size, threads=threads or cfg.latency.threads)
     examples = None
     if getattr(target, "precision", "fp32") != "fp32":
         # Calibrating targets (INT8) want real inputs, not noise.
@@ -957,21 +970,37 @@ def _time_against_teacher(run, cfg, plan_d: dict, teacher: nn.Module, student: n
     prepared = {k: target.prepare(m.eval(), in_shape, example_inputs=examples)
                 for k, m in (("teacher", teacher), ("student", student))}
     # One untimed call per turn, so each network is timed with warm caches as it runs alone.
-    stats = protocol_measure(prepared, target, dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1))
-    return stats, target, target_id, batch_size
+    proto = dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1)
+    stats = protocol_measure(prepared, target, proto)
+    t, s = stats["teacher"], stats["student"]
+    speedup = lo = hi = None
+    if s.median_ms > 0:
+        speedup, lo, hi = ratio_ci(t.samples, s.samples, proto.confidence, proto.resamples, proto.seed)
+    timing = {"target_id": target_id, "batch_size": batch_size, "threads": target.threads, "clock": target.clock,
+              "protocol": proto.to_dict()}
+    return {"teacher": t, "student": s, "speedup": speedup, "speedup_ci_lo": lo, "speedup_ci_hi": hi,
+            "target": target, "target_id": target_id, "batch_size": batch_size, "timing": timing}
 
 
-def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = print) -> dict[str, float]:
+def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The plan assembled from its phase-1 candidates, timed end to end against the teacher on
-    the plan's target (interleaved, as `measure` does), before any fine-tuning; writes nothing.
+    the plan's target with the same protocol as `measure`, before any fine-tuning; writes nothing.
 
-    Returns {"teacher_ms", "student_ms", "speedup", "predicted_ms"} (medians). Used to check
-    that a plan chosen from the latency table really gives the requested speedup.
+    Returns {"teacher_ms", "teacher_ci_lo_ms", "teacher_ci_hi_ms", "student_ms",
+    "student_ci_lo_ms", "student_ci_hi_ms", "speedup", "speedup_ci_lo", "speedup_ci_hi",
+    "predicted_ms", "timing"} (medians with their confidence intervals; timing as in
+    eval.json). Used to check that a plan chosen from the latency table really gives the
+    requested speedup. Raises HantError for a missing plan or an unknown target.
     """
     cfg = _config(run)
     plan_d = read_plan(run, plan)
     student = assemble(run, plan, bn_recalibrate=False)
-    stats, *_ = _time_against_teacher(run, cfg, plan_d, _teacher_from_config(cfg), student, log)
-    t, s = stats["teacher"].median_ms, stats["student"].median_ms
-    return {"teacher_ms": t, "student_ms": s, "speedup": t / s if s > 0 else math.inf,
-            "predicted_ms": plan_d.get("predicted_ms")}
+    timed = _time_against_teacher(run, cfg, plan_d, _teacher_from_config(cfg), student, log)
+    t, s = timed["teacher"], timed["student"]
+    if timed["speedup"] is None:  # a zero median: the student is below the clock's resolution
+        timed.update(speedup=math.inf, speedup_ci_lo=math.inf, speedup_ci_hi=math.inf)
+    return {"teacher_ms": t.median_ms, "teacher_ci_lo_ms": t.ci_lo_ms, "teacher_ci_hi_ms": t.ci_hi_ms,
+            "student_ms": s.median_ms, "student_ci_lo_ms": s.ci_lo_ms, "student_ci_hi_ms": s.ci_hi_ms,
+            "speedup": timed["speedup"], "speedup_ci_lo": timed["speedup_ci_lo"],
+            "speedup_ci_hi": timed["speedup_ci_hi"], "predicted_ms": plan_d.get("predicted_ms"),
+            "timing": timed["timing"]}

@@ -10,7 +10,10 @@ other candidates of its layer (protocol.py). A standalone call carries a cost th
 inside a network does not: the runtime's per-call overhead (argument conversion, output
 allocation, Python). So every layer's group also times an identity at the same shape,
 and entries are stored net of it (`raw_median_ms` keeps the gross number). A `skip`
-candidate therefore costs about zero, as it does inside the network.
+candidate therefore costs about zero, as it does inside the network. Every recorded median
+has its confidence interval beside it (`ci_lo_ms`, `ci_hi_ms`, `converged`; protocol.py):
+entries, overheads, the fixed part (`fixed_ci_ms`), the teacher (`teacher_ci_ms`) and the
+validation's networks; `protocol` records how they were timed.
 
 Fixed part. The issue asks for "the teacher with every replaceable layer removed". That
 network does not run in general (layers change shapes), so the nearest network that does
@@ -286,9 +289,14 @@ def _layer_signature(layer) -> dict[str, Any]:
 
 
 def _net(stats: Stats, null: Stats | None) -> dict[str, Any]:
+    # The interval is shifted by the identity's median like the median itself: it says how
+    # well this candidate's median is known, the identity's own interval sits beside it in
+    # the table's "overheads".
     base = null.median_ms if null is not None else 0.0
-    return {"median_ms": max(0.0, stats.median_ms - base), "p10_ms": max(0.0, stats.p10_ms - base),
-            "p90_ms": max(0.0, stats.p90_ms - base), "n": stats.n, "raw_median_ms": stats.median_ms}
+    return {"median_ms": max(0.0, stats.median_ms - base), "ci_lo_ms": max(0.0, stats.ci_lo_ms - base),
+            "ci_hi_ms": max(0.0, stats.ci_hi_ms - base), "p10_ms": max(0.0, stats.p10_ms - base),
+            "p90_ms": max(0.0, stats.p90_ms - base), "n": stats.n, "converged": stats.converged,
+            "raw_median_ms": stats.median_ms}
 
 
 def _entry_list(ctx: _Run, entries: Mapping[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -356,7 +364,18 @@ def measure_table(
     # Building, folding and exporting candidates is torch work outside any timing; one thread
     # does it fastest on a busy machine (several threads wait on each other's preempted cores).
     with run_lock(ctx.rd.root, log=log), torch_threads(1):
+        if tgt.precision == "int8" and "scheme" not in (options or {}):
+            from hant.latency.int8 import describe_scheme, run_int8_scheme
+            from hant.latency.onnxruntime_cpu import OnnxRuntimeCPU
+
+            if isinstance(tgt, OnnxRuntimeCPU):  # the scheme measured for this machine, shared with the export
+                choice = run_int8_scheme(ctx.rd.root, tgt.batch_size, tgt.threads, log=log)
+                tgt.scheme = choice["scheme"]
+                fingerprint = tgt.fingerprint()
+                log(f"latency {tid}: INT8 scheme {describe_scheme(tgt.scheme)}: {choice['reason']}")
         table, entries = _start_table(ctx, path, tid, tgt, fingerprint, force, log)
+        # The protocol of this build (whole networks add one untimed call per turn).
+        table["protocol"] = proto.to_dict()
         failed = {(f["layer"], f["spec"]): f for f in table.get("failed", [])}
         missing = {layer.name: [s for s in ctx.pools[layer.name] if (layer.name, s) not in entries
                                 and (layer.name, s) not in failed] for layer in ctx.layers}
@@ -417,7 +436,8 @@ def _start_table(ctx: _Run, path: Path, tid: str, tgt: Target, fingerprint: dict
         "version": TABLE_VERSION, "target": tgt.id, "table_id": tid, "batch_size": tgt.batch_size,
         "fingerprint": fingerprint, "model": ctx.model, "input_size": list(ctx.input_size),
         "layers": [layer.name for layer in ctx.layers], "layer_shapes": signatures,
-        "fixed_ms": None, "teacher_ms": None, "fixed": None, "overheads": {}, "entries": [], "failed": [],
+        "protocol": None, "fixed_ms": None, "fixed_ci_ms": None, "teacher_ms": None, "teacher_ci_ms": None,
+        "fixed": None, "overheads": {}, "entries": [], "failed": [],
         "validation": None, "calibration": None, "complete": False,
     }
     if not path.exists():
@@ -524,7 +544,8 @@ def _measure_fixed(ctx: _Run, tgt: Target, proto: Protocol, entries: dict, table
     prepared = {k: tgt.prepare(m, ctx.input_size, images) for k, m in nets.items()}
     stats = measure(prepared, tgt, _network_protocol(proto))
     sum_cheap = _sum_entries(entries, cheapest)
-    fixed = stats["cheapest"].median_ms - sum_cheap
+    cheap = stats["cheapest"]
+    fixed = cheap.median_ms - sum_cheap
     table["fixed"] = {
         "method": "all-cheapest network end to end minus the sum of its entries",
         "cheapest_plan": cheapest, "cheapest_ms": stats["cheapest"].to_dict(), "cheapest_sum_entries_ms": sum_cheap,
@@ -534,7 +555,11 @@ def _measure_fixed(ctx: _Run, tgt: Target, proto: Protocol, entries: dict, table
         "clamped": fixed < 0,
     }
     table["fixed_ms"] = max(0.0, fixed)
+    # The entries' sum is subtracted as a constant, so the fixed part's interval is the
+    # cheapest network's, shifted.
+    table["fixed_ci_ms"] = [max(0.0, cheap.ci_lo_ms - sum_cheap), max(0.0, cheap.ci_hi_ms - sum_cheap)]
     table["teacher_ms"] = stats["teacher"].median_ms
+    table["teacher_ci_ms"] = [stats["teacher"].ci_lo_ms, stats["teacher"].ci_hi_ms]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,11 +707,13 @@ def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protoco
         "uncalibrated": _summary(pred, meas),
         "random_only": _summary(held_out[is_random], meas[is_random]) if is_random.sum() > 1 else None,
         "calibration_scores": scores,
+        "protocol": check.to_dict(),
         "time_s": round(time.perf_counter() - t0, 1),
         "loadavg": [load_before, _loadavg()],  # a busy machine is the usual cause of a poor result
         "points": [
             {"kind": kind, "predicted_ms": float(p), "calibrated_ms": predict_ms({**table, "calibration": cal}, plan),
-             "heldout_predicted_ms": float(h), "measured_ms": s.median_ms, "p10_ms": s.p10_ms, "p90_ms": s.p90_ms,
+             "heldout_predicted_ms": float(h), "measured_ms": s.median_ms, "ci_lo_ms": s.ci_lo_ms,
+             "ci_hi_ms": s.ci_hi_ms, "converged": s.converged, "p10_ms": s.p10_ms, "p90_ms": s.p90_ms,
              "n": s.n, "plan": plan}
             for (kind, plan), p, h, s in zip(plans, pred, held_out, (stats[i] for i in range(len(plans))))
         ],
