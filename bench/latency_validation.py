@@ -42,7 +42,7 @@ def make_run(run: Path, data: str, threads: int | None, time_cap: float, input_s
     cfg.write_text(yaml.safe_dump({"latency": {"threads": threads, "warmup": 5, "min_repeats": 15,
                                                "max_repeats": 200, "time_cap_s": time_cap}}))
     init_run(run, model="timm:efficientnet_b0", data=data, input_size=input_size, space="default", config=cfg,
-             log=lambda s: None)
+             random_teacher=True, log=lambda s: None)
 
 
 def plot(results: list[dict], path: Path) -> None:

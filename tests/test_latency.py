@@ -291,7 +291,7 @@ def make_run(root: Path, include=("blocks.1.*", "blocks.2.*"), space="tiny", siz
                                                   "time_cap_s": 20.0}}))
     run = root / "run"
     init_run(run, model=source, data="synthetic:64", input_size=size, space=space, include=list(include),
-             config=config, log=lambda s: None)
+             config=config, random_teacher=True, log=lambda s: None)
     return run
 
 
