@@ -10,8 +10,9 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.export import check_onnx, export, export_onnx, op_counts, ort_fusions
+from hant.latency.onnxruntime_cpu import SCHEMES
 from hant.student import finetune, load_student
-from hant.workspace import RunDir, read_json
+from hant.workspace import RunDir, read_json, write_json
 from student_run import layer_names, make_run, write_plan
 
 
@@ -88,7 +89,12 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     assert o["fused_ops"] and "FusedConv" in " ".join(o["fused_ops"])
     # fp32 ONNX classifies the test split as PyTorch does (tiny float differences may flip a tie).
     assert abs(o["top1"] - ev["student"]["top1"]) <= 100.0 / 24 + 1e-9
-    assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32 and q["scheme"]["activations"] == "uint8"
+    assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32
+    # The scheme is the one measured for this machine (which one depends on the CPU).
+    choice = read_json(run / q["scheme_file"])
+    assert q["scheme"] == choice["scheme"] and q["scheme"]["name"] in SCHEMES
+    assert q["scheme_reason"] == choice["reason"] and q["scheme_faster_than_fp32"] == choice["faster_than_fp32"]
+    assert any(f"static INT8 in scheme {q['scheme']['name']}" in line for line in logs)
     for sec in (o, q):
         assert sec["latency_p10_ms"] <= sec["latency_ms"] <= sec["latency_p90_ms"] and sec["speedup"] > 0
     assert ev["student"]["top1"] is not None  # fine-tuning's fields are kept
@@ -107,3 +113,20 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     assert corr > 0.9
     assert any("INT8 test top-1" in line for line in logs)
+
+
+@pytest.mark.slow
+def test_int8_export_and_int8_table_use_the_same_scheme(tuned, tmp_path):
+    from hant.latency import measure_table
+
+    # The flow of a run: an INT8 table, a plan selected on it, the plan exported in INT8.
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run)
+    table = measure_table(run, target="onnxruntime-cpu-int8", batch_size=1, progress=False, log=lambda *_: None)
+    plan = read_json(RunDir(run).plan("p"))
+    write_json(RunDir(run).plan("p"), {**plan, "target": "onnxruntime-cpu-int8"})
+    logs = []
+    q = export(run, "p", int8=True, calib_images=16, log=logs.append)["int8"]
+    assert q["scheme"] == table["fingerprint"]["int8_scheme"]
+    assert q["scheme_file"] == f"latency/int8_scheme-b1-t{table['fingerprint']['threads']}.json"
+    assert not any("trying" in line for line in logs)  # the table's measurement was reused

@@ -4,10 +4,12 @@ The ONNX graph is exported in eval mode with constant folding, which folds every
 BatchNorm into the convolution before it; ONNX Runtime then fuses further at load time
 (conv + activation into FusedConv, and so on). What was folded and fused is read off the
 graphs themselves: the exported graph's node types against those of the graph ONNX
-Runtime saves after optimising it. INT8 is ONNX Runtime's static quantiser (QDQ format,
-uint8 activations, int8 per-channel weights) calibrated on train images; its accuracy is measured on the test split
-with ONNX Runtime, and its latency in the same interleaved run as the fp32 student and the
-teacher.
+Runtime saves after optimising it. INT8 is ONNX Runtime's static quantiser in QDQ format
+(`hant.latency.onnxruntime_cpu.quantize_onnx`, the same one the INT8 latency table uses),
+calibrated on train images, in the scheme measured for this machine on the run's teacher
+(`hant.latency.int8`: the same record the INT8 table takes its scheme from); its accuracy is
+measured on the test split with ONNX Runtime, and its latency in the same interleaved run
+as the fp32 student and the teacher.
 
 The architecture JSON and the safetensors weights are written by fine-tuning
 (`hant.student.save_student`); this module adds model.onnx, model.int8.onnx and the
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
-from hant.latency.onnxruntime_cpu import cpu_has_vnni, int8_scheme  # one scheme for table and export
+from hant.latency.onnxruntime_cpu import int8_scheme, quantize_onnx  # one quantiser for table and export
 from hant.workspace import RunDir, atomic_write_bytes
 
 
@@ -188,59 +190,22 @@ def onnx_top1(model: bytes | str | os.PathLike, dataset, batch_size: int = 256, 
     return 100.0 * correct / total
 
 
-class _CalibrationReader:
-    """Feeds the quantiser batches of train images (onnxruntime's CalibrationDataReader protocol)."""
-
-    def __init__(self, dataset, images: int, batch_size: int = 32):
-        self._data = list(_batches(dataset, batch_size, limit=images))
-        self._it = iter(self._data)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        item = next(self._it, None)
-        return None if item is None else {INPUT_NAME: item[0]}
-
-    def rewind(self) -> None:
-        self._it = iter(self._data)
-
-
 def quantize_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibration, images: int = 256,
-                  scheme: dict[str, Any] | None = None) -> Path:
-    """Static INT8 in QDQ format (`int8_scheme()` by default), calibrated with MinMax on train images.
+                  scheme: str | dict[str, Any] | None = None) -> Path:
+    """Static INT8 (QDQ) of the ONNX file `fp32` into `out`, with the latency target's quantiser.
 
-    `calibration` is a dataset of (image, label); the first `images` images calibrate.
-    ONNX Runtime's pre-processing (shape inference, graph clean-up) runs first. Writes `out`
-    atomically and returns it. Raises HantError when quantisation fails.
+    `calibration` is a dataset of (image, label); its first `images` images calibrate
+    (MinMax), 32 at a time. `scheme` is a name of `hant.latency.onnxruntime_cpu.SCHEMES`
+    or a scheme dict; None is the guess for this CPU (`export` passes the run's measured
+    one). Writes `out` atomically and returns it. Raises HantError when quantisation fails.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    scheme = scheme or int8_scheme()
-    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="hant-int8-", dir=out.parent) as d:
-        src = Path(fp32)
-        pre = Path(d) / "pre.onnx"
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(src), str(pre))
-            src = pre
-        except Exception:  # pre-processing is an optimisation; quantise the plain export without it
-            pass
-        tmp = Path(d) / "int8.onnx"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_static(str(src), str(tmp), _CalibrationReader(calibration, images),
-                                quant_format=QuantFormat.QDQ, per_channel=scheme["per_channel"],
-                                reduce_range=scheme["reduce_range"], activation_type=types[scheme["activations"]],
-                                weight_type=types[scheme["weights"]], calibrate_method=CalibrationMethod.MinMax)
-        except Exception as e:
-            raise HantError(f"INT8 quantisation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "export without --int8") from e
-        atomic_write_bytes(out, tmp.read_bytes())
-    return out
+    examples = np.concatenate([x for x, _ in _batches(calibration, 32, limit=images)])
+    try:
+        data = quantize_onnx(Path(fp32).read_bytes(), examples, scheme, batch_size=32, batches=None)
+    except Exception as e:
+        raise HantError(f"INT8 quantisation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "export without --int8") from e
+    return atomic_write_bytes(out, data)
 
 
 class _OrtRunnable:
@@ -263,9 +228,11 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
     INT8 model) in one interleaved run with the latency protocol on ONNX Runtime's CPU
     settings at the plan's batch size. Merges "onnx" (and "int8") sections into eval.json:
     top1, latency_ms, latency_p10_ms, latency_p90_ms, max_abs_diff, batchnorm_nodes (left in
-    the export: 0 when folded), fused_ops and removed_ops (what ONNX Runtime fused), file.
-    Returns {"onnx": {...}, "int8": {...} or None}. Raises HantError when the student has
-    not been fine-tuned, the export fails or does not match.
+    the export: 0 when folded), fused_ops and removed_ops (what ONNX Runtime fused), file;
+    "int8" also has scheme, scheme_reason, scheme_faster_than_fp32 and scheme_file (the
+    scheme measured for this machine, `hant.latency.int8.run_int8_scheme`, measured first
+    when the run has none for it). Returns {"onnx": {...}, "int8": {...} or None}. Raises
+    HantError when the student has not been fine-tuned, the export fails or does not match.
     """
     from hant.workspace import run_lock
 
@@ -318,17 +285,25 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
     int8_sec: dict[str, Any] | None = None
     int8_path = out / INT8_FILE
     if int8:
+        from hant.latency.int8 import describe_scheme, run_int8_scheme
+
         n_cal = min(calib_images, len(splits.train))
-        scheme = int8_scheme()
-        log(f"export {plan}: static INT8 (QDQ, {scheme['activations']} activations, {scheme['weights']} per-channel "
-            f"weights{', 7-bit range' if scheme['reduce_range'] else ''}) calibrated on {n_cal} train images")
+        choice = run_int8_scheme(run, batch_size, threads, log=log)
+        scheme, scheme_path = choice["scheme"], rd.int8_scheme(batch_size, choice["fingerprint"]["threads"])
+        log(f"export {plan}: static INT8 in scheme {describe_scheme(scheme)}, calibrated on {n_cal} train images; "
+            f"chosen on this CPU for the teacher at batch {batch_size}: {choice['reason']}")
+        if not choice["faster_than_fp32"]:
+            log(f"export {plan}: INT8 is slower than fp32 on this CPU (see {scheme_path}); "
+                "exporting it as asked")
         quantize_int8(onnx_path, int8_path, splits.train, images=n_cal, scheme=scheme)
         with torch.no_grad():
             ref = student(x_check).numpy()
         got = _session(int8_path, threads).run(None, {INPUT_NAME: x_check.numpy()})[0]
         qf = ort_fusions(int8_path, threads)
         int8_sec = {
-            "file": INT8_FILE, "calibration_images": n_cal, "scheme": scheme,
+            "file": INT8_FILE, "calibration_images": n_cal, "scheme": scheme, "scheme_reason": choice["reason"],
+            "scheme_faster_than_fp32": choice["faster_than_fp32"],
+            "scheme_file": str(scheme_path.relative_to(rd.root)),
             "max_abs_diff": float(np.max(np.abs(got - ref))),
             "fused_ops": qf["fused_ops"], "runtime_ops": qf["runtime_ops"],
             "top1": onnx_top1(int8_path, splits.test, threads=threads),

@@ -195,6 +195,10 @@ class RunDir:
     def latency_table(self, target_id: str) -> Path:
         return self.root / "latency" / f"{target_id}.json"
 
+    def int8_scheme(self, batch_size: int, threads: int) -> Path:
+        """The INT8 scheme measured for this machine at a batch size and thread count (hant.latency.int8)."""
+        return self.root / "latency" / f"int8_scheme-b{int(batch_size)}-t{int(threads)}.json"
+
     @property
     def scores(self) -> Path:
         return self.root / "scores.json"

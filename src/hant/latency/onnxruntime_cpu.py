@@ -3,8 +3,11 @@
 The module is exported in eval mode (the exporter folds batch norm into the convolution
 when constant folding), then ONNX Runtime fuses conv + activation at ORT_ENABLE_ALL. For
 INT8 the exported graph is pre-processed and statically quantised to QDQ form with ONNX
-Runtime's quantiser (`int8_scheme()`: uint8 activations, int8 per-channel weights),
-calibrated on the inputs given (real layer inputs when the run has data).
+Runtime's quantiser (`quantize_onnx`, the one INT8 quantiser of hant: the export uses it
+too), calibrated on the inputs given (real layer inputs when the run has data). Which
+scheme (`SCHEMES`: signed or unsigned activations, 7-bit or full-range weights) is fastest
+depends on the CPU and the model, so a run measures it on the machine at hand
+(hant.latency.int8); `int8_scheme()` without a name is only the guess used outside a run.
 
 Sessions run sequentially with `threads` intra-op threads and no spinning: with many
 sessions measured in turn, an idle session's spinning workers would steal the cores of the
@@ -20,7 +23,7 @@ import logging
 import os
 import tempfile
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from torch import nn
 from hant.errors import HantError
 from hant.latency.base import Target
 
-__all__ = ["OnnxRuntimeCPU", "export_onnx", "int8_scheme", "cpu_has_vnni"]
+__all__ = ["OnnxRuntimeCPU", "SCHEMES", "export_onnx", "int8_scheme", "quantize_onnx", "cpu_has_vnni"]
 
 OPSET = 17
 
@@ -82,12 +85,16 @@ class _Session:
 
 
 class _Reader:
-    """Calibration batches for the quantiser: `example_inputs` regrouped to the batch size."""
+    """Calibration batches for the quantiser: `examples` regrouped to the batch size.
 
-    def __init__(self, name: str, examples: np.ndarray, batch_size: int, batches: int = 8):
-        reps = -(-batch_size // examples.shape[0])  # tile when there are fewer examples than one batch
+    At most `batches` batches (None: every full batch); fewer examples than one batch are tiled.
+    """
+
+    def __init__(self, name: str, examples: np.ndarray, batch_size: int, batches: int | None = 8):
+        reps = -(-batch_size // examples.shape[0])
         pool = np.concatenate([examples] * reps, axis=0) if reps > 1 else examples
-        count = max(1, min(batches, pool.shape[0] // batch_size))
+        count = max(1, pool.shape[0] // batch_size)
+        count = min(count, batches) if batches else count
         self._feeds = iter([{name: pool[i * batch_size:(i + 1) * batch_size]} for i in range(count)])
 
     def get_next(self):
@@ -110,32 +117,111 @@ def cpu_has_vnni() -> bool:
     return False
 
 
-def int8_scheme() -> dict[str, Any]:
-    """The INT8 deployed form on this CPU: uint8 activations, int8 per-channel weights, QDQ.
+# The candidate INT8 schemes, by name. ONNX Runtime's x86 kernels are built for unsigned
+# activations times signed weights; without VNNI the AVX2 multiply can saturate, which
+# 7-bit weights (`reduce_range`) avoid at some cost in accuracy; signed activations (S8S8,
+# asymmetric) are ONNX Runtime's default and the usual choice on ARM. Which is fastest, or
+# whether INT8 beats fp32 at all, was seen to depend on the CPU and the model, so a run
+# measures them (hant.latency.int8) instead of assuming one.
+SCHEMES: dict[str, dict[str, Any]] = {
+    "u8s8-7bit": {"activations": "uint8", "weights": "int8", "reduce_range": True},
+    "u8s8": {"activations": "uint8", "weights": "int8", "reduce_range": False},
+    "s8s8": {"activations": "int8", "weights": "int8", "reduce_range": False},
+}
 
-    ONNX Runtime's x86 int8 kernels are built for unsigned activations times signed
-    weights (signed-by-signed runs slower than fp32 on AVX2); without VNNI the AVX2
-    multiply can saturate, so weights use 7 bits (`reduce_range`), as ONNX Runtime advises.
-    The INT8 export of a student should use this same scheme so that table and export agree.
+
+def int8_scheme(name: str | None = None) -> dict[str, Any]:
+    """The INT8 scheme `name` (a key of SCHEMES) as the quantiser's settings.
+
+    Returns {"name", "activations", "weights", "per_channel", "reduce_range", "format",
+    "calibration"}. Without a name, the guess for this CPU where nothing was measured
+    (a target used outside a run): full-range weights with VNNI, 7-bit without, as ONNX
+    Runtime advises. Raises HantError for an unknown name.
     """
-    return {"activations": "uint8", "weights": "int8", "per_channel": True, "reduce_range": not cpu_has_vnni(),
-            "format": "QDQ", "calibration": "MinMax"}
+    if name is None:
+        name = "u8s8" if cpu_has_vnni() else "u8s8-7bit"
+    if name not in SCHEMES:
+        raise HantError(f"unknown INT8 scheme {name!r}; known schemes: {', '.join(SCHEMES)}")
+    return {"name": name, **SCHEMES[name], "per_channel": True, "format": "QDQ", "calibration": "MinMax"}
+
+
+def _scheme(scheme: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    # A name, a full or partial scheme dict, or None (the guess for this CPU).
+    if scheme is None or isinstance(scheme, str):
+        return int8_scheme(scheme)
+    name = scheme.get("name")
+    base = int8_scheme(name if name in SCHEMES else None)
+    return {**base, **scheme, "name": name or "custom"}
+
+
+def _input_name(model: bytes) -> str:
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    weights = {t.name for t in proto.graph.initializer}
+    return next(i.name for i in proto.graph.input if i.name not in weights)
+
+
+def quantize_onnx(model: bytes, examples: np.ndarray, scheme: str | Mapping[str, Any] | None = None,
+                  batch_size: int = 1, batches: int | None = 8) -> bytes:
+    """Static INT8 (QDQ) of an fp32 ONNX model: hant's one INT8 quantiser.
+
+    `examples` (N, C, H, W) calibrate (MinMax), fed `batch_size` at a time, at most
+    `batches` batches (None: all); `scheme` is a name of SCHEMES, a scheme dict
+    (`int8_scheme()`), or None for the guess for this CPU. ONNX Runtime's pre-processing
+    (shape inference, graph clean-up) runs first. Returns the quantised model's bytes;
+    lets the quantiser's exceptions through (callers decide what a failure means).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    scheme = _scheme(scheme)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    reader = _Reader(_input_name(model), examples, batch_size, batches)
+    with tempfile.TemporaryDirectory(prefix="hant-int8-") as d:
+        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
+        with open(src, "wb") as f:
+            f.write(model)
+        try:
+            # Shape inference and graph clean-up first: without it the squeeze-excite
+            # convolutions stay in float between Quantize/Dequantize pairs (measured here:
+            # EfficientNet-B0 at batch 64 runs 2x slower than with it).
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = os.path.join(d, "pre.onnx")
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
+                warnings.simplefilter("ignore")
+                quant_pre_process(src, pre)
+            src = pre
+        except Exception:  # an optimisation only: quantise the plain export without it
+            pass
+        with warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,
+                            per_channel=scheme["per_channel"], reduce_range=scheme["reduce_range"],
+                            activation_type=types[scheme["activations"]], weight_type=types[scheme["weights"]],
+                            calibrate_method=CalibrationMethod.MinMax)
+        with open(dst, "rb") as f:
+            return f.read()
 
 
 class OnnxRuntimeCPU(Target):
-    """ONNX Runtime's CPU execution provider; `precision` "fp32" or "int8" (static QDQ)."""
+    """ONNX Runtime's CPU execution provider; `precision` "fp32" or "int8" (static QDQ).
+
+    `scheme` (INT8 only): a name of SCHEMES or a scheme dict; None is the guess for this
+    CPU. The latency stage passes the scheme measured for the run (hant.latency.int8).
+    """
 
     id = "onnxruntime-cpu"
 
     def __init__(self, batch_size: int = 1, threads: int | None = None, precision: str = "fp32",
-                 spinning: bool = False, scheme: dict[str, Any] | None = None, clock: str = "auto"):
+                 spinning: bool = False, scheme: str | Mapping[str, Any] | None = None, clock: str = "auto"):
         super().__init__(batch_size, threads, clock)
         if precision not in ("fp32", "int8"):
             raise HantError(f"onnxruntime-cpu precision must be fp32 or int8, got {precision!r}")
         import onnxruntime  # noqa: F401  (fail here, with the id in the message, if missing)
 
         self.precision, self.spinning = precision, spinning
-        self.scheme = {**int8_scheme(), **(scheme or {})}
+        self.scheme = _scheme(scheme)
 
     def session_options(self):
         """The session options used for every measurement (table and end to end)."""
@@ -150,41 +236,19 @@ class OnnxRuntimeCPU(Target):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         return so
 
-    def quantize(self, model: bytes, examples: np.ndarray) -> bytes:
-        """Static INT8 (QDQ, `int8_scheme()`) of an fp32 ONNX model, calibrated (MinMax) on `examples`."""
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    def quantize(self, model: bytes, examples: np.ndarray, batches: int | None = 8) -> bytes:
+        """Static INT8 of an fp32 ONNX model in this target's scheme, calibrated on `examples`
+        (at most `batches` batches of the target's batch size; None: all)."""
+        return quantize_onnx(model, examples, self.scheme, self.batch_size, batches)
 
-        scheme = self.scheme
-        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        with tempfile.TemporaryDirectory(prefix="hant-int8-") as d:
-            src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
-            with open(src, "wb") as f:
-                f.write(model)
-            try:
-                # Shape inference and graph clean-up first: without it the squeeze-excite
-                # convolutions stay in float between Quantize/Dequantize pairs (measured here:
-                # EfficientNet-B0 at batch 64 runs 2x slower than with it).
-                from onnxruntime.quantization.shape_inference import quant_pre_process
-
-                pre = os.path.join(d, "pre.onnx")
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
-                    warnings.simplefilter("ignore")
-                    quant_pre_process(src, pre)
-                src = pre
-            except Exception:  # an optimisation only: quantise the plain export without it
-                pass
-            with warnings.catch_warnings(), _quiet_root_logger():
-                warnings.simplefilter("ignore")
-                quantize_static(src, dst, _Reader("x", examples, self.batch_size), quant_format=QuantFormat.QDQ,
-                                per_channel=scheme["per_channel"], reduce_range=scheme["reduce_range"],
-                                activation_type=types[scheme["activations"]], weight_type=types[scheme["weights"]],
-                                calibrate_method=CalibrationMethod.MinMax)
-            with open(dst, "rb") as f:
-                return f.read()
-
-    def prepare(self, module: nn.Module, input_shape: Sequence[int], example_inputs: torch.Tensor | None = None):
+    def session(self, model: bytes, x: np.ndarray):
+        """A runnable of the ONNX `model` on this target's settings, its input fixed to `x`."""
         import onnxruntime as ort
 
+        session = ort.InferenceSession(model, self.session_options(), providers=["CPUExecutionProvider"])
+        return _Session(session, x)
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int], example_inputs: torch.Tensor | None = None):
         x = self.input(input_shape)
         model = export_onnx(module, x)
         if self.precision == "int8":
@@ -192,8 +256,7 @@ class OnnxRuntimeCPU(Target):
                 example_inputs = torch.randn((max(8, self.batch_size), *map(int, input_shape)),
                                              generator=torch.Generator().manual_seed(1))
             model = self.quantize(model, example_inputs.detach().float().cpu().numpy())
-        session = ort.InferenceSession(model, self.session_options(), providers=["CPUExecutionProvider"])
-        return _Session(session, x.numpy())
+        return self.session(model, x.numpy())
 
     def fingerprint(self) -> dict[str, Any]:
         import onnxruntime as ort
