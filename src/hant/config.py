@@ -70,8 +70,12 @@ class LatencyConfig:
     # None: every core (and the wall clock); time for the deployment's own thread count.
     threads: int | None = 1
     warmup: int = 5
-    min_repeats: int = 15
-    max_repeats: int = 200
+    # At least 100 samples per item: a median of fewer, even with a narrow bootstrap
+    # interval, follows the load of the moment (bench/timing.py: with 15, a tiny run's
+    # validation erred 2-8% under a neighbouring process, tau 0.73-0.88; with 100, 3-4%, tau
+    # 0.88-0.94). Small ops cost microseconds, so tables stay fast; time_cap_s bounds big ones.
+    min_repeats: int = 100
+    max_repeats: int = 600
     time_cap_s: float = 600.0
 
 

@@ -42,8 +42,8 @@ class Protocol:
     """
 
     warmup: int = 5
-    min_repeats: int = 15
-    max_repeats: int = 200
+    min_repeats: int = 100  # the same defaults as LatencyConfig; see there
+    max_repeats: int = 600
     time_cap_s: float = 600.0
     rel_tol: float = 0.02
     confidence: float = 0.95
