@@ -212,3 +212,52 @@ def test_two_processes_with_random_teacher_give_identical_phase1(tmp_path):
     assert index["a"].keys() == index["b"].keys() and len(index["a"]) > 3
     for key, e in index["a"].items():
         assert e["heldout_loss"] == index["b"][key]["heldout_loss"] and e["sha256"] == index["b"][key]["sha256"], key
+
+
+def test_run_is_the_one_reader_of_a_run_folder(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from hant.run import Run
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from student_run import layer_names, make_run, write_plan
+    finally:
+        sys.path.pop(0)
+
+    with pytest.raises(HantError, match="run `hant init"):
+        Run(tmp_path / "nothing").config
+    root = make_run(tmp_path / "run")
+    run = Run(root)
+    names = layer_names(root)
+    assert [info.name for info in run.layers] == names and len(run.input_shape) == 3
+    assert set(run.pools) == set(names)
+    teacher = run.teacher()
+    assert not teacher.training and run.teacher() is not teacher  # a fresh copy each time
+    # Phase-1 weights come back checked against their sha256; a missing one names the stage.
+    state = run.candidate(names[1], "proj")
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    with pytest.raises(HantError, match="no phase-1 weights; run `hant distill"):
+        run.candidate(names[1], "conv_k5_relu")
+    entry = run.candidate_index()[(names[1], "proj")]
+    (root / entry["file"]).write_bytes(b"damaged")
+    with pytest.raises(HantError):
+        run.candidate(names[1], "proj")
+    write_plan(root, "p", {names[0]: "proj"})
+    assert run.plan("p")["layers"] == {names[0]: "proj"} and run.plan("p")["name"] == "p"
+    with pytest.raises(HantError, match="no plan 'q' .* plans: p"):
+        run.plan("q")
+    # The teacher checkpoint is checked once per Run, against the sha256 that init recorded.
+    ckpt = Path(run.config.model.checkpoint)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(ckpt)
+    first = next(iter(sd))
+    sd[first] = sd[first] + 1
+    save_file(sd, ckpt)
+    with pytest.raises(HantError, match="changed since `hant init`"):
+        Run(root).teacher()
+    ckpt.unlink()
+    with pytest.raises(HantError, match="is missing"):
+        Run(root).check_teacher()

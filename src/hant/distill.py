@@ -1250,13 +1250,14 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
     images_per_candidate, wall_s, peak_rss_mb, ...). Raises HantError when init has not
     run, the teacher checkpoint changed since init, or the data cannot be loaded.
     """
-    from hant.config import RunConfig
-    from hant.workspace import RunDir, read_json, run_lock, save_safetensors, sha256_file, write_json
+    from hant.run import Run
+    from hant.workspace import run_lock, save_safetensors, write_json
 
     t0 = time.time()
-    rd = RunDir(run)
-    cfg = RunConfig.load(rd.require(rd.config, "init"))
-    doc = read_json(rd.require(rd.layers, "init"))
+    the_run = Run(run)
+    rd = the_run.dir
+    cfg = the_run.config
+    doc = the_run.layers_doc
     rank, world, local, local_world = _dist_env()
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -1273,17 +1274,10 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         _agree(world, error)
 
         from hant.data import load_data
-        from hant.teacher import load_teacher
 
-        sha = doc.get("checkpoint_sha256")
-        if sha and cfg.model.checkpoint and Path(cfg.model.checkpoint).is_file():
-            if sha256_file(cfg.model.checkpoint) != sha:
-                raise HantError(f"teacher checkpoint {cfg.model.checkpoint} changed since `hant init`; "
-                                "initialise a new run folder for the new teacher")
+        the_run.check_teacher()
         splits = load_data(cfg.data)
-        teacher = load_teacher(cfg.model.source, cfg.data.in_chans or splits.in_chans,
-                               cfg.data.num_classes or splits.num_classes, cfg.model.checkpoint,
-                               cfg.model.trust_pickle)
+        teacher = the_run.teacher()
         pools = _layer_pools(doc)
         order = [(p.name, s) for p in pools for s in p.candidates]
         n_img = images_per_candidate(cfg, images, len(splits.train))

@@ -1,4 +1,6 @@
-"""`hant init`: create a run folder — the resolved configuration and the layers to replace.
+"""The run folder: `hant init` creates it, and `Run` is its one reader.
+
+`init_run` resolves the configuration and finds the layers to replace.
 
 Writes RUN/config.yaml (every later stage reads it) and RUN/layers.json: per layer its
 shapes, stride, parameters, FLOPs and candidate pool, plus the layers that were skipped
@@ -16,7 +18,7 @@ from typing import Any, Sequence
 from hant.config import RunConfig
 from hant.errors import HantError
 
-__all__ = ["init_run", "LAYERS_VERSION"]
+__all__ = ["init_run", "Run", "LAYERS_VERSION"]
 
 LAYERS_VERSION = 1
 
@@ -211,3 +213,157 @@ def init_run(
     n = sum(len(e["candidates"]) for e in entries)
     log(f"{rd.root}: {len(entries)} layers, {n} candidates ({cfg.space}); {len(skipped)} modules skipped")
     return cfg
+
+
+class Run:
+    """A run folder as the stages read it: its configuration, layers, teacher, phase-1
+    candidates, scores, latency tables and plans, each checked once, here.
+
+    `Run(path)` reads nothing yet; each property reads its file on first use and raises
+    HantError naming the stage to run when the file is missing. Paths are in `run.dir`
+    (a `hant.workspace.RunDir`); writing stays with the stages, through those paths and
+    `hant.workspace`'s atomic writers.
+    """
+
+    def __init__(self, root: str | Path):
+        from hant.workspace import RunDir
+
+        self.dir = RunDir(root)
+        self._config: RunConfig | None = None
+        self._layers_doc: dict[str, Any] | None = None
+        self._teacher_checked = False
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @property
+    def config(self) -> RunConfig:
+        """RUN/config.yaml as a RunConfig."""
+        if self._config is None:
+            self._config = RunConfig.load(self.dir.require(self.dir.config, "init"))
+        return self._config
+
+    @property
+    def layers_doc(self) -> dict[str, Any]:
+        """RUN/layers.json as written by `init_run` (a bare list from older runs is wrapped)."""
+        if self._layers_doc is None:
+            from hant.workspace import read_json
+
+            doc = read_json(self.dir.require(self.dir.layers, "init"))
+            self._layers_doc = doc if isinstance(doc, dict) else {"layers": doc}
+        return self._layers_doc
+
+    @property
+    def layers(self) -> list:
+        """The replaceable layers, in network order, as `hant.layers.LayerInfo`."""
+        from hant.layers import LayerInfo
+
+        raw = self.layers_doc.get("layers") or []
+        if not raw:
+            raise HantError(f"{self.dir.layers} lists no layers; re-create the run with `hant init`")
+        return [LayerInfo.from_dict(d) for d in raw]
+
+    @property
+    def pools(self) -> dict[str, list[str]]:
+        """{layer name: candidate specs} as `init` recorded them."""
+        return {d["name"]: list(d.get("candidates") or ["teacher"]) for d in self.layers_doc.get("layers") or []}
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        size = self.layers_doc.get("input_size")
+        if size:
+            return tuple(int(v) for v in size)
+        c = self.config
+        return int(c.data.in_chans or 1), int(c.data.input_size), int(c.data.input_size)
+
+    def check_teacher(self) -> None:
+        """Raise HantError when the teacher checkpoint is missing or is not the one `init` saw.
+
+        Every stage that learns from or compares with the teacher must see the weights
+        phase 1 learnt from; a student mixing two teachers would be silently wrong.
+        """
+        if self._teacher_checked:
+            return
+        from hant.workspace import sha256_file
+
+        want = self.layers_doc.get("checkpoint_sha256")
+        ckpt = self.config.model.checkpoint
+        if ckpt and not Path(ckpt).is_file():
+            raise HantError(f"teacher checkpoint {ckpt} is missing; put it back, or initialise a new run folder")
+        if want and ckpt and sha256_file(ckpt) != want:
+            raise HantError(f"teacher checkpoint {ckpt} changed since `hant init`; "
+                            "initialise a new run folder for the new teacher")
+        self._teacher_checked = True
+
+    def teacher(self):
+        """A fresh copy of the teacher in eval mode, its checkpoint checked against `init`'s sha256."""
+        from hant.teacher import load_teacher
+
+        self.check_teacher()
+        c = self.config
+        return load_teacher(c.model.source, c.data.in_chans, c.data.num_classes, c.model.checkpoint,
+                            c.model.trust_pickle)
+
+    def candidate_index(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """{(layer, spec): entry} of RUN/candidates/index.json; empty before phase 1."""
+        from hant.workspace import read_json
+
+        if not self.dir.candidates_index.exists():
+            return {}
+        return {(e["layer"], e["spec"]): e for e in read_json(self.dir.candidates_index).get("candidates", [])}
+
+    def candidate(self, layer: str, spec: str, index: dict | None = None) -> dict:
+        """The phase-1 weights of `spec` on `layer`, checked against their recorded sha256.
+
+        `index` (from `candidate_index`) saves re-reading the index for many candidates.
+        Raises HantError when the candidate has no finished phase-1 weights.
+        """
+        from hant.workspace import load_safetensors
+
+        entry = (index if index is not None else self.candidate_index()).get((layer, spec))
+        if entry is None or not entry.get("file"):
+            raise HantError(f"candidate {spec} of layer {layer} has no phase-1 weights; "
+                            f"run `hant distill --run {self.root}`")
+        status = entry.get("status")
+        if status is not None and status != "done":
+            raise HantError(f"candidate {spec} of layer {layer} is '{status}' in phase 1; "
+                            f"run `hant distill --run {self.root}` to finish it")
+        f = Path(entry["file"])
+        if not f.is_absolute():
+            # Recorded relative to the run folder; older layouts recorded it relative to candidates/.
+            f = self.root / f if (self.root / f).exists() else self.dir.candidates_dir / f
+        return load_safetensors(f, entry.get("sha256"))
+
+    def scores(self) -> dict[str, Any]:
+        """RUN/scores.json."""
+        from hant.workspace import read_json
+
+        return read_json(self.dir.require(self.dir.scores, "score"))
+
+    def table(self, target: str, batch_size: int | None = None) -> dict[str, Any]:
+        """A complete latency table (see `hant.latency.load_table` for how `target` resolves)."""
+        from hant.latency.table import load_table
+
+        return load_table(self.root, target, batch_size)
+
+    def plan(self, name: str) -> dict[str, Any]:
+        """RUN/plans/<name>.json, with its "layers" checked to map layer names to specs.
+
+        Raises HantError naming the run's plans when there is none of that name.
+        """
+        from hant.workspace import read_json
+
+        path = self.dir.plan(name)
+        if not path.exists():
+            folder = self.root / "plans"
+            have = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+            raise HantError(f"no plan '{name}' in {folder}; "
+                            + (f"plans: {', '.join(have)}" if have else "run `hant select` first"))
+        plan = read_json(path)
+        plan.setdefault("name", name)
+        layers = plan.get("layers")
+        if not isinstance(layers, dict) or not all(isinstance(v, str) for v in layers.values()):
+            raise HantError("the plan's \"layers\" must map layer names to spec strings; re-run `hant select`")
+        return plan

@@ -305,20 +305,20 @@ def score(run: str | Path, method: str | None = None, log: Callable[[str], None]
     Returns the scores object written ({"version", "method", "images", "teacher", "entries"}).
     Raises HantError when earlier stages are missing or the method is unknown.
     """
-    from hant.config import RunConfig
-    from hant.layers import LayerInfo
-    from hant.workspace import RunDir, read_json, run_lock, write_json
+    from hant.run import Run
+    from hant.workspace import run_lock, write_json
 
     run = Path(run)
-    rd = RunDir(run)
-    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    the_run = Run(run)
+    rd = the_run.dir
+    cfg = the_run.config
     method = method or cfg.score.method
     if method not in METHODS:
         raise HantError(f"unknown score method {method!r}; use one of {', '.join(METHODS)}")
-    layers = [LayerInfo.from_dict(d) for d in read_json(rd.require(rd.layers, "init"))["layers"]]
-    index = read_json(rd.require(rd.candidates_index, "distill"))
+    layers = the_run.layers
+    rd.require(rd.candidates_index, "distill")
     known = {d.name for d in layers}
-    todo = [e for e in index.get("candidates", [])
+    todo = [e for e in the_run.candidate_index().values()
             if e.get("status") == "done" and e.get("spec") != "teacher" and e.get("layer") in known]
     if not todo:
         raise HantError(f"{rd.candidates_index} has no trained candidates; run `hant distill --run {run}` first")
@@ -403,13 +403,12 @@ def _heldout_batches(cfg) -> tuple[list | Any, int]:
 
 def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
     from hant.layers import get_layer
-    from hant.teacher import load_teacher
+    from hant.run import Run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # On the CPU channels_last makes these convnets much faster (DESIGN.md, environment facts).
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    teacher = load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint,
-                           cfg.model.trust_pickle).to(device, memory_format=fmt).eval()
+    teacher = Run(run).teacher().to(device, memory_format=fmt).eval()
     batches, n_images = _heldout_batches(cfg)
 
     def on_device(it):

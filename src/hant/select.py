@@ -716,8 +716,9 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     latency the pool can reach).
     """
     from hant.config import RunConfig
-    from hant.latency import load_table, predict_ms
-    from hant.workspace import RunDir, read_json, write_json
+    from hant.latency import predict_ms
+    from hant.run import Run
+    from hant.workspace import write_json
 
     if budget_ms is not None and speedup is not None:
         raise HantError("give either a budget in ms or a speedup, not both")
@@ -730,15 +731,17 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     if (second_target is None) != (second_budget_ms is None):
         raise HantError("--second-target and --second-budget-ms go together; give both or neither")
 
-    rd = RunDir(run)
-    cfg = RunConfig.load(rd.config) if rd.config.exists() else RunConfig()
+    the_run = Run(run)
+    rd = the_run.dir
+    # Selection needs no teacher; a run folder assembled by hand may lack config.yaml.
+    cfg = the_run.config if rd.config.exists() else RunConfig()
     objective = objective or cfg.score.objective
-    layers_json = read_json(rd.require(rd.layers, "init"))
-    scores = read_json(rd.require(rd.scores, "score"))
-    table = load_table(run, target)
+    layers_json = the_run.layers_doc
+    scores = the_run.scores()
+    table = the_run.table(target)
     tables = [table]
     if second_target is not None:
-        tables.append(load_table(run, second_target))
+        tables.append(the_run.table(second_target))
     if objective in ("d_acc", "kl") and not any(e.get(objective) is not None for e in scores.get("entries", [])):
         raise HantError(f"scores.json has no {objective} (scored with method {scores.get('method', '?')}); "
                         "use --objective d_loss or rerun `hant score --method eval`")
