@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import shlex
 import sys
 import textwrap
 
@@ -8,8 +10,9 @@ import torch.nn as nn
 
 from hant.config import DataConfig
 from hant.errors import HantError
-from hant.teacher import (create_model, evaluate, load_teacher, one_cycle_lr, parse_source, read_checkpoint,
-                          teacher_meta_path, train_teacher)
+from hant.schedule import one_cycle_lr
+from hant.teacher import create_model, load_teacher, parse_source, read_checkpoint
+from hant.teacher_train import TeacherRecipe, evaluate, teacher_meta_path, train_teacher
 from hant.workspace import save_safetensors, sha256_file
 
 TINY = "timm:test_efficientnet"
@@ -234,6 +237,34 @@ def test_train_teacher_bad_arguments(tmp_path):
         train_teacher(TINY, _cfg(), epochs=0, out=tmp_path / "t.safetensors")
     with pytest.raises(HantError, match=".json goes beside"):
         train_teacher(TINY, _cfg(), epochs=1, out=tmp_path / "t.json")
+
+
+def test_recipe_flags_round_trip_through_the_command_line():
+    from hant.cli import build_parser
+
+    def parsed(flags: str) -> TeacherRecipe:
+        args = build_parser().parse_args(["train-teacher", "--out", "t.safetensors", *shlex.split(flags)])
+        return TeacherRecipe.from_flags(args)
+
+    assert parsed("") == TeacherRecipe() and TeacherRecipe().flags() == ""
+    recipe = TeacherRecipe(epochs=2.5, lr=1e-3, seed=3, max_train_images=500, weight_decay=0.01, label_smoothing=0.0,
+                           drop_rate=0.0, drop_path_rate=0.05, augment=False, init_from="/tmp/a b.safetensors")
+    assert all(getattr(recipe, f.name) != f.default for f in dataclasses.fields(TeacherRecipe))  # every flag
+    assert parsed(recipe.flags()) == recipe
+    with pytest.raises(HantError, match="--drop-rate must be in"):
+        TeacherRecipe(drop_rate=1.0)
+    with pytest.raises(HantError, match="--max-images must be at least 2"):
+        parsed("--max-images 1")
+
+
+def test_moved_names_are_still_importable_from_teacher():
+    import hant.teacher
+    import hant.teacher_train
+
+    for name in ("evaluate", "train_teacher", "teacher_meta_path", "one_cycle_lr"):
+        assert getattr(hant.teacher, name) is getattr(hant.teacher_train, name)
+    with pytest.raises(AttributeError):
+        hant.teacher.no_such_name
 
 
 def test_cli_train_teacher(tmp_path, capsys):

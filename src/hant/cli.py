@@ -41,14 +41,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     from hant.config import DataConfig
-    from hant.teacher import train_teacher
+    from hant.teacher_train import TeacherRecipe, train_teacher
 
+    recipe = TeacherRecipe.from_flags(args)
     data = DataConfig(spec=args.data, data_dir=args.data_dir, input_size=args.input_size,
-                      batch_size=args.batch_size, seed=args.seed)
-    result = train_teacher(args.model, data, epochs=args.epochs, out=args.out, lr=args.lr,
-                           seed=args.seed, max_train_images=args.max_images, init_from=args.init_from,
-                           weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                           drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate, augment=not args.no_augment)
+                      batch_size=args.batch_size, seed=recipe.seed)
+    result = train_teacher(args.model, data, recipe, out=args.out)
     print(f"teacher: test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs "
           f"in {result['train_time_s']:.0f} s -> {args.out}")
     return 0
@@ -97,6 +95,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from hant.measure import time_plan
     from hant.select import select, select_measured
 
     options = dict(max_params=args.max_params, max_flops=args.max_flops, second_target=args.second_target,
@@ -105,7 +104,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.check_rounds:
         if args.speedup is None or args.sweep:
             raise HantError("--check-rounds checks a --speedup plan on the hardware; give --speedup S without --sweep")
-        select_measured(args.run, args.target, speedup=args.speedup,
+        select_measured(args.run, args.target, speedup=args.speedup, timer=time_plan,
                         name=args.name or f"{args.target}-x{args.speedup:g}", rounds=args.check_rounds, **options)
         return 0
     select(args.run, target=args.target, budget_ms=args.budget_ms, speedup=args.speedup,
@@ -114,7 +113,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from hant.student import finetune, measure
+    from hant.finetune import finetune
+    from hant.measure import measure
 
     finetune(args.run, args.plan, epochs=args.epochs)
     if not args.no_measure:
@@ -165,6 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hant.teacher_train import TeacherRecipe  # no torch: the recipe's flags only
+
     p = argparse.ArgumentParser(prog="hant", description="Hardware-aware network transformation.")
     p.add_argument("--version", action="version", version=f"hant {__import__('hant').__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,18 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="fashion-mnist", help="fashion-mnist | imagefolder:/path | synthetic:N")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--input-size", type=int, default=64, help="image side in pixels")
-    s.add_argument("--epochs", type=float, default=10)
     s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--max-images", type=int, default=None, help="cap train images (for quick runs)")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
-    s.add_argument("--init-from", default=None, help="start from these weights (e.g. another cycle at a lower --lr)")
-    s.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weights (not norms, biases)")
-    s.add_argument("--label-smoothing", type=float, default=0.1)
-    s.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier (timm models)")
-    s.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth (timm models that have it)")
-    s.add_argument("--no-augment", action="store_true", help="no random crop and flip")
+    TeacherRecipe.add_flags(s)  # --epochs, --lr, --seed, ...: one per field of the recipe
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("init", help="create a run folder: config.yaml and layers.json")

@@ -1,4 +1,4 @@
-"""Teachers: build one from a source string, load its weights, or train one.
+"""Teachers: build one from a source string and load its weights.
 
 A source names a network factory:
 
@@ -9,7 +9,8 @@ A source names a network factory:
                                (an architecture no source string can rebuild)
 
 Weights come from safetensors, or from a torch checkpoint read with `weights_only=True`;
-a file that needs unpickling is refused unless the caller trusts it.
+a file that needs unpickling is refused unless the caller trusts it. Training a teacher
+is `hant.teacher_train`.
 """
 
 from __future__ import annotations
@@ -19,28 +20,20 @@ import difflib
 import hashlib
 import importlib
 import inspect
-import json
-import math
 import pickle
-import shlex
-import sys
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from hant.config import DataConfig
 from hant.errors import HantError
 
 SOURCE_FORMS = "timm:NAME, torchvision:NAME or package.module:factory"
 _IN_CHANS_NAMES = ("in_chans", "in_channels", "in_chs")
 # Wrappers other training scripts put around a state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-PARTIAL_VERSION = 1
 # Models handed over in memory (`register_model`), by key. Process-local on purpose: the
 # architecture of an arbitrary nn.Module cannot be written down, only kept alive; a run
 # that uses one can be resumed by the process that registers the same model again.
@@ -64,15 +57,12 @@ def parse_source(source: str) -> tuple[str, str]:
     return "factory", source
 
 
-def create_model(source: str, in_chans: int, num_classes: int) -> nn.Module:
+def create_model(source: str, in_chans: int, num_classes: int, *, timm_kwargs: dict | None = None) -> nn.Module:
     """Build an untrained network from `source` for `in_chans` input channels and `num_classes` outputs.
 
+    `timm_kwargs` (e.g. drop_rate) go to a timm model's constructor; other sources ignore them.
     Raises HantError for an unknown name (with close matches) or a factory that cannot be imported.
     """
-    return _create(source, in_chans, num_classes)
-
-
-def _create(source: str, in_chans: int, num_classes: int, timm_kwargs: dict | None = None) -> nn.Module:
     kind, name = parse_source(source)
     if kind == "timm":
         import timm
@@ -315,336 +305,13 @@ def load_teacher(source: str, in_chans: int, num_classes: int, checkpoint: str |
     return model.eval()
 
 
-def teacher_meta_path(out: str | Path) -> Path:
-    """The JSON written beside a teacher's weights (same name, .json suffix)."""
-    return Path(out).with_suffix(".json")
+# Moved to hant.teacher_train; still importable from here for callers not yet switched.
+_MOVED = ("evaluate", "one_cycle_lr", "teacher_meta_path", "train_teacher")
 
 
-# ---------------------------------------------------------------- evaluation
+def __getattr__(name: str):
+    if name in _MOVED:
+        from hant import teacher_train
 
-
-def _is_channels_last(model: nn.Module) -> bool:
-    for p in model.parameters():
-        if p.dim() == 4:
-            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    return False
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, desc: str | None = None) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy of `model` over the (x, y) batches of `loader`.
-
-    The model is put in eval mode. `desc` shows a progress bar with that label.
-    """
-    model.eval()
-    cl = _is_channels_last(model)
-    device = next(model.parameters()).device
-    correct, loss_sum, n = 0, 0.0, 0
-    bar = _bar(total=_len_images(loader), desc=desc) if desc else None
-    for x, y in loader:
-        x = x.to(device, memory_format=torch.channels_last) if cl else x.to(device)
-        y = y.to(device)
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += len(y)
-        if bar is not None:
-            bar.update(len(y))
-    if bar is not None:
-        bar.close()
-    if n == 0:
-        raise HantError("evaluation got no images; the split is empty")
-    return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
-
-
-def _len_images(loader) -> int | None:
-    ds = getattr(loader, "dataset", None)
-    return len(ds) if ds is not None else None
-
-
-def _bar(total: int | None, desc: str, unit: str = "img"):
-    from tqdm.auto import tqdm
-
-    # A log file gets a line every 30 s rather than a carriage-return storm.
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if interactive else 30.0,
-                file=sys.stderr)
-
-
-# ---------------------------------------------------------------- training
-
-
-def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.15, start_div: float = 25.0,
-                 end_div: float = 1e4) -> float:
-    """One-cycle schedule: cosine rise from peak/start_div to peak over `warmup` of the steps, then cosine down.
-
-    A pure function of the step, so a resumed run needs no scheduler state.
-    """
-    up = max(1, int(round(warmup * total)))
-    if step < up:
-        t = step / up
-        lo = peak / start_div
-        return lo + (peak - lo) * (1 - math.cos(math.pi * t)) / 2
-    t = min(1.0, (step - up) / max(1, total - up))
-    lo = peak / end_div
-    return lo + (peak - lo) * (1 + math.cos(math.pi * t)) / 2
-
-
-def train_teacher(source: str, data_cfg: DataConfig, epochs: float = 10.0, out: str | Path = "teacher.safetensors",
-                  lr: float = 3e-3, seed: int = 0, max_train_images: int | None = None, *,
-                  weight_decay: float = 0.05, label_smoothing: float = 0.1, drop_rate: float = 0.2,
-                  drop_path_rate: float = 0.1, augment: bool = True, resume: bool = True,
-                  checkpoint_minutes: float = 10.0, eval_each_epoch: bool = True,
-                  init_from: str | Path | None = None, command: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train a teacher from scratch on `data_cfg` and save it.
-
-    Recipe: AdamW (decay on weights only), one-cycle LR peaking at `lr`, label smoothing,
-    random crop (pad input_size/16) + horizontal flip, dropout/drop-path for timm models,
-    channels_last, `data_cfg.batch_size`; `epochs` may be fractional. Trains on the train
-    split only (the held-out split stays unseen), reports held-out top-1 after each epoch
-    and test top-1 at the end. Writes `out` (safetensors) and `out` with a .json suffix
-    (source, in_chans, num_classes, input_size, data, mean, std, test_top1, epochs,
-    train_time_s, images_per_s, command, ...), and returns that dict. Progress is saved
-    to `out`.partial.safetensors at each epoch end, every `checkpoint_minutes` and on
-    Ctrl-C; a rerun with the same settings resumes from it. `init_from` starts from those
-    weights instead of random ones (a second, gentler cycle on a teacher that was still
-    improving). Raises HantError for bad
-    arguments, data or model sources, or a partial file from other settings.
-    """
-    from hant.data import TensorImageDataset, load_data, make_loader, random_crop_flip
-    from hant.workspace import save_safetensors, write_json
-
-    out = Path(out).expanduser()
-    if out.suffix == ".json":
-        raise HantError(f"--out {out} must be the weights file (e.g. teacher.safetensors); the .json goes beside it")
-    if not epochs > 0:
-        raise HantError(f"--epochs must be positive, got {epochs}")
-    if not lr > 0:
-        raise HantError(f"--lr must be positive, got {lr}")
-    for flag, value, high in (("--weight-decay", weight_decay, float("inf")), ("--label-smoothing", label_smoothing, 1.0),
-                              ("--drop-rate", drop_rate, 1.0), ("--drop-path-rate", drop_path_rate, 1.0)):
-        if not 0.0 <= value < high:
-            raise HantError(f"{flag} must be in [0, {high:g}), got {value}")
-    log = log or _tqdm_write
-    cmd = command if command is not None else _command_line()
-
-    splits = load_data(data_cfg)
-    train = splits.train
-    if max_train_images is not None:
-        if max_train_images < 2:
-            raise HantError(f"--max-images must be at least 2, got {max_train_images}")
-        if max_train_images < len(train):
-            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_train_images]
-            train = train.subset(pick.sort().values) if hasattr(train, "subset") else torch.utils.data.Subset(
-                train, pick.sort().values.tolist())
-    n_train = len(train)
-    if n_train < 2:
-        raise HantError(f"the train split has {n_train} image(s); use more data")
-    batch = max(2, min(data_cfg.batch_size, n_train))  # BatchNorm needs 2 per batch
-    steps_per_epoch = n_train // batch
-    total_steps = max(1, int(round(epochs * steps_per_epoch)))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-
-    torch.manual_seed(seed)
-    timm_kwargs = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate} if parse_source(source)[0] == "timm" else {}
-    try:
-        model = _create(source, splits.in_chans, splits.num_classes, timm_kwargs)
-    except TypeError:  # a timm family without drop path
-        model = _create(source, splits.in_chans, splits.num_classes, {"drop_rate": drop_rate})
-    init_sha = None
-    if init_from is not None:
-        from hant.workspace import sha256_file
-
-        if not Path(init_from).is_file():
-            raise HantError(f"--init-from {init_from} not found; pass an existing weights file")
-        load_checkpoint(model, init_from)
-        init_sha = sha256_file(init_from)
-    model = model.to(memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    signature = {"source": source, "data": splits.spec, "input_size": splits.input_size, "in_chans": splits.in_chans,
-                 "num_classes": splits.num_classes, "heldout": len(splits.heldout), "seed": seed,
-                 "data_seed": data_cfg.seed, "epochs": float(epochs), "lr": lr, "batch_size": batch,
-                 "train_images": n_train, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-                 "drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "augment": augment}
-    if init_sha is not None:
-        signature["init_from_sha256"] = init_sha
-    partial = out.with_suffix(".partial.safetensors")
-    state = {"step": 0, "elapsed_s": 0.0, "history": []}
-    if resume and partial.exists():
-        state = _load_partial(partial, model, opt, signature)
-        log(f"resuming from {partial} at step {state['step']}/{total_steps}")
-
-    pad = max(1, splits.input_size // 16)
-    fill = [-m / s for m, s in zip(splits.mean, splits.std)]  # black, after normalisation
-    step = state["step"]
-    elapsed = state["elapsed_s"]
-    history = state["history"]
-    bar = _bar(total=total_steps * batch, desc="train-teacher")
-    bar.update(step * batch)
-    t_start = time.perf_counter()
-    last_ckpt = t_start
-
-    def save_partial() -> None:
-        _save_partial(partial, model, opt, signature,
-                      {"step": step, "elapsed_s": elapsed + time.perf_counter() - t_start, "history": history})
-
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            skip = step - epoch * steps_per_epoch
-            model.train()
-            loss_sum = correct = seen = 0
-            for x, y in _epoch_batches(train, batch, seed + epoch, skip, make_loader, TensorImageDataset):
-                if step >= total_steps:
-                    break
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                torch.manual_seed(seed * 1_000_003 + step)  # dropout/drop-path: reproducible on resume
-                if augment:
-                    x = random_crop_flip(x, pad, gen, fill=fill)
-                x = x.contiguous(memory_format=torch.channels_last)
-                for g in opt.param_groups:
-                    g["lr"] = one_cycle_lr(step, total_steps, lr)
-                out_logits = model(x)
-                loss = F.cross_entropy(out_logits, y, label_smoothing=label_smoothing)
-                if not torch.isfinite(loss):
-                    raise HantError(f"training diverged (loss {float(loss)}) at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((out_logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(len(y))
-                bar.set_postfix(epoch=f"{epoch + 1}/{n_epochs}", loss=f"{loss_sum / seen:.3f}",
-                                lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
-                if checkpoint_minutes and time.perf_counter() - last_ckpt > 60 * checkpoint_minutes:
-                    save_partial()
-                    last_ckpt = time.perf_counter()
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, seen),
-                      "train_top1": 100.0 * correct / max(1, seen)}
-            if eval_each_epoch and len(splits.heldout) > 0:
-                t_eval = time.perf_counter()
-                record["heldout_top1"] = evaluate(model, make_loader(splits.heldout, 256))["top1"]
-                t_start += time.perf_counter() - t_eval  # evaluation is not training time
-            history.append(record)
-            log(f"epoch {epoch + 1}/{n_epochs}: train loss {record['train_loss']:.4f}, "
-                f"train top-1 {record['train_top1']:.2f}%"
-                + (f", held-out top-1 {record['heldout_top1']:.2f}%" if "heldout_top1" in record else ""))
-            if step < total_steps:
-                save_partial()
-                last_ckpt = time.perf_counter()
-    except KeyboardInterrupt:
-        bar.close()
-        save_partial()
-        log(f"saved progress to {partial}; rerun the same command to resume")
-        raise
-    bar.close()
-    train_time = elapsed + time.perf_counter() - t_start
-    images_seen = total_steps * batch
-
-    test = evaluate(model, make_loader(splits.test, 256), desc="test")
-    heldout = evaluate(model, make_loader(splits.heldout, 256)) if len(splits.heldout) else None
-    meta = {
-        "source": source,
-        "in_chans": splits.in_chans,
-        "num_classes": splits.num_classes,
-        "input_size": splits.input_size,
-        "data": splits.spec,
-        "data_seed": data_cfg.seed,
-        "heldout": len(splits.heldout),
-        "mean": splits.mean,
-        "std": splits.std,
-        "test_top1": round(test["top1"], 4),
-        "test_loss": round(test["loss"], 6),
-        "heldout_top1": round(heldout["top1"], 4) if heldout else None,
-        "init_from": {"file": str(init_from), "sha256": init_sha} if init_from is not None else None,
-        "epochs": epochs,
-        "steps": total_steps,
-        "batch_size": batch,
-        "train_images": n_train,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "label_smoothing": label_smoothing,
-        "drop_rate": drop_rate if timm_kwargs else 0.0,
-        "drop_path_rate": drop_path_rate if timm_kwargs else 0.0,
-        "augment": augment,
-        "seed": seed,
-        "train_time_s": round(train_time, 2),
-        "images_per_s": round(images_seen / max(train_time, 1e-9), 2),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "command": cmd,
-        "history": history,
-    }
-    sha = save_safetensors(out, model.state_dict(), metadata={"source": source, "in_chans": str(splits.in_chans),
-                                                               "num_classes": str(splits.num_classes),
-                                                               "input_size": str(splits.input_size)})
-    meta["sha256"] = sha
-    write_json(teacher_meta_path(out), meta)
-    partial.unlink(missing_ok=True)
-    return meta
-
-
-def _epoch_batches(train, batch: int, seed: int, skip: int, make_loader, tensor_cls) -> Iterator:
-    if isinstance(train, tensor_cls):
-        it = train.batches(batch, shuffle=True, seed=seed, drop_last=True)
-    else:
-        it = iter(make_loader(train, batch, shuffle=True, seed=seed, drop_last=True))
-    for i, b in enumerate(it):
-        if i >= skip:
-            yield b
-
-
-def _save_partial(path: Path, model: nn.Module, opt: torch.optim.Optimizer, signature: dict, state: dict) -> None:
-    from hant.workspace import save_safetensors
-
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    meta = {"version": PARTIAL_VERSION, "signature": signature, **state}
-    save_safetensors(path, tensors, metadata={"hant_partial": json.dumps(meta)})
-
-
-def _load_partial(path: Path, model: nn.Module, opt: torch.optim.Optimizer, signature: dict) -> dict:
-    from safetensors import safe_open
-
-    from hant.workspace import load_safetensors
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("hant_partial", "{}"))
-    except Exception as e:  # safetensors raises its own error types
-        raise HantError(f"{path} is unreadable ({e.__class__.__name__}); delete it to start over") from e
-    if meta.get("signature") != signature:
-        diff = next((k for k in signature if (meta.get("signature") or {}).get(k) != signature[k]), "version")
-        raise HantError(f"{path} was saved with other settings ({diff}); rerun with the same settings or delete it")
-    tensors = load_safetensors(path)
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd)
-    ostate: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            ostate.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": ostate, "param_groups": opt.state_dict()["param_groups"]})
-    return {"step": int(meta["step"]), "elapsed_s": float(meta["elapsed_s"]), "history": list(meta["history"])}
-
-
-def _tqdm_write(msg: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("hant", "__main__.py", "cli.py"):
-        argv[0] = "hant"
-    return shlex.join(argv)
+        return getattr(teacher_train, name)
+    raise AttributeError(f"module 'hant.teacher' has no attribute {name!r}")
