@@ -34,14 +34,15 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from hant.errors import HantError
 
-__all__ = ["LayerInfo", "discover_layers", "get_layer", "set_layer", "inspect_model", "format_inspect"]
+__all__ = ["LayerInfo", "discover_layers", "get_layer", "set_layer", "replace_layers", "inspect_model",
+           "format_inspect"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,24 @@ def set_layer(model: nn.Module, name: str, module: nn.Module) -> None:
     # Module.__setattr__ with a Module value stores it in _modules, which is also how
     # Sequential and ModuleList hold their numbered children.
     setattr(parent, leaf, module)
+
+
+def replace_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
+    """Put ``modules[name]`` in place of each named submodule of ``model``; return ``model``.
+
+    The one way hant builds "the teacher with some layers replaced" (latency table, student,
+    scores). It works in place, so that a caller that builds a network once (the student)
+    pays for no copy; deep-copy the teacher first to keep it. Every name is checked before
+    anything is replaced, so an error leaves ``model`` untouched. Raises HantError for a name
+    that is not a submodule of ``model`` or a value that is not an nn.Module.
+    """
+    for name, module in modules.items():
+        if not isinstance(module, nn.Module):
+            raise HantError(f"layer {name!r} needs an nn.Module, got {type(module).__name__}")
+        get_layer(model, name)
+    for name, module in modules.items():
+        set_layer(model, name, module)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,16 +151,15 @@ class Suffix:
 
     @contextlib.contextmanager
     def _swapped(self, replacements: dict[str, nn.Module]) -> Iterator[None]:
-        from hant.layers import get_layer, set_layer
+        """The model with `replacements` in place for the duration, its own modules after."""
+        from hant.layers import get_layer, replace_layers
 
         saved = {n: get_layer(self.model, n) for n in replacements}
+        replace_layers(self.model, replacements)
         try:
-            for n, m in replacements.items():
-                set_layer(self.model, n, m)
             yield
         finally:
-            for n, m in saved.items():
-                set_layer(self.model, n, m)
+            replace_layers(self.model, saved)
 
     def _run_suffix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._inject.out = y

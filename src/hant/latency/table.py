@@ -66,6 +66,7 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.latency.base import Target, get_target, torch_threads
+from hant.latency.compare import network_protocol, prepare_network, time_against_teacher, time_networks
 from hant.latency.protocol import Protocol, Stats, measure
 from hant.workspace import RunDir, fault_point, read_json, run_lock, write_json
 
@@ -192,31 +193,21 @@ class _Run:
     """What the latency stage reads from a run folder; the teacher is loaded on first use."""
 
     def __init__(self, run: str | Path):
-        from hant.config import RunConfig
-        from hant.layers import LayerInfo
+        from hant.run import Run
 
-        self.rd = RunDir(run)
-        self.cfg = RunConfig.load(self.rd.require(self.rd.config, "init"))
-        data = read_json(self.rd.require(self.rd.layers, "init"))
-        raw = data.get("layers") or []
-        if not raw:
-            raise HantError(f"{self.rd.layers} lists no layers; re-create the run with `hant init`")
-        self.layers = [LayerInfo.from_dict(d) for d in raw]
-        self.pools = {d["name"]: list(d.get("candidates") or ["teacher"]) for d in raw}
-        size = data.get("input_size")
-        self.input_size = tuple(int(v) for v in size) if size else (
-            int(self.cfg.data.in_chans or 1), self.cfg.data.input_size, self.cfg.data.input_size)
-        self.model = data.get("model", self.cfg.model.source)
+        self.run = Run(run)
+        self.rd = self.run.dir
+        self.cfg = self.run.config
+        self.layers = self.run.layers
+        self.pools = self.run.pools
+        self.input_size = self.run.input_shape
+        self.model = self.run.layers_doc.get("model", self.cfg.model.source)
         self._teacher: nn.Module | None = None
 
     @property
     def teacher(self) -> nn.Module:
         if self._teacher is None:
-            from hant.teacher import load_teacher
-
-            c = self.cfg
-            self._teacher = load_teacher(c.model.source, c.data.in_chans, c.data.num_classes, c.model.checkpoint,
-                                         c.model.trust_pickle).eval()
+            self._teacher = self.run.teacher()
         return self._teacher
 
     def build(self, layer, spec: str) -> nn.Module:
@@ -232,16 +223,14 @@ def build_network(teacher: nn.Module, layers: Sequence[Any], plan: Mapping[str, 
                   build: Callable[[Any, str], nn.Module]) -> nn.Module:
     """A copy of `teacher` with each layer's module replaced by `build(layer, plan[layer.name])`.
 
-    Layers absent from `plan` or planned as `teacher` keep the teacher's module. Eval mode.
+    Layers absent from `plan` or planned as `teacher` keep the teacher's module; `teacher`
+    itself is not changed. Eval mode. Raises HantError for a layer the teacher lacks.
     """
-    from hant.layers import set_layer
+    from hant.layers import replace_layers
 
-    net = copy.deepcopy(teacher).eval()
-    for layer in layers:
-        spec = plan.get(layer.name, "teacher")
-        if spec != "teacher":
-            set_layer(net, layer.name, build(layer, spec))
-    return net.eval()
+    modules = {layer.name: build(layer, plan[layer.name]) for layer in layers
+               if plan.get(layer.name, "teacher") != "teacher"}
+    return replace_layers(copy.deepcopy(teacher), modules).eval()
 
 
 def _calibration_inputs(ctx: _Run, n: int = 32) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], str]:
@@ -524,14 +513,6 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
         bar.close()
 
 
-def _network_protocol(proto: Protocol) -> Protocol:
-    """Whole networks are timed as deployed, each turn after one untimed call: a network
-    running alone finds its weights in the caches when they fit, and the small ones (the
-    all-cheapest network) would otherwise pay for the other networks' evictions (measured
-    here: 0.18 ms alone, 0.37 ms interleaved with 31 others, at batch 1)."""
-    return replace(proto, turn_warmup=max(1, proto.turn_warmup))
-
-
 def _measure_fixed(ctx: _Run, tgt: Target, proto: Protocol, entries: dict, table: dict,
                    images: torch.Tensor | None) -> None:
     """Fixed part = end to end of the all-cheapest network minus the sum of its entries."""
@@ -539,10 +520,9 @@ def _measure_fixed(ctx: _Run, tgt: Target, proto: Protocol, entries: dict, table
     teacher_plan = {layer.name: "teacher" for layer in ctx.layers}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.cfg.seed)
-        nets = {"cheapest": build_network(ctx.teacher, ctx.layers, cheapest, ctx.build),
-                "teacher": copy.deepcopy(ctx.teacher).eval()}
-    prepared = {k: tgt.prepare(m, ctx.input_size, images) for k, m in nets.items()}
-    stats = measure(prepared, tgt, _network_protocol(proto))
+        cheapest_net = build_network(ctx.teacher, ctx.layers, cheapest, ctx.build)
+    stats = time_against_teacher(copy.deepcopy(ctx.teacher), {"cheapest": cheapest_net}, tgt, ctx.input_size,
+                                 proto, images).stats
     sum_cheap = _sum_entries(entries, cheapest)
     cheap = stats["cheapest"]
     fixed = cheap.median_ms - sum_cheap
@@ -678,21 +658,21 @@ def validate_table(ctx: _Run, table: dict[str, Any], tgt: Target, proto: Protoco
     raw_table = {**table, "calibration": None}
     pred = np.array([predict_ms(raw_table, p) for _, p in plans])
     fixed = float(table["fixed_ms"])
-    prepared = {}
     bar = _bar(len(plans), f"validate {table['table_id']}", progress)
     try:
         bar.set_postfix_str(f"preparing {len(plans)} networks", refresh=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.cfg.seed)
-            for i, (_, plan) in enumerate(plans):
-                net = build_network(ctx.teacher, ctx.layers, plan, ctx.build)
-                prepared[i] = tgt.prepare(net, ctx.input_size, images)
+            # Prepared one at a time, so that only one network's PyTorch copy is alive at once.
+            nets = {i: prepare_network(tgt, build_network(ctx.teacher, ctx.layers, plan, ctx.build), ctx.input_size,
+                                       images) for i, (_, plan) in enumerate(plans)}
         bar.set_postfix_str("timing", refresh=True)
         # The check is only as good as its end-to-end medians, and there are few networks:
         # give them three times the table's minimum of repeats and half its tolerance.
-        check = replace(_network_protocol(proto), min_repeats=min(3 * proto.min_repeats, proto.max_repeats),
+        check = replace(network_protocol(proto), min_repeats=min(3 * proto.min_repeats, proto.max_repeats),
                         rel_tol=proto.rel_tol / 2)
-        stats = measure(prepared, tgt, check, bar)
+        stats = time_networks(nets, tgt, ctx.input_size, check, images, bar)
+        del nets
     finally:
         bar.close()
     meas = np.array([stats[i].median_ms for i in range(len(plans))])
