@@ -253,7 +253,7 @@ class Bench:
 
     def top1(self, model: nn.Module) -> float:
         from hant.data import make_loader
-        from hant.teacher import evaluate
+        from hant.teacher_train import evaluate
 
         return float(evaluate(model.eval(), make_loader(self.splits.test, self.cfg.finetune.batch_size))["top1"])
 
@@ -701,7 +701,7 @@ def write_outputs(bench: Bench, rows: list[dict], best: float | None, command: s
 
 def teacher_training(bench: Bench) -> dict | None:
     """How the teacher was trained (the JSON `hant train-teacher` writes beside it), when it is there."""
-    from hant.teacher import teacher_meta_path
+    from hant.teacher_train import teacher_meta_path
 
     ckpt = bench.cfg.model.checkpoint
     path = teacher_meta_path(ckpt) if ckpt else None
@@ -830,7 +830,7 @@ def make_quick_run(root: Path, log: Callable[[str], None] = print) -> Path:
     from hant.errors import HantError
     from hant.run import init_run
     from hant.score import score
-    from hant.teacher import train_teacher
+    from hant.teacher_train import train_teacher
 
     run = root / "run"
     if (run / "scores.json").exists():

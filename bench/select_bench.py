@@ -197,7 +197,7 @@ def bench_fidelity(run: str | None, target: str | None, points: int, n_random: i
     from hant.latency import load_table
     from hant.select import build_pool, predicted_latency, teacher_latency
     from hant.student import assemble
-    from hant.teacher import evaluate
+    from hant.teacher_train import evaluate
     from hant.workspace import RunDir, read_json
 
     rd = RunDir(run)

@@ -311,13 +311,14 @@ def test_cli_train_teacher_regularisation_flags(tmp_path, capsys):
 
 
 def test_demo_teacher_trains_stages_in_a_chain_and_reuses_them(tmp_path, monkeypatch):
-    from hant.pipeline import DemoSetup, TeacherStage, _teacher_seconds, demo_teacher
+    from hant.demo import DemoSetup, TeacherStage, _teacher_seconds, demo_teacher
 
     monkeypatch.setenv("HANT_CACHE", str(tmp_path))
-    stages = (TeacherStage(16, 1, 5e-3), TeacherStage(16, 1, 1e-3, regularise=False))
-    setup = DemoSetup(model=TINY, data="synthetic:200", teacher_stages=stages, teacher_images=120, space="tiny",
-                      distill_images=None, heldout=20, finetune_epochs=0.1, speedups=[2.0], batch_size=1,
-                      validate=1, int8=False)
+    stages = (TeacherStage(16, TeacherRecipe(epochs=1, lr=5e-3, max_train_images=120)),
+              TeacherStage(16, TeacherRecipe(epochs=1, lr=1e-3, max_train_images=120, drop_rate=0.0,
+                                             drop_path_rate=0.0)))
+    setup = DemoSetup(model=TINY, data="synthetic:200", teacher_stages=stages, space="tiny", distill_images=None,
+                      heldout=20, finetune_epochs=0.1, speedups=[2.0], batch_size=1, validate=1, int8=False)
     logged = []
     final, meta = demo_teacher(setup, log=logged.append)
     first = tmp_path / "teachers" / "test_efficientnet-synthetic_20016.safetensors"

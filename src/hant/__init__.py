@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return load_student
     if name == "accelerate":
-        from hant.pipeline import accelerate
+        from hant.api import accelerate
 
         return accelerate
     raise AttributeError(f"module 'hant' has no attribute {name!r}")

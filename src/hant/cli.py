@@ -158,7 +158,7 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hant.pipeline import demo
+    from hant.demo import demo
 
     demo(run=args.run, quick=args.quick, data=args.data)
     return 0
