@@ -10,11 +10,11 @@ every batch size (64 and 1):
 
 1. builds the latency table with hant's latency stage (kept when it is there);
 2. selects hant students at each speedup (`--speedups`, 2x 3x 4x) and fine-tunes them with
-   hant's own stage (`hant.student.finetune`); at batch 64 it then bisects the speedup for
+   hant's own stage (`hant.finetune.finetune`); at batch 64 it then bisects the speedup for
    the largest one whose top-1 drop is at most `--max-drop` points (0.4);
 3. at each student's *measured* latency (at the first batch size, `--alternatives-at`; at the
    others these networks are timed as they are), trains what a user would otherwise reach for, each
-   with the same distillation loss, epochs and images (`hant.student.finetune_module` runs
+   with the same distillation loss, epochs and images (`hant.finetune.finetune_module` runs
    the very loop that fine-tunes hant's students):
    - `pruned`: Torch-Pruning, DepGraph with L2 magnitude importance, one pruning ratio for
      every layer (channels rounded to `--prune-round-to`), the ratio searched until the
@@ -259,7 +259,7 @@ class Bench:
 
     def target(self, batch: int):
         from hant.latency import get_target
-        from hant.student import resolve_target
+        from hant.latency.compare import resolve_target
 
         tid, _, threads = resolve_target(self.run, {"target": self.table_id(batch)})
         return get_target(tid, batch_size=batch, threads=threads)
@@ -335,7 +335,7 @@ class Bench:
 
     def finetune_plan(self, plan: str, method: str, plan_d: dict | None = None) -> dict:
         """Fine-tune a plan with hant's own stage; write the plan first when `plan_d` is given."""
-        from hant.student import finetune
+        from hant.finetune import finetune
         from hant.workspace import write_json
 
         if plan_d is not None:
@@ -422,7 +422,8 @@ class Bench:
 
     def matched_unit(self, method: str, b: int, s: float, ref: dict) -> dict:
         """A pruned or smaller network whose measured latency matches the hant student `ref`, fine-tuned."""
-        from hant.student import finetune_module, load_student
+        from hant.finetune import finetune_module
+        from hant.student import load_student
         from hant.workspace import save_safetensors
 
         unit = f"{method}-b{b}-x{s:g}"

@@ -7,7 +7,7 @@ the CPU, batch 1, the run's default thread count), it
    --validate K`), once on a quiet machine and once while another single-threaded process
    computes without pause beside it (the normal case on a user's workstation);
 2. chooses a 2x plan from the quiet table and times it against the teacher in P separate
-   processes (`hant.student.time_plan`, the protocol of the plan check and of the final
+   processes (`hant.measure.time_plan`, the protocol of the plan check and of the final
    measurement), and reports how far the processes disagree.
 
 Writes bench/results/timing.json ({"command", "fingerprint", "validation": {condition:
@@ -97,7 +97,7 @@ def validate(run: Path, k: int) -> dict:
 def time_in_process(run: Path, plan: str) -> dict:
     """`time_plan` in a fresh Python process, as a separate `hant` command would run it."""
     code = ("import json, sys\n"
-            "from hant.student import time_plan\n"
+            "from hant.measure import time_plan\n"
             f"r = time_plan({str(run)!r}, {plan!r}, log=lambda s: None)\n"
             "print(json.dumps(r))\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}

@@ -11,7 +11,8 @@ from torch import nn
 from hant.errors import HantError
 from hant.export import check_onnx, export, export_onnx, op_counts, ort_fusions
 from hant.latency.onnxruntime_cpu import SCHEMES
-from hant.student import finetune, load_student
+from hant.finetune import finetune
+from hant.student import load_student
 from hant.workspace import RunDir, read_json, write_json
 from student_run import layer_names, make_run, write_plan
 

@@ -395,10 +395,11 @@ def test_damaged_scores_are_reported_and_recomputed(base, tmp_path, capsys):
 
 
 def test_damaged_student_weights_are_refused_and_rewritten_without_training(base, tmp_path, monkeypatch):
+    import hant.finetune as finetune_mod
     import hant.student as student_mod
 
     run = _copy(base, tmp_path / "run")
-    student_mod.finetune(run, PLAN, log=_quiet)
+    finetune_mod.finetune(run, PLAN, log=_quiet)
     folder = RunDir(run).student_dir(PLAN)
     weights = folder / "student.safetensors"
     good = weights.read_bytes()
@@ -408,14 +409,14 @@ def test_damaged_student_weights_are_refused_and_rewritten_without_training(base
     assert "\n" not in str(e.value)
 
     steps = []
-    real = student_mod.kd_loss
+    real = finetune_mod.kd_loss
 
     def counting(*args, **kwargs):
         steps.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(student_mod, "kd_loss", counting)
-    student_mod.finetune(run, PLAN, log=_quiet)
+    monkeypatch.setattr(finetune_mod, "kd_loss", counting)
+    finetune_mod.finetune(run, PLAN, log=_quiet)
     assert steps == []  # rewritten from the finished fine-tuning's checkpoint
     assert weights.read_bytes() == good
     student_mod.load_student(folder)
@@ -425,7 +426,7 @@ def test_damaged_student_weights_are_refused_and_rewritten_without_training(base
     _flip_byte(weights)
     _flip_byte(folder / "finetune.ckpt.safetensors")
     logs = []
-    student_mod.finetune(run, PLAN, log=logs.append)
+    finetune_mod.finetune(run, PLAN, log=logs.append)
     unusable = [m for m in logs if "checkpoint unusable" in m]
     assert len(unusable) == 1 and "checksum" in unusable[0] and "\n" not in unusable[0]
     assert steps and weights.read_bytes() == good

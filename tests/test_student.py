@@ -13,8 +13,9 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.layers import get_layer
-from hant.student import (_epoch_batches, _Dist, _lr_at, assemble, finetune, kd_loss, load_student, measure,
-                          read_plan, recalibrate_batchnorm, save_student, update_eval)
+from hant.finetune import _Dist, _epoch_batches, _lr_at, finetune, kd_loss
+from hant.measure import measure
+from hant.student import assemble, load_student, read_plan, recalibrate_batchnorm, save_student, update_eval
 from hant.teacher import load_teacher
 from hant.workspace import RunDir, load_safetensors, read_json, write_json
 from student_run import layer_names, make_run, write_plan
@@ -49,6 +50,29 @@ def _teacher(run):
 
 def _x(n=4, seed=0):
     return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- replace_layers
+
+
+def test_replace_layers_works_in_place_and_checks_every_name_first():
+    from hant.latency import build_network
+    from hant.layers import LayerInfo, replace_layers
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(nn.ReLU(), nn.Conv2d(2, 2, 1)))
+    new = nn.Identity()
+    assert replace_layers(model, {"1.1": new}) is model and model[1][1] is new
+    first = model[0]
+    with pytest.raises(HantError, match="no module '2'") as e:
+        replace_layers(model, {"0": nn.Identity(), "2": nn.Identity()})
+    assert "\n" not in str(e.value) and model[0] is first  # nothing replaced when one name is wrong
+    with pytest.raises(HantError, match="nn.Module"):
+        replace_layers(model, {"0": "conv"})
+    # build_network replaces in a copy: the teacher keeps its own layers.
+    layer = LayerInfo.from_dict({"name": "0", "in_shape": [1, 4, 4], "out_shape": [2, 4, 4], "stride": 1,
+                                 "in_chs": 1, "out_chs": 2, "params": 4, "flops": 64})
+    net = build_network(model, [layer], {"0": "skip"}, lambda info, spec: nn.Identity())
+    assert isinstance(net[0], nn.Identity) and model[0] is first
 
 
 # ----------------------------------------------------------------------------- assemble
@@ -245,7 +269,7 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
 
     env = {**os.environ, "HANT_FAULT": "finetune:after_epoch:1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    code = f"import torch; torch.set_num_threads(1); from hant.student import finetune; finetune({str(run)!r}, {plan!r})"
+    code = f"import torch; torch.set_num_threads(1); from hant.finetune import finetune; finetune({str(run)!r}, {plan!r})"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-2000:]
     state = read_json(RunDir(run).student_dir(plan) / "finetune.ckpt.json")
@@ -308,7 +332,7 @@ def test_finetune_under_torchrun_with_two_processes(run):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     # Each rank writes its own file: two ranks printing to one pipe can interleave their lines.
-    code = ("import os, sys, json; from hant.student import finetune; "
+    code = ("import os, sys, json; from hant.finetune import finetune; "
             "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None); "
             "open(os.path.join(sys.argv[3], 'result-' + os.environ['RANK'] + '.json'), 'w').write(json.dumps(r))")
     script = run.parent / "ddp_finetune.py"
@@ -333,7 +357,7 @@ def test_finetune_module_is_the_same_recipe_as_finetune(run, tmp_path):
     # through the plan and fine-tuning the bare teacher module must give the same weights.
     from hant.config import RunConfig
     from hant.data import load_data
-    from hant.student import finetune_module
+    from hant.finetune import finetune_module
 
     names = layer_names(run)
     write_plan(run, "all-teacher", {n: "teacher" for n in names})

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from hant.student import measure, time_plan
+from hant.measure import measure, time_plan
 from hant.workspace import RunDir
 from student_run import layer_names, make_run, write_plan
 
@@ -41,3 +41,59 @@ def test_check_and_final_measurement_share_the_protocol_and_record_intervals(run
     assert check["speedup_ci_lo"] <= check["speedup"] <= check["speedup_ci_hi"]
     assert ev["speedup"] == pytest.approx(ev["teacher"]["latency_ms"] / ev["student"]["latency_ms"])
     assert (RunDir(run).student_dir("p") / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- the comparer
+
+
+class _Fixed:
+    """A runnable whose every call takes `ms` (as the fake target below reports it)."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = ms, 0
+
+    def run(self):
+        self.calls += 1
+
+
+def _fixed_target():
+    from hant.latency import Target
+
+    class Fixed(Target):
+        id = "fixed"
+
+        def prepare(self, module, input_shape, example_inputs=None):
+            return _Fixed(module.ms)
+
+        def time(self, runnable, n):
+            for _ in range(n):
+                runnable.run()
+            return [runnable.ms] * n
+
+    return Fixed(threads=1)
+
+
+def test_time_against_teacher_gives_speedups_with_intervals_and_warms_every_turn():
+    from torch import nn
+
+    from hant.errors import HantError
+    from hant.latency.compare import time_against_teacher
+    from hant.latency.protocol import Protocol
+
+    teacher, student = nn.Identity(), nn.Identity()
+    teacher.ms, student.ms = 4.0, 2.0
+    onnx = _Fixed(1.0)  # a prepared runnable is timed as it is
+    zero = _Fixed(0.0)
+    proto = Protocol(warmup=2, min_repeats=5, max_repeats=5)
+    cmp = time_against_teacher(teacher, {"student": student, "onnx": onnx, "zero": zero}, _fixed_target(),
+                               (1, 4, 4), proto)
+    assert cmp.teacher.median_ms == 4.0 and cmp.stats["student"].median_ms == 2.0
+    assert cmp.speedups["student"] == (2.0, 2.0, 2.0) and cmp.speedups["onnx"].ratio == 4.0
+    assert cmp.speedups["zero"] is None  # below the clock's resolution: no ratio
+    assert cmp.protocol.turn_warmup == 1
+    # Every timed call was preceded by an untimed one in its turn, after the warm-up.
+    assert onnx.calls == proto.warmup + 2 * cmp.stats["onnx"].n
+    with pytest.raises(HantError, match="teacher"):
+        time_against_teacher(teacher, {"teacher": student}, _fixed_target(), (1, 4, 4), proto)
+    with pytest.raises(HantError, match="cannot time"):
+        time_against_teacher(teacher, {"student": object()}, _fixed_target(), (1, 4, 4), proto)

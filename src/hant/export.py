@@ -12,13 +12,11 @@ measured on the test split with ONNX Runtime, and its latency in the same interl
 as the fp32 student and the teacher.
 
 The architecture JSON and the safetensors weights are written by fine-tuning
-(`hant.student.save_student`); this module adds model.onnx, model.int8.onnx and the
+(`hant.finetune`, through `hant.student.save_student`); this module adds model.onnx, model.int8.onnx and the
 "onnx" / "int8" sections of eval.json.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import contextlib
 import io
@@ -227,8 +225,9 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
     beyond tolerance), evaluated on the test split, and timed with the teacher (and the
     INT8 model) in one interleaved run with the latency protocol on ONNX Runtime's CPU
     settings at the plan's batch size. Merges "onnx" (and "int8") sections into eval.json:
-    top1, latency_ms, latency_p10_ms, latency_p90_ms, max_abs_diff, batchnorm_nodes (left in
-    the export: 0 when folded), fused_ops and removed_ops (what ONNX Runtime fused), file;
+    top1, latency_ms, latency_p10_ms, latency_p90_ms, speedup over the teacher with its
+    interval (speedup_ci_lo, speedup_ci_hi), max_abs_diff, batchnorm_nodes (left in the
+    export: 0 when folded), fused_ops and removed_ops (what ONNX Runtime fused), file;
     "int8" also has scheme, scheme_reason, scheme_faster_than_fp32 and scheme_file (the
     scheme measured for this machine, `hant.latency.int8.run_int8_scheme`, measured first
     when the run has none for it). Returns {"onnx": {...}, "int8": {...} or None}. Raises
@@ -246,10 +245,9 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
     from hant.config import RunConfig
     from hant.data import load_data
     from hant.latency import get_target
+    from hant.latency.compare import resolve_target, time_against_teacher
     from hant.latency.protocol import Protocol
-    from hant.latency.protocol import measure as protocol_measure
-    from hant.student import (ARCH_FILE, STUDENT_FILE, _teacher_from_config, load_student, read_plan,
-                              resolve_target, update_eval)
+    from hant.student import ARCH_FILE, STUDENT_FILE, load_student, read_plan, teacher_from_config, update_eval
 
     rd = RunDir(run)
     cfg = RunConfig.load(rd.require(rd.config, "init"))
@@ -312,20 +310,19 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
     # Teacher, fp32 student and INT8 student timed together, so their ratios share the machine's state.
     target = get_target("onnxruntime-cpu", batch_size=batch_size, threads=threads)
     x = np.random.default_rng(0).standard_normal((batch_size, *in_shape)).astype(np.float32)
-    items = {"teacher": target.prepare(_teacher_from_config(cfg), in_shape),
-             "onnx": _OrtRunnable(data, x, target.threads)}
+    files = {"onnx": _OrtRunnable(data, x, target.threads)}
     if int8:
-        items["int8"] = _OrtRunnable(int8_path, x, target.threads)
-    log(f"export {plan}: timing {', '.join(items)} on ONNX Runtime CPU (batch {batch_size}, {target.threads} threads)")
-    # One untimed call per turn: a small student interleaved with the teacher would otherwise
-    # start every turn with a cold cache and measure slower than it runs alone.
-    stats = protocol_measure(items, target, dataclasses.replace(Protocol.from_config(cfg.latency), turn_warmup=1))
-    t_ms = stats["teacher"].median_ms
+        files["int8"] = _OrtRunnable(int8_path, x, target.threads)
+    log(f"export {plan}: timing teacher, {', '.join(files)} on ONNX Runtime CPU (batch {batch_size}, "
+        f"{target.threads} threads)")
+    cmp = time_against_teacher(teacher_from_config(cfg), files, target, in_shape, Protocol.from_config(cfg.latency))
+    t_ms = cmp.teacher.median_ms
 
     def timing(key: str) -> dict[str, Any]:
-        s = stats[key]
+        s, sp = cmp.stats[key], cmp.speedups[key]
         return {"latency_ms": s.median_ms, "latency_p10_ms": s.p10_ms, "latency_p90_ms": s.p90_ms,
-                "latency_n": s.n, "teacher_latency_ms": t_ms, "speedup": t_ms / s.median_ms if s.median_ms else None,
+                "latency_n": s.n, "teacher_latency_ms": t_ms, "speedup": sp.ratio if sp else None,
+                "speedup_ci_lo": sp.lo if sp else None, "speedup_ci_hi": sp.hi if sp else None,
                 "batch_size": batch_size, "threads": target.threads}
 
     onnx_sec.update(timing("onnx"))

@@ -114,7 +114,9 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     """
     from hant import distill as distill_mod
     from hant import export as export_mod
-    from hant import latency, report, score, select, student
+    from hant import finetune as finetune_mod
+    from hant import latency, report, score, select
+    from hant import measure as measure_mod
 
     run = Path(run)
     rd = RunDir(run)
@@ -136,6 +138,10 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
                                                       validate=opts.validate))
     timer.run("score", lambda: score.score(run))
     plans = []
+
+    def check_plan(r, n):  # the hardware check of select_measured
+        return measure_mod.time_plan(r, n, log=log)
+
     # Ascending, each capped by the budget the previous one ended with: a check that tightens
     # a small speedup's budget must not leave a larger speedup with a looser one.
     cap = None
@@ -144,8 +150,8 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
         plans.append(name)
         if opts.check_rounds > 0:
             def choose():
-                return select.select_measured(run, tid, speedup=s, name=name, rounds=opts.check_rounds,
-                                              max_budget_ms=cap, log=log)
+                return select.select_measured(run, tid, speedup=s, name=name, timer=check_plan,
+                                              rounds=opts.check_rounds, max_budget_ms=cap, log=log)
         else:
             def choose():
                 return select.select(run, target=tid, speedup=s, name=name, log=log)
@@ -156,9 +162,9 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     for name in plans:
         intact = _student_intact(run, name)
         done = intact and _eval_complete(run, name, opts.int8)
-        timer.run(f"finetune {name}", lambda: student.finetune(run, name, epochs=opts.finetune_epochs, log=log),
+        timer.run(f"finetune {name}", lambda: finetune_mod.finetune(run, name, epochs=opts.finetune_epochs, log=log),
                   skip=intact)
-        timer.run(f"measure {name}", lambda: student.measure(run, name, log=log), skip=done)
+        timer.run(f"measure {name}", lambda: measure_mod.measure(run, name, log=log), skip=done)
         timer.run(f"export {name}", lambda: export_mod.export(run, name, int8=opts.int8), skip=done)
     path = timer.run("report", lambda: report.write_report(run))
     return {"plans": plans, "report": str(path), "timings": timer.timings}

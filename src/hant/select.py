@@ -863,10 +863,10 @@ def _with_intervals(timed: dict) -> dict[str, float]:
     return out
 
 
-def select_measured(run: str | Path, target: str, speedup: float, name: str, *, rounds: int = 3,
-                    tolerance: float = 0.02, max_budget_ms: float | None = None,
-                    timer: Callable[[str | Path, str], dict] | None = None,
-                    log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
+                    timer: Callable[[str | Path, str], dict], rounds: int = 3, tolerance: float = 0.02,
+                    max_budget_ms: float | None = None, log: Callable[[str], None] = print,
+                    **options: Any) -> dict[str, Any]:
     """`select` for a speedup, checked against the hardware: the chosen plan is assembled and
     timed end to end against the teacher (interleaved); while its measured speedup falls
     short of `speedup` by more than `tolerance` and by more than the measurement's own
@@ -883,9 +883,10 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *, 
     budget and every tightened one (a larger speedup must never get a looser budget than a
     smaller one; see `hant.pipeline.accelerate`).
 
-    `timer(run, name)` returns {"teacher_ms", "student_ms"} and, optionally, their
-    intervals and the speedup's (the keys of `hant.student.time_plan`, its default; a
-    missing interval counts as zero width) and "timing" (threads, clock, protocol).
+    `timer(run, name)` times the plan file RUN/plans/<name>.json against the teacher and
+    returns {"teacher_ms", "student_ms"} and, optionally, their intervals and the speedup's
+    (the keys of `hant.measure.time_plan`, which the pipeline and the CLI pass; a missing
+    interval counts as zero width) and "timing" (threads, clock, protocol).
     `options` go to `select`. The plan file records every round under "latency_check"
     (medians with intervals, the decision taken, the budget), with the timing protocol; the
     last plan is kept, and a shortfall that remains (or a tighter budget the pool cannot
@@ -893,12 +894,6 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *, 
     `select` does for the first plan.
     """
     from hant.workspace import RunDir, write_json
-
-    if timer is None:
-        from hant.student import time_plan
-
-        def timer(r, n):
-            return time_plan(r, n, log=log)
 
     if max_budget_ms is not None and not (max_budget_ms > 0 and math.isfinite(max_budget_ms)):
         raise HantError(f"max_budget_ms must be a positive number, got {max_budget_ms}")

@@ -1,0 +1,552 @@
+"""Phase 3, fine-tuning: knowledge distillation from the teacher, end to end.
+
+- `finetune(run, plan)`: the plan's student (`hant.student.assemble`) trained against the
+  teacher; resumable; DistributedDataParallel under torchrun. Writes RUN/students/<plan>/.
+- `finetune_module(model, teacher, cfg, train)`: the same loop for any network.
+
+Resumption is exact: every random draw of a step follows from (seed, step, rank), data
+order from (seed, epoch), and a checkpoint holds the weights and the optimiser's state, so
+a run killed and resumed ends with the same weights as one that was not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hant.errors import HantError
+from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
+                          save_student, teacher_from_config, update_eval)
+from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors, write_json
+
+__all__ = ["finetune", "finetune_module", "kd_loss"]
+
+CKPT_FILE = "finetune.ckpt.safetensors"
+CKPT_STATE = "finetune.ckpt.json"
+
+
+# ----------------------------------------------------------------------------- loss, schedule, processes
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            kd_weight: float, ce_weight: float, temperature: float) -> torch.Tensor:
+    """kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y), batch mean."""
+    T = float(temperature)
+    loss = student_logits.new_zeros(())
+    if kd_weight:
+        kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                      reduction="batchmean", log_target=True)
+        loss = loss + kd_weight * T * T * kl
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `base` to zero at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class _Dist:
+    """The process group this process is part of (world 1 when not under torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.initialised_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _dist_from_env() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return _Dist(device=torch.device("cuda") if cuda else torch.device("cpu"))
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    here = False
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        here = True
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, device=device,
+                 initialised_here=here)
+
+
+def _fault(point: str, n: int, log) -> None:
+    """Fault injection for tests: HANT_FAULT=finetune:<point>:<n> kills the process there."""
+    for item in os.environ.get("HANT_FAULT", "").split(","):
+        if item.strip() == f"finetune:{point}:{n}":
+            log(f"HANT_FAULT: exiting at finetune:{point}:{n}")
+            os._exit(75)
+
+
+def _epoch_batches(dataset, batch: int, epoch: int, seed: int, dist_: _Dist) -> list[list[int]]:
+    """This rank's batches of one epoch: a permutation fixed by (seed, epoch), split across ranks."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist_.world, rank=dist_.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    if len(idx) >= batch:
+        idx = idx[: len(idx) - len(idx) % batch]  # full batches only: every step sees the same batch size
+    return [idx[i:i + batch] for i in range(0, len(idx), batch)]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases and normalisation scales, as is usual for AdamW.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, pid, name = key.split(".", 2)
+        p = params[int(pid)]
+        # Match the parameter's layout (channels_last) so the update runs exactly as before.
+        state.setdefault(int(pid), {})[name] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v.clone()
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(out: Path, model: nn.Module, opt, state: dict[str, Any]) -> None:
+    # Clone: safetensors refuses tensors that share storage, and a clone is cheap at these sizes.
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update({k: v.detach().cpu().clone().contiguous() for k, v in opt_tensors.items()})
+    sha = save_safetensors(out / CKPT_FILE, tensors)
+    # The state file is written second and names the weights' checksum, so a kill between
+    # the two writes is detected on resume rather than mixing two steps.
+    write_json(out / CKPT_STATE, {**state, "optimizer": opt_meta, "sha256": sha})
+
+
+def _settings_key(d: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Resume(NamedTuple):
+    """A checkpoint to resume from: its state file and its tensors (model.*, optim.*)."""
+
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _load_resume(out: Path, settings: Mapping[str, Any], log) -> _Resume | None:
+    state_file = out / CKPT_STATE
+    if not state_file.exists() or not (out / CKPT_FILE).exists():
+        return None
+    try:
+        state = read_json(state_file)
+        tensors = load_safetensors(out / CKPT_FILE, state.get("sha256"))
+    except HantError as e:
+        log(f"fine-tune checkpoint unusable ({e}); starting over")
+        return None
+    if state.get("settings_key") != _settings_key(settings):
+        log("fine-tune checkpoint was made with other settings (epochs, batch, lr, plan, processes); starting over")
+        return None
+    return _Resume(state, tensors)
+
+
+# ----------------------------------------------------------------------------- a plan's student
+
+
+def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune the plan's student end to end with knowledge distillation from the teacher.
+
+    Loss: kd_weight * T^2 * KL(teacher || student at temperature T) + ce_weight * CE on the
+    train split only (never the held-out split). AdamW, linear warm-up then cosine LR,
+    channels_last, seeded and deterministic in data order (by seed and epoch) and in
+    augmentation (by step). Checkpoints to RUN/students/<plan>/finetune.ckpt.* every epoch
+    and every `finetune.checkpoint_minutes`; a rerun resumes there and ends with the same
+    weights as an uninterrupted run. Under torchrun (WORLD_SIZE > 1) it runs
+    DistributedDataParallel (gloo on CPU, nccl on GPU), the global batch split across ranks.
+
+    Writes student.safetensors, arch.json and eval.json (test top-1 of teacher, of the
+    assembled student before fine-tuning and of the fine-tuned student); a newly trained
+    student replaces eval.json and removes ONNX files of an earlier one. Returns
+    {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s", "dir"}.
+    Raises HantError for a missing plan or phase-1 weights, or epochs <= 0.
+    """
+    from hant.config import RunConfig
+    from hant.workspace import run_lock
+
+    rd = RunDir(run)
+    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    if not epochs > 0:
+        raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
+    dist_ = _dist_from_env()
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if dist_.main:
+                try:
+                    stack.enter_context(run_lock(rd.root, log=log))
+                except HantError as e:
+                    error = str(e)
+            # Every rank must learn that rank 0 could not start, or the others wait forever.
+            error = dist_.from_main(error)
+            if error:
+                raise HantError(error)
+            return _finetune(run, plan, cfg, epochs, dist_, log)
+    finally:
+        dist_.close()
+
+
+def _finetune(run, plan: str, cfg, epochs: float, dist_: _Dist, log) -> dict[str, Any]:
+    from hant.data import load_data
+
+    ft = cfg.finetune
+    out = RunDir(run).student_dir(plan)
+    say = log if dist_.main else (lambda *_: None)
+    plan_d = read_plan(run, plan)
+    splits = load_data(cfg.data)
+    train = splits.train
+    loop = _Loop(name=plan, train=train, cfg=cfg, epochs=epochs, sched=_schedule(train, ft, epochs, cfg.seed, dist_),
+                 dist=dist_, out=out, meta={"plan": plan}, extra={"plan_layers": plan_d["layers"]},
+                 fill=[-m / s for m, s in zip(splits.mean, splits.std)],  # normalised black: the padding colour
+                 pad=max(1, splits.input_size // 16), say=say)
+    resume = _load_resume(out, loop.settings, say)
+    done_before = bool(resume and resume.state.get("done") and (out / STUDENT_FILE).exists())
+    info = dict(resume.state.get("info", {})) if resume is not None else {}
+
+    model = assemble(run, plan, bn_recalibrate=resume is None, splits=splits, log=say)
+    arch = {**model.hant_arch, "plan": plan}
+    replaced = sum(e["spec"] != TEACHER_SPEC for e in arch["layers"].values())
+    teacher = teacher_from_config(cfg)
+    dev = dist_.device
+    model.to(dev).to(memory_format=torch.channels_last)
+    teacher.to(dev).to(memory_format=torch.channels_last).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    if dist_.main and "teacher_top1" not in info:
+        info["teacher_top1"] = _top1(teacher, splits.test, ft.batch_size, cfg.data.workers)
+        info["assembled_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        say(f"test top-1: teacher {info['teacher_top1']:.2f}%, assembled student {info['assembled_top1']:.2f}% "
+            f"({replaced} of {len(arch['layers'])} layers replaced)")
+
+    opt, step = _train_kd(model, teacher, loop, resume, info)
+    total, global_batch = loop.sched.total, loop.sched.batch * dist_.world
+
+    result: dict[str, Any] = {}
+    if dist_.main:
+        model.eval()
+        if not done_before or "student_top1" not in info:
+            info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+        save_student(model, out, arch)
+        _finish_checkpoint(loop, model, opt, step, info)
+        in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
+        params, flops = count_params_flops(model, in_shape)
+        t_params, t_flops = count_params_flops(teacher.to("cpu"), in_shape)
+        if not done_before:
+            # New weights: latencies, ONNX files and their accuracies from an earlier student are stale.
+            for stale in (EVAL_FILE, "model.onnx", "model.int8.onnx"):
+                (out / stale).unlink(missing_ok=True)
+        update_eval(out, {
+            "plan": plan,
+            "teacher": {"top1": info["teacher_top1"], "params": t_params, "flops": t_flops},
+            "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
+                        "params": params, "flops": flops},
+            "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
+            "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
+            "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
+                         "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
+                         "final_loss": info.get("final_loss"), "time_s": round(info["train_time_s"], 1)},
+        })
+        say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
+            f"{info['student_top1']:.2f}% (assembled {info['assembled_top1']:.2f}%) in "
+            f"{info['train_time_s']:.0f} s -> {out}")
+        result = {"plan": plan, "teacher_top1": info["teacher_top1"], "student_top1": info["student_top1"],
+                  "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
+                  "time_s": info["train_time_s"], "dir": str(out)}
+    return dist_.from_main(result)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Steps of one fine-tuning: per-process batch, steps per epoch, total and warm-up steps."""
+
+    batch: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def _schedule(train, ft, epochs: float, seed: int, dist_: _Dist) -> _Schedule:
+    if len(train) < 2:
+        raise HantError("the train split has fewer than 2 images; use more data")
+    batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
+    steps_per_epoch = len(_epoch_batches(train, batch, 0, seed, dist_))
+    total = max(1, round(epochs * steps_per_epoch))
+    return _Schedule(batch, steps_per_epoch, total, min(max(1, round(ft.warmup * total)), total))
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What one fine-tuning loop runs with besides the two networks; `finetune` (a plan's
+    student) and `finetune_module` (any network) differ only in these."""
+
+    name: str  # in the log and on the progress bar
+    train: Any  # the train split, a dataset of (image, label)
+    cfg: Any  # a RunConfig: its finetune, data and seed sections
+    epochs: float
+    sched: _Schedule
+    dist: _Dist
+    out: Path  # where checkpoints go
+    meta: Mapping[str, Any]  # added to every checkpoint's state
+    extra: Mapping[str, Any]  # what else a checkpoint must have been made with (the plan's layers, a key)
+    fill: list[float]  # the random crop's padding colour, per channel
+    pad: int  # the random crop's padding, in pixels
+    say: Callable[[str], None]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must have been made with to be resumed."""
+        ft = self.cfg.finetune
+        return {**self.extra, "epochs": self.epochs, "total": self.sched.total, "batch": self.sched.batch,
+                "world": self.dist.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
+                "ce": ft.ce_weight, "T": ft.temperature, "seed": self.cfg.seed, "train": len(self.train),
+                "augment": ft.augment}
+
+    def seed(self, step: int) -> int:
+        """The seed of every random draw of `step` on this rank (augmentation, dropout), so
+        that a resumed run repeats the uninterrupted one exactly."""
+        return self.cfg.seed * 1_000_003 + step * 1009 + self.dist.rank
+
+    def checkpoint_state(self, step: int, done: bool, info: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.meta, "step": step, "total": self.sched.total, "done": done,
+                "settings_key": _settings_key(self.settings), "info": info}
+
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, resume: _Resume | None, loop: _Loop) -> int:
+    """Load a checkpoint's weights and optimiser state; return its step (0 without one)."""
+    if resume is None:
+        return 0
+    model.load_state_dict({k[len("model."):]: v for k, v in resume.tensors.items() if k.startswith("model.")},
+                          strict=True)
+    _load_optimizer(opt, resume.tensors, resume.state["optimizer"])
+    step = int(resume.state["step"])
+    loop.say(f"fine-tune {loop.name}: resuming at step {step}/{loop.sched.total}")
+    return step
+
+
+def _rest_of_epoch(loop: _Loop, step: int):
+    """A loader over the batches of `step`'s epoch from `step` on."""
+    per_epoch = loop.sched.steps_per_epoch
+    epoch = step // per_epoch
+    batches = _epoch_batches(loop.train, loop.sched.batch, epoch, loop.cfg.seed, loop.dist)
+    return torch.utils.data.DataLoader(loop.train, batch_sampler=batches[step - epoch * per_epoch:],
+                                       num_workers=loop.cfg.data.workers)
+
+
+def _kd_step(net: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, loop: _Loop, step: int,
+             x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """One optimiser step of `net` on the batch (x, y); returns (loss, learning rate)."""
+    from hant.data import random_crop_flip
+
+    ft, dev = loop.cfg.finetune, loop.dist.device
+    torch.manual_seed(loop.seed(step))
+    if ft.augment:
+        x = random_crop_flip(x, loop.pad, torch.Generator().manual_seed(loop.seed(step)), fill=loop.fill, flip=True)
+    lr = _lr_at(step, loop.sched.total, loop.sched.warmup, ft.lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y = y.to(dev, non_blocking=True)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    loss = kd_loss(net(x), t_logits, y, ft.kd_weight, ft.ce_weight, ft.temperature)
+    if not torch.isfinite(loss):
+        raise HantError(f"fine-tune loss became {loss.item()} at step {step}; lower finetune.lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), lr
+
+
+def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume | None,
+              info: dict[str, Any]) -> tuple[torch.optim.Optimizer, int]:
+    """The fine-tuning loop shared by `finetune` and `finetune_module`.
+
+    `model` and `teacher` are on the loop's device in channels_last; `resume` a checkpoint
+    to start from (None: step 0). Checkpoints go to `loop.out` at the end of every epoch and
+    every `finetune.checkpoint_minutes`. `info` is updated in place (train_time_s,
+    final_loss) and saved with every checkpoint. Returns (optimizer, steps done).
+    """
+    from tqdm.auto import tqdm
+
+    ft, sched, dist_ = loop.cfg.finetune, loop.sched, loop.dist
+    opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
+    step = _restore(model, opt, resume, loop)
+    t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
+    net: nn.Module = model
+    if dist_.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+    net.train()
+    ckpt_every = max(1.0, ft.checkpoint_minutes * 60.0)
+    last_ckpt = time.monotonic()
+
+    def checkpoint(point: str, n: int) -> None:
+        nonlocal last_ckpt
+        if dist_.main:
+            info["train_time_s"] = time.perf_counter() - t_start
+            _save_checkpoint(loop.out, model, opt, loop.checkpoint_state(step, False, info))
+        last_ckpt = time.monotonic()
+        _fault(point, n, loop.say)
+
+    global_batch = sched.batch * dist_.world
+    if step < sched.total:
+        loop.say(f"fine-tune {loop.name}: {sched.total} steps ({loop.epochs:g} epochs of {sched.steps_per_epoch}), "
+                 f"batch {global_batch}{f' over {dist_.world} processes' if dist_.world > 1 else ''}, "
+                 f"lr {ft.lr:g}, on {dist_.device.type}")
+    bar = tqdm(total=sched.total * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
+               desc=f"finetune {loop.name}", disable=not dist_.main or step >= sched.total, dynamic_ncols=True)
+    loss_ema = None
+    while step < sched.total:
+        for x, y in _rest_of_epoch(loop, step):
+            loss, lr = _kd_step(net, teacher, opt, loop, step, x, y)
+            step += 1
+            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            bar.update(global_batch)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step >= sched.total:
+                break
+            if step % sched.steps_per_epoch and time.monotonic() - last_ckpt > ckpt_every:
+                checkpoint("after_step", step)
+        if step % sched.steps_per_epoch == 0 and step < sched.total:
+            checkpoint("after_epoch", step // sched.steps_per_epoch)
+    bar.close()
+    info["final_loss"] = loss_ema if loss_ema is not None else info.get("final_loss")
+    info["train_time_s"] = time.perf_counter() - t_start
+    return opt, step
+
+
+def _finish_checkpoint(loop: _Loop, model: nn.Module, opt, step: int, info: dict[str, Any]) -> None:
+    _save_checkpoint(loop.out, model, opt, loop.checkpoint_state(step, True, info))
+
+
+# ----------------------------------------------------------------------------- any network
+
+
+def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: float | None = None,
+                    out_dir: str | os.PathLike | None = None, key: str = "module",
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune any network `model` with knowledge distillation from `teacher`, as `finetune` does a plan's.
+
+    The same loop as `finetune`: loss, AdamW, warm-up and cosine schedule, augmentation and
+    data order come from `cfg` (a RunConfig: its finetune, data and seed sections), so a
+    network trained here differs from a hant student only in where it started. `train` is
+    the train split (a dataset of (image, label)). With `out_dir`, checkpoints are written
+    there (finetune.ckpt.*) and a rerun with the same `key` and settings resumes, ending
+    with the same weights as an uninterrupted run. Single process (CPU, or CUDA when
+    available). `model` is trained in place and returned to the CPU in eval mode; the
+    teacher is not changed. Returns {"steps", "epochs", "batch_size", "train_images",
+    "final_loss", "time_s"}. Raises HantError for epochs <= 0 or fewer than 2 train images.
+    """
+    import copy
+    import tempfile
+
+    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    if not epochs > 0:
+        raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
+    if cfg.data.mean is None or cfg.data.std is None:
+        raise HantError("the config lacks data.mean and data.std; pass the run's config (written by `hant init`)")
+    dist_ = _Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    sched = _schedule(train, cfg.finetune, epochs, cfg.seed, dist_)
+    with contextlib.ExitStack() as stack:
+        out = Path(out_dir) if out_dir is not None else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="hant-finetune-")))
+        out.mkdir(parents=True, exist_ok=True)
+        loop = _Loop(name=key, train=train, cfg=cfg, epochs=epochs, sched=sched, dist=dist_, out=out,
+                     meta={"key": key}, extra={"key": key}, fill=[-m / s for m, s in zip(cfg.data.mean, cfg.data.std)],
+                     pad=max(1, int(cfg.data.input_size) // 16), say=log)
+        resume = _load_resume(out, loop.settings, log)
+        info = dict(resume.state.get("info", {})) if resume is not None else {}
+        teacher = copy.deepcopy(teacher).to(dist_.device).to(memory_format=torch.channels_last).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        model.to(dist_.device).to(memory_format=torch.channels_last)
+        opt, step = _train_kd(model, teacher, loop, resume, info)
+        model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+        if out_dir is not None:
+            _finish_checkpoint(loop, model, opt, step, info)
+    return {"steps": sched.total, "epochs": epochs, "batch_size": sched.batch, "train_images": len(train),
+            "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1)}
+
+
+def _top1(model: nn.Module, dataset, batch_size: int, workers: int = 0, desc: str | None = None) -> float:
+    """Test top-1 (percent) with hant.teacher.evaluate; the model's train/eval mode is restored."""
+    from hant.data import make_loader
+    from hant.teacher import evaluate
+
+    was = model.training
+    try:
+        return float(evaluate(model, make_loader(dataset, batch_size, num_workers=workers), desc=desc)["top1"])
+    finally:
+        model.train(was)
