@@ -489,3 +489,169 @@ def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget
     low, high = (read_json(RunDir(run).plan(plan_name("t1", 1, s))) for s in (1.2, 1.3))
     assert low["budget_ms"] < 4.5 / 1.3  # without the cap the 1.3x plan would get the looser 4.5 / 1.3
     assert high["budget_ms"] <= low["budget_ms"] and out["plans"] == [plan_name("t1", 1, s) for s in (1.2, 1.3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-K diverse plans
+
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+from hant.select import solve_diverse  # noqa: E402
+
+
+def _differ(a, b):
+    return sum(x != y for x, y in zip(a, b))
+
+
+def _feasible_plans(costs, lat, fixed, budget, extra):
+    """Every feasible plan with its objective, by enumeration."""
+    out = []
+    for p in itertools.product(*[range(c.size) for c in costs]):
+        if plan_totals(p, lat, fixed) <= budget + 1e-9 and \
+                all(plan_totals(p, k.coeffs, k.offset) <= k.bound + 1e-9 for k in extra):
+            out.append((plan_totals(p, costs), p))
+    return out
+
+
+def test_diverse_first_plan_is_solves():
+    rng = np.random.default_rng(21)
+    for _ in range(20):
+        costs, lat, fixed, budget, extra = _instance(rng, int(rng.integers(2, 7)), 6, int(rng.integers(0, 2)))
+        try:
+            best = solve(costs, lat, budget, fixed=fixed, extra=extra)
+        except InfeasibleError:
+            with pytest.raises(InfeasibleError):
+                solve_diverse(costs, lat, budget, 3, fixed=fixed, extra=extra)
+            continue
+        for k in (1, 3):
+            sols = solve_diverse(costs, lat, budget, k, fixed=fixed, extra=extra)
+            assert sols[0].choice == best.choice and sols[0].objective == best.objective
+            assert len(sols) <= k
+        assert len(solve_diverse(costs, lat, budget, 1, fixed=fixed, extra=extra)) == 1
+
+
+def test_diverse_plans_differ_pairwise_and_get_no_better():
+    rng = np.random.default_rng(5)
+    L, n, min_diff = 10, 6, 0.25
+    lat = [rng.uniform(0.1, 1.0, n) for _ in range(L)]
+    costs = [np.clip(1.0 - t + rng.normal(0, 0.1, n), 0, None) for t in lat]
+    budget = 0.6 * sum(t.min() for t in lat) + 0.4 * sum(t.max() for t in lat)
+    sols = solve_diverse(costs, lat, budget, 3, min_diff)
+    need = math.ceil(min_diff * L)  # 3 of 10 layers
+    assert len(sols) == 3 and all(s.status == "optimal" for s in sols)
+    for a, b in itertools.combinations(sols, 2):
+        assert _differ(a.choice, b.choice) >= need
+    assert all(a.objective <= b.objective + 1e-9 for a, b in zip(sols, sols[1:]))
+    assert all(plan_totals(s.choice, lat) <= budget + 1e-9 for s in sols)
+    assert all(s.objective == pytest.approx(plan_totals(s.choice, costs)) for s in sols)
+
+
+@pytest.mark.parametrize("extra_kinds", [0, 1])
+def test_second_plan_is_the_best_that_differs_enough(extra_kinds):
+    rng = np.random.default_rng(40 + extra_kinds)
+    checked = 0
+    for _ in range(40):
+        L = int(rng.integers(2, 6))
+        costs, lat, fixed, budget, extra = _instance(rng, L, 4, extra_kinds)
+        min_diff = float(rng.choice([0.2, 0.5, 0.7]))
+        need = max(1, math.ceil(min_diff * L - 1e-9))
+        try:
+            sols = solve_diverse(costs, lat, budget, 2, min_diff, fixed=fixed, extra=extra)
+        except InfeasibleError:
+            continue
+        assert sols[0].objective == pytest.approx(exhaustive(costs, lat, budget, fixed=fixed, extra=extra).objective)
+        rest = [obj for obj, p in _feasible_plans(costs, lat, fixed, budget, extra)
+                if _differ(p, sols[0].choice) >= need]
+        if not rest:
+            assert len(sols) == 1
+            continue
+        assert len(sols) == 2 and _differ(sols[1].choice, sols[0].choice) >= need
+        assert sols[1].objective == pytest.approx(min(rest), abs=1e-9)
+        checked += 1
+    assert checked >= 15  # the comparison really ran on most instances
+
+
+def test_alternatives_may_use_dominated_candidates():
+    # Candidate 1 is worse and slower than candidate 0 in both layers, so pruning for the best
+    # plan drops it; yet it is the only way for a second plan to differ.
+    costs = [np.array([0.0, 1.0]), np.array([0.0, 3.0])]
+    lat = [np.array([1.0, 2.0]), np.array([1.0, 2.0])]
+    sols = solve_diverse(costs, lat, 10.0, 4, min_diff=0.5)
+    assert [s.choice for s in sols] == [[0, 0], [1, 0], [0, 1], [1, 1]]
+    assert [s.objective for s in sols] == [0.0, 1.0, 3.0, 4.0]
+
+
+def test_fewer_plans_than_asked_when_too_few_differ_enough():
+    costs = [np.array([0.0, 1.0]), np.array([0.0, 2.0])]
+    lat = [np.array([1.0, 1.0]), np.array([1.0, 1.0])]
+    # Every pair must differ in both layers: at most two such plans exist among the four.
+    sols = solve_diverse(costs, lat, 10.0, 5, min_diff=1.0)
+    assert [s.choice for s in sols] == [[0, 0], [1, 1]]
+    # A layer with one candidate (frozen) can never differ.
+    sols = solve_diverse([np.array([0.0]), np.array([0.0, 1.0])], [np.array([1.0]), np.array([1.0, 1.0])], 10.0, 3,
+                         min_diff=1.0)
+    assert len(sols) == 1
+    # The budget leaves room for the fast candidate only: one plan.
+    lat = [np.array([1.0, 3.0]), np.array([1.0, 3.0])]
+    assert len(solve_diverse(costs, lat, 2.5, 3)) == 1
+
+
+def test_diverse_refuses_bad_arguments_and_infeasible_budgets():
+    costs, lat = [np.array([0.0, 1.0])], [np.array([2.0, 1.0])]
+    with pytest.raises(InfeasibleError, match="0.5 ms"):
+        solve_diverse(costs, lat, 0.5, 3)
+    with pytest.raises(ValueError):
+        solve_diverse(costs, lat, 5.0, 0)
+    with pytest.raises(ValueError):
+        solve_diverse(costs, lat, 5.0, 2, min_diff=1.5)
+
+
+def test_select_candidates_writes_alternatives_and_keeps_the_best_plan(tmp_path):
+    run, names = _fake_run(tmp_path, layers=6)
+    rd = RunDir(run)
+    one = select(run, target="t1", budget_ms=4.0, log=_quiet)
+    single = read_json(rd.plan("t1-4ms"))
+    assert "alternatives" not in one and "alternatives" not in single
+    out = select(run, target="t1", budget_ms=4.0, candidates=3, min_diff=0.5, log=_quiet)
+    best = read_json(rd.plan("t1-4ms"))
+    assert best["alternatives"] == ["t1-4ms-alt1", "t1-4ms-alt2"]
+    skip = {"solve_time_s", "alternatives"}
+    assert {k: v for k, v in best.items() if k not in skip} == {k: v for k, v in single.items() if k not in skip}
+    assert [a["name"] for a in out["alternatives"]] == best["alternatives"]
+    plans = [best]
+    for rank, alt_name in enumerate(best["alternatives"], 1):
+        alt = read_json(rd.plan(alt_name))
+        assert alt["rank"] == rank and alt["alternative_of"] == "t1-4ms" and alt["budget_ms"] == 4.0
+        assert alt["predicted_ms"] <= 4.0 + 1e-9 and set(alt["layers"]) == set(names)
+        assert alt["differs_from_best"] == _differ([best["layers"][n] for n in names], [alt["layers"][n] for n in names])
+        assert alt["predicted_score"] >= best["predicted_score"] - 1e-12
+        assert out["alternatives"][rank - 1]["path"] == str(rd.plan(alt_name))
+        plans.append(alt)
+    for a, b in itertools.combinations(plans, 2):
+        assert _differ([a["layers"][n] for n in names], [b["layers"][n] for n in names]) >= 3  # half of 6
+
+
+def test_select_candidates_logs_when_fewer_alternatives_exist(tmp_path):
+    run, _ = _fake_run(tmp_path, layers=3)
+    lines = []
+    # All 3 layers frozen but one: plans can differ in one layer only, never in all three.
+    out = select(run, target="t1", budget_ms=10.0, candidates=3, min_diff=1.0, freeze=["blocks.0.*", "blocks.1.*"],
+                 log=lines.append)
+    assert out["alternatives"] == [] and read_json(RunDir(run).plan("t1-10ms"))["alternatives"] == []
+    assert any("only 0 of 2 alternatives" in line for line in lines)
+    assert not RunDir(run).plan("t1-10ms-alt1").exists()
+
+
+def test_cli_candidates(tmp_path, capsys):
+    from hant.cli import main
+
+    run, _ = _fake_run(tmp_path)
+    assert main(["select", "--run", str(run), "--target", "t1", "--sweep", "--candidates", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--candidates" in err[0] and "--sweep" in err[0]
+    assert main(["select", "--run", str(run), "--target", "t1", "--budget-ms", "3", "--candidates", "2",
+                 "--min-diff", "0.5"]) == 0
+    alt = read_json(RunDir(run).plan("t1-3ms-alt1"))
+    assert alt["rank"] == 1 and alt["differs_from_best"] >= 2
+    assert main(["select", "--run", str(run), "--target", "t1", "--budget-ms", "3", "--candidates", "0"]) == 2

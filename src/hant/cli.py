@@ -104,11 +104,13 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.check_rounds:
         if args.speedup is None or args.sweep:
             raise HantError("--check-rounds checks a --speedup plan on the hardware; give --speedup S without --sweep")
+        if args.candidates != 1:
+            raise HantError("--candidates does not combine with --check-rounds; drop one of them")
         select_measured(args.run, args.target, speedup=args.speedup, timer=time_plan,
                         name=args.name or f"{args.target}-x{args.speedup:g}", rounds=args.check_rounds, **options)
         return 0
     select(args.run, target=args.target, budget_ms=args.budget_ms, speedup=args.speedup,
-           sweep=args.sweep, name=args.name, **options)
+           sweep=args.sweep, name=args.name, candidates=args.candidates, min_diff=args.min_diff, **options)
     return 0
 
 
@@ -251,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-rounds", type=int, default=0,
                    help="time the --speedup plan against the teacher and tighten its budget up to N times "
                         "until the measured speedup is met")
+    s.add_argument("--candidates", type=int, default=1, metavar="K",
+                   help="also write up to K-1 alternative plans at the same budget, as NAME-alt1, NAME-alt2, ...")
+    s.add_argument("--min-diff", type=float, default=0.2, metavar="F",
+                   help="share of the layers in which every two of the K plans differ (default 0.2)")
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("finetune", help="phase 3: assemble a plan's student, fine-tune it with distillation, measure it")

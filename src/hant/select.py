@@ -8,7 +8,8 @@ Two layers:
   o = 0..n_l-1 with a cost `costs[l][o]` (the score: lower is better) and a latency
   `lat[l][o]`; a plan picks one candidate per layer and must satisfy
   `fixed + sum_l lat[l][o_l] <= budget` plus any extra `Constraint`s (parameters, FLOPs, a
-  second target's latency).
+  second target's latency). `solve_diverse` adds alternatives: the next best plans that
+  differ from the earlier ones in a share of the layers.
 - The stage `select(run, target, ...)`: reads RUN/layers.json, RUN/scores.json and
   RUN/latency/<target>.json, builds the pool (frozen layers and excluded families applied),
   solves, and writes RUN/plans/<plan>.json (with `sweep`, a range of budgets and the Pareto
@@ -30,7 +31,7 @@ import numpy as np
 from hant.errors import HantError
 
 __all__ = [
-    "Constraint", "Solution", "InfeasibleError", "solve", "greedy", "random_feasible", "exhaustive",
+    "Constraint", "Solution", "InfeasibleError", "solve", "solve_diverse", "greedy", "random_feasible", "exhaustive",
     "plan_totals", "Pool", "build_pool", "predicted_latency", "teacher_latency", "select", "OBJECTIVES",
 ]
 
@@ -141,20 +142,21 @@ def _feasible(choice, constraints: list[Constraint]) -> bool:
                for k in constraints)
 
 
-def _undominated(cost: np.ndarray, uses: list[np.ndarray]) -> np.ndarray:
-    """Indices of one layer's candidates that no other candidate dominates.
+def _undominated(cost: np.ndarray, uses: list[np.ndarray], depth: int = 1) -> np.ndarray:
+    """Indices of one layer's candidates that fewer than `depth` other candidates dominate.
 
     o' dominates o when it is no worse in cost and in every resource and better in one (or
     equal in all and listed first). A plan that uses a dominated candidate can swap it for its
     dominator without breaking a constraint or raising the cost, so dropping dominated
-    candidates leaves the optimum unchanged; it typically removes most of a pool.
+    candidates (depth 1) leaves the optimum unchanged; it typically removes most of a pool.
+    Larger depths keep more, for `solve_diverse`.
     """
     m = np.vstack([cost, *uses])  # (1 + K, n)
     le = (m[:, :, None] <= m[:, None, :]).all(axis=0)  # le[a, b]: a no worse than b everywhere
     lt = (m[:, :, None] < m[:, None, :]).any(axis=0)
     first = np.arange(cost.size)[:, None] < np.arange(cost.size)[None, :]
-    dominated = (le & (lt | first)).any(axis=0)
-    return np.flatnonzero(~dominated)
+    dominators = (le & (lt | first)).sum(axis=0)
+    return np.flatnonzero(dominators < depth)
 
 
 def solve(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float, *, fixed: float = 0.0,
@@ -171,9 +173,6 @@ def solve(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float,
     line gives the fastest latency the pool can reach, or names the extra constraint that
     cannot be met; ValueError for malformed arrays.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_array
-
     full_costs, lat = _check_arrays(costs, lat, extra)
     t0 = time.perf_counter()
     full = _all_constraints(lat, budget, fixed, extra)
@@ -181,42 +180,14 @@ def solve(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float,
     _check_reachable(full, fastest)
 
     keep = [_undominated(c, [k.coeffs[l] for k in full]) for l, c in enumerate(full_costs)]
-    costs, cons = _take(full_costs, keep), _take_cons(full, keep)
-    # One candidate per layer, so subtracting each layer's minimum changes every plan's cost by
-    # the same constant; dividing by a common scale keeps HiGHS's absolute gap tolerance
-    # (1e-6) meaningful whether scores are 1e-4 or 1e2.
-    base = [float(c.min()) for c in costs]
-    scale = max(float((c - b).max()) for c, b in zip(costs, base)) or 1.0
-    costs = [(c - b) / scale for c, b in zip(costs, base)]
+    costs, cons = _normalised(_take(full_costs, keep)), _take_cons(full, keep)
     keep2 = _fix_by_bound(costs, cons)
     costs, cons = _take(costs, keep2), _take_cons(cons, keep2)
     keep = [k1[k2] for k1, k2 in zip(keep, keep2)]
 
-    sizes = np.array([c.size for c in costs])
-    n, L = int(sizes.sum()), len(costs)
-    c = np.concatenate(costs)
-    layer_of = np.repeat(np.arange(L), sizes)
-    one_hot = csr_array((np.ones(n), (layer_of, np.arange(n))), shape=(L, n))
-    rows = np.vstack([np.concatenate(k.coeffs) for k in cons])
-    rhs = np.array([k.bound - k.offset for k in cons])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    for _ in range(3):
-        res = milp(
-            c, integrality=np.ones(n), bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(rows, -np.inf, rhs)],
-            options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0},
-        )
-        if res.x is None:
-            break
-        choice = [int(np.argmax(res.x[s:s + m])) for s, m in zip(offsets, sizes)]
-        if _feasible(choice, cons):
-            break
-        # The rounded plan overshoots by more than the tolerance (HiGHS accepted a tiny
-        # violation): tighten the violated rows by the overshoot and solve again.
-        used = np.array([plan_totals(choice, k.coeffs) for k in cons])
-        rhs = rhs - np.maximum(used - rhs, 0) * 1.001
+    res, choice = _milp(costs, cons, time_limit_s)
     elapsed = time.perf_counter() - t0
-    if res.x is None or not _feasible(choice, cons):
+    if choice is None:
         if res.status == 1:
             raise HantError(f"the solver found no plan within {time_limit_s:g} s; allow more time or loosen the budget")
         names = ", ".join(k.name for k in cons)
@@ -226,6 +197,117 @@ def solve(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float,
     status = "optimal" if res.status == 0 else "time_limit"
     choice = [int(i[o]) for i, o in zip(keep, choice)]
     return Solution(choice, plan_totals(choice, full_costs), status, elapsed)
+
+
+def _normalised(costs: list[np.ndarray]) -> list[np.ndarray]:
+    # One candidate per layer, so subtracting each layer's minimum changes every plan's cost by
+    # the same constant; dividing by a common scale keeps HiGHS's absolute gap tolerance
+    # (1e-6) meaningful whether scores are 1e-4 or 1e2.
+    base = [float(c.min()) for c in costs]
+    scale = max(float((c - b).max()) for c, b in zip(costs, base)) or 1.0
+    return [(c - b) / scale for c, b in zip(costs, base)]
+
+
+def _milp(costs: list[np.ndarray], cons: list[Constraint], time_limit_s: float,
+          avoid: Sequence[Sequence[int]] = (), max_same: int = 0):
+    """The integer program of `solve` on prepared arrays: (the milp result, the choice or None).
+
+    `avoid` lists earlier choices (indices into these arrays); the plan must share at most
+    `max_same` layers with each of them. The choice is None when there is no solution, or
+    when the rounded solution stays over a bound after two retries.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
+
+    sizes = np.array([c.size for c in costs])
+    n, L = int(sizes.sum()), len(costs)
+    c = np.concatenate(costs)
+    layer_of = np.repeat(np.arange(L), sizes)
+    one_hot = csr_array((np.ones(n), (layer_of, np.arange(n))), shape=(L, n))
+    rows = np.vstack([np.concatenate(k.coeffs) for k in cons])
+    rhs = np.array([k.bound - k.offset for k in cons])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    diverse = []
+    if avoid:
+        # sum_l z[l, o_l] <= max_same for each earlier choice o: it shares at most max_same layers.
+        cols = np.concatenate([offsets + np.asarray(o) for o in avoid])
+        owner = np.repeat(np.arange(len(avoid)), L)
+        same = csr_array((np.ones(cols.size), (owner, cols)), shape=(len(avoid), n))
+        diverse = [LinearConstraint(same, -np.inf, float(max_same))]
+    choice = None
+    for _ in range(3):
+        res = milp(
+            c, integrality=np.ones(n), bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(rows, -np.inf, rhs), *diverse],
+            options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0},
+        )
+        if res.x is None:
+            return res, None
+        choice = [int(np.argmax(res.x[s:s + m])) for s, m in zip(offsets, sizes)]
+        if _feasible(choice, cons):
+            return res, choice
+        # The rounded plan overshoots by more than the tolerance (HiGHS accepted a tiny
+        # violation): tighten the violated rows by the overshoot and solve again.
+        used = np.array([plan_totals(choice, k.coeffs) for k in cons])
+        rhs = rhs - np.maximum(used - rhs, 0) * 1.001
+    return res, None
+
+
+def _layers_to_differ(n_layers: int, min_diff: float) -> int:
+    """ceil(min_diff * n_layers), at least 1: how many layers `solve_diverse` plans differ in."""
+    # The small margin keeps 0.1 * 30 = 3.0000000000000004 at 3.
+    return max(1, math.ceil(min_diff * n_layers - 1e-9))
+
+
+def solve_diverse(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float, k: int,
+                  min_diff: float = 0.2, *, fixed: float = 0.0, extra: Sequence[Constraint] = (),
+                  time_limit_s: float = 60.0) -> list[Solution]:
+    """Up to `k` plans at one budget that differ from each other: the best, then alternatives.
+
+    The first is exactly what `solve` returns. Each later one is the best plan that differs
+    from every earlier one in at least d = ceil(min_diff * L) (at least 1) of the L
+    layers: for each earlier plan o, the program of `solve` gets the row
+    sum_l z[l, o_l] <= L - d. Every pair of plans returned then differs in at least d
+    layers, and objectives do not decrease (to the solver's tolerance). Layers with a single
+    candidate (frozen) count in L but can never differ.
+
+    Returns a list of `Solution`s, shorter than `k` when no further plan differs enough (or
+    the solver finds none within `time_limit_s`, which applies to each plan). Raises
+    `InfeasibleError` like `solve` when the budget cannot be met; ValueError for malformed
+    arrays, `k` < 1 or `min_diff` outside [0, 1].
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if not 0.0 <= min_diff <= 1.0:
+        raise ValueError(f"min_diff must be a fraction of the layers in [0, 1], got {min_diff}")
+    found = [solve(costs, lat, budget, fixed=fixed, extra=extra, time_limit_s=time_limit_s)]
+    if k == 1:
+        return found
+    full_costs, lat = _check_arrays(costs, lat, extra)
+    full = _all_constraints(lat, budget, fixed, extra)
+    L = len(full_costs)
+    max_same = L - _layers_to_differ(L, min_diff)
+    # Pruning has to respect the diversity rows. Dropping a candidate that k or more others
+    # dominate stays exact: at most k - 1 earlier plans exist, all built from kept candidates
+    # (the first from `solve`'s undominated ones), so a plan using a dropped candidate can swap
+    # it for a dominator no earlier plan uses in that layer. That layer still differs from
+    # every earlier plan, no bound or cost gets worse, and repeating ends on a kept candidate
+    # since dominance has no cycles. Plain dominance (depth 1) would not be exact: the only
+    # dominator may be the earlier plan's own choice. `_fix_by_bound` is skipped: its bound
+    # is the best plan's cost, which the alternatives are allowed to exceed.
+    keep = [_undominated(c, [kk.coeffs[l] for kk in full], depth=int(k)) for l, c in enumerate(full_costs)]
+    costs_k, cons = _normalised(_take(full_costs, keep)), _take_cons(full, keep)
+    where = [{int(o): j for j, o in enumerate(ix)} for ix in keep]
+    while len(found) < k:
+        t0 = time.perf_counter()
+        avoid = [[w[o] for w, o in zip(where, s.choice)] for s in found]
+        res, choice = _milp(costs_k, cons, time_limit_s, avoid, max_same)
+        if choice is None:
+            break
+        choice = [int(ix[o]) for ix, o in zip(keep, choice)]
+        status = "optimal" if res.status == 0 else "time_limit"
+        found.append(Solution(choice, plan_totals(choice, full_costs), status, time.perf_counter() - t0))
+    return found
 
 
 def _take(arrays: list[np.ndarray], keep: list[np.ndarray]) -> list[np.ndarray]:
@@ -695,7 +777,8 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
            max_flops: float | None = None, second_target: str | None = None,
            second_budget_ms: float | None = None, freeze: Sequence[str] = (),
            exclude_families: Sequence[str] = (), objective: str | None = None, sweep_points: int = 10,
-           time_limit_s: float = 60.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+           time_limit_s: float = 60.0, candidates: int = 1, min_diff: float = 0.2,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Phase 2: choose one candidate per layer for `target` and write RUN/plans/<name>.json.
 
     The budget is `budget_ms`, or the teacher's latency on `target` divided by `speedup`
@@ -710,10 +793,17 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     teacher's latency, writes the plans on the Pareto front (named `<target>-<budget>ms`) and
     the plot RUN/pareto_select.png (predicted latency vs predicted score).
 
+    With `candidates` K > 1 (not with `sweep`), up to K - 1 alternatives at the same budget
+    (see `solve_diverse`: each differs from the best and from each other in at least
+    ceil(min_diff * layers) layers) are written as `<name>-alt1`, `<name>-alt2`, ... with
+    `rank` and `differs_from_best` (layers that differ); the best plan, the same as with
+    K = 1, lists their names under `alternatives`.
+
     Returns the plan written (with `name` and `path`), plus `sweep` (a list of
-    {name, budget_ms, predicted_ms, predicted_score, pareto, path}) when sweeping. Raises HantError
-    for bad arguments, missing stages, or an infeasible budget (the line gives the fastest
-    latency the pool can reach).
+    {name, budget_ms, predicted_ms, predicted_score, pareto, path}) when sweeping, and with
+    K > 1 `alternatives` (the alternative plans, each with `path`; fewer than K - 1 when no
+    more plans differ enough, which is logged). Raises HantError for bad arguments, missing
+    stages, or an infeasible budget (the line gives the fastest latency the pool can reach).
     """
     from hant.config import RunConfig
     from hant.latency import predict_ms
@@ -730,6 +820,12 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
             raise HantError(f"{flag} must be a positive number, got {v}")
     if (second_target is None) != (second_budget_ms is None):
         raise HantError("--second-target and --second-budget-ms go together; give both or neither")
+    if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
+        raise HantError(f"--candidates must be a whole number of plans, 1 or more; got {candidates}")
+    if not 0.0 < min_diff <= 1.0:
+        raise HantError(f"--min-diff is the share of layers alternatives differ in, in (0, 1]; got {min_diff}")
+    if candidates > 1 and sweep:
+        raise HantError("--candidates gives alternatives at one budget; drop --sweep or --candidates")
 
     the_run = Run(run)
     rd = the_run.dir
@@ -804,7 +900,9 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     if budget_ms is not None or speedup is not None:
         budget = float(budget_ms) if budget_ms is not None else teacher_ms / float(speedup)
         try:
-            sol = run_solver(budget)
+            # With one candidate this is `solve`'s plan, found the same way.
+            sols = solve_diverse(pool.cost, lat, budget, int(candidates), min_diff, fixed=fixed, extra=extra,
+                                 time_limit_s=time_limit_s)
         except InfeasibleError as e:
             if speedup is not None and e.constraint == "latency" and e.fastest:
                 raise InfeasibleError(
@@ -815,12 +913,31 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
             raise
         requested = {"speedup": speedup} if speedup is not None else {}
         plan_name = name or (f"{target}-x{speedup:g}" if speedup is not None else f"{target}-{budget:.4g}ms")
+        sol = sols[0]
         plan = make_plan(budget, plan_name, sol, requested)
+        alternatives = []
+        for rank, alt in enumerate(sols[1:], 1):
+            alt_name = f"{plan_name}-alt{rank}"
+            alt_plan = {**make_plan(budget, alt_name, alt, requested), "rank": rank, "alternative_of": plan_name,
+                        "differs_from_best": sum(a != b for a, b in zip(alt.choice, sol.choice))}
+            alt_path = write_json(rd.plan(alt_name), alt_plan)
+            log(f"plan {alt_name}: predicted {alt_plan['predicted_ms']:.4g} ms, {objective} "
+                f"{alt_plan['predicted_score']:+.4g}, differs from {plan_name} in {alt_plan['differs_from_best']} "
+                f"of {len(pool.layers)} layers -> {alt_path}")
+            alternatives.append({**alt_plan, "path": str(alt_path)})
+        if candidates > 1:
+            plan["alternatives"] = [a["name"] for a in alternatives]
+            if len(sols) < candidates:
+                log(f"only {len(sols) - 1} of {candidates - 1} alternatives: no other plan within the budget "
+                    f"differs from the earlier ones in {_layers_to_differ(len(pool.layers), min_diff)} of "
+                    f"{len(pool.layers)} layers; lower --min-diff for more")
         path = write_json(rd.plan(plan_name), plan)
         log(f"plan {plan_name}: predicted {plan['predicted_ms']:.4g} ms (budget {budget:.4g} ms, teacher "
             f"{teacher_ms:.4g} ms), {objective} {plan['predicted_score']:+.4g}, {sol.status} in "
             f"{sol.solve_time_s:.2f} s -> {path}")
         result = {**plan, "path": str(path)}
+        if candidates > 1:
+            result["alternatives"] = alternatives
 
     if sweep:
         # The fastest plan that meets the other constraints: minimise latency itself.
