@@ -458,7 +458,6 @@ def test_select_measured_caps_the_budget(tmp_path):
 
 
 def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget(tmp_path, monkeypatch):
-    import functools
 
     from hant import distill, export, finetune, latency, measure, report, score
     from hant import select as select_mod

@@ -15,7 +15,7 @@ from hant.errors import HantError
 from hant.layers import get_layer
 from hant.finetune import _Dist, _epoch_batches, _lr_at, finetune, kd_loss
 from hant.measure import measure
-from hant.student import assemble, load_student, read_plan, recalibrate_batchnorm, save_student, update_eval
+from hant.student import assemble, load_student, recalibrate_batchnorm, save_student, update_eval
 from hant.teacher import load_teacher
 from hant.workspace import RunDir, load_safetensors, read_json, write_json
 from student_run import layer_names, make_run, write_plan

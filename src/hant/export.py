@@ -242,15 +242,16 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
 
 
 def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any]:
-    from hant.config import RunConfig
     from hant.data import load_data
     from hant.latency import get_target
     from hant.latency.compare import resolve_target, time_against_teacher
     from hant.latency.protocol import Protocol
-    from hant.student import ARCH_FILE, STUDENT_FILE, load_student, read_plan, teacher_from_config, update_eval
+    from hant.run import Run
+    from hant.student import ARCH_FILE, STUDENT_FILE, load_student, read_plan, update_eval
 
-    rd = RunDir(run)
-    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    the_run = Run(run)
+    rd = the_run.dir
+    cfg = the_run.config
     out = rd.student_dir(plan)
     plan_d = read_plan(run, plan)
     if not (out / ARCH_FILE).exists() or not (out / STUDENT_FILE).exists():
@@ -315,7 +316,7 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
         files["int8"] = _OrtRunnable(int8_path, x, target.threads)
     log(f"export {plan}: timing teacher, {', '.join(files)} on ONNX Runtime CPU (batch {batch_size}, "
         f"{target.threads} threads)")
-    cmp = time_against_teacher(teacher_from_config(cfg), files, target, in_shape, Protocol.from_config(cfg.latency))
+    cmp = time_against_teacher(the_run.teacher(), files, target, in_shape, Protocol.from_config(cfg.latency))
     t_ms = cmp.teacher.median_ms
 
     def timing(key: str) -> dict[str, Any]:

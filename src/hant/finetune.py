@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hant.errors import HantError
+from hant.run import Run
 from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
-                          save_student, teacher_from_config, update_eval)
+                          save_student, update_eval)
 from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = ["finetune", "finetune_module", "kd_loss"]
@@ -227,11 +228,10 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
     {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s", "dir"}.
     Raises HantError for a missing plan or phase-1 weights, or epochs <= 0.
     """
-    from hant.config import RunConfig
     from hant.workspace import run_lock
 
     rd = RunDir(run)
-    cfg = RunConfig.load(rd.require(rd.config, "init"))
+    cfg = Run(run).config
     epochs = float(cfg.finetune.epochs if epochs is None else epochs)
     if not epochs > 0:
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
@@ -273,7 +273,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: _Dist, log) -> dict[str
     model = assemble(run, plan, bn_recalibrate=resume is None, splits=splits, log=say)
     arch = {**model.hant_arch, "plan": plan}
     replaced = sum(e["spec"] != TEACHER_SPEC for e in arch["layers"].values())
-    teacher = teacher_from_config(cfg)
+    teacher = Run(run).teacher()
     dev = dist_.device
     model.to(dev).to(memory_format=torch.channels_last)
     teacher.to(dev).to(memory_format=torch.channels_last).eval()

@@ -20,18 +20,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from hant.student import (ARCH_FILE, STUDENT_FILE, assemble, count_params_flops, load_student, read_plan,
-                          teacher_from_config, update_eval)
+from hant.run import Run
+from hant.student import ARCH_FILE, STUDENT_FILE, assemble, count_params_flops, load_student, read_plan, update_eval
 from hant.workspace import RunDir
 
 __all__ = ["measure", "time_plan"]
 
 
-def _config(run):
-    from hant.config import RunConfig
-
-    rd = RunDir(run)
-    return RunConfig.load(rd.require(rd.config, "init"))
 
 
 def _time_against_teacher(run, cfg, plan_d: Mapping[str, Any], teacher: nn.Module, student: nn.Module,
@@ -81,10 +76,10 @@ def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = pr
     requested speedup (the `timer` of `hant.select.select_measured`). Raises HantError for a
     missing plan or an unknown target.
     """
-    cfg = _config(run)
+    cfg = Run(run).config
     plan_d = read_plan(run, plan)
     student = assemble(run, plan, bn_recalibrate=False)
-    timed = _time_against_teacher(run, cfg, plan_d, teacher_from_config(cfg), student, log)
+    timed = _time_against_teacher(run, cfg, plan_d, Run(run).teacher(), student, log)
     t, s = timed["teacher"], timed["student"]
     if timed["speedup"] is None:  # a zero median: the student is below the clock's resolution
         timed.update(speedup=math.inf, speedup_ci_lo=math.inf, speedup_ci_hi=math.inf)
@@ -119,7 +114,7 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
     interval (teacher/student latency_ci_lo_ms, latency_ci_hi_ms, latency_converged;
     speedup_ci_lo, speedup_ci_hi) and `timing` (threads, clock and protocol, the same record
     as the plan's hardware check)."""
-    cfg = _config(run)
+    cfg = Run(run).config
     plan_d = read_plan(run, plan)
     out = RunDir(run).student_dir(plan)
     if (out / ARCH_FILE).exists() and (out / STUDENT_FILE).exists():
@@ -127,7 +122,7 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
     else:
         log(f"measure {plan}: no fine-tuned student yet; timing the assembled plan")
         student = assemble(run, plan, bn_recalibrate=False)
-    teacher = teacher_from_config(cfg)
+    teacher = Run(run).teacher()
     in_shape = (int(cfg.data.in_chans), cfg.data.input_size, cfg.data.input_size)
     timed = _time_against_teacher(run, cfg, plan_d, teacher, student, log)
     target = timed["target"]

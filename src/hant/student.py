@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
-from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors, write_json
+from hant.run import Run
+from hant.workspace import load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = [
-    "ARCH_VERSION", "read_plan", "teacher_from_config", "assemble", "recalibrate_batchnorm", "save_student",
+    "ARCH_VERSION", "read_plan", "assemble", "recalibrate_batchnorm", "save_student",
     "load_student", "update_eval", "count_params_flops",
 ]
 
@@ -31,94 +32,29 @@ STUDENT_FILE = "student.safetensors"
 ARCH_FILE = "arch.json"
 EVAL_FILE = "eval.json"
 TEACHER_SPEC = "teacher"
-# The status of a finished candidate in candidates/index.json.
-_TRAINED = ("done",)
 
 
 # ----------------------------------------------------------------------------- plans and run
 
 
-def _config(run: str | os.PathLike):
-    from hant.config import RunConfig
-
-    rd = RunDir(run)
-    return RunConfig.load(rd.require(rd.config, "init"))
-
-
 def read_plan(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any]) -> dict[str, Any]:
     """The plan as a dict with at least "layers" ({layer name: spec}).
 
-    Takes a plan name (RUN/plans/<name>.json), a plan dict, or a bare {layer: spec} mapping.
-    Raises HantError when the plan file is missing or has no "layers" mapping.
+    Takes a plan name (RUN/plans/<name>.json, read by `hant.run.Run.plan`), a plan dict, or
+    a bare {layer: spec} mapping. Raises HantError when the plan file is missing or has no
+    "layers" mapping.
     """
     if isinstance(plan_name_or_layers, str):
-        rd = RunDir(run)
-        path = rd.plan(plan_name_or_layers)
-        if not path.exists():
-            have = sorted(p.stem for p in (rd.root / "plans").glob("*.json")) if (rd.root / "plans").is_dir() else []
-            raise HantError(f"no plan '{plan_name_or_layers}' in {rd.root / 'plans'}; "
-                            + (f"plans: {', '.join(have)}" if have else "run `hant select` first"))
-        plan = read_json(path)
-        plan.setdefault("name", plan_name_or_layers)
-    elif isinstance(plan_name_or_layers, Mapping):
-        d = dict(plan_name_or_layers)
-        plan = d if isinstance(d.get("layers"), Mapping) else {"layers": d}
-    else:
+        return Run(run).plan(plan_name_or_layers)
+    if not isinstance(plan_name_or_layers, Mapping):
         raise HantError(f"a plan is a name or a {{layer: spec}} mapping, not {type(plan_name_or_layers).__name__}")
+    d = dict(plan_name_or_layers)
+    plan = d if isinstance(d.get("layers"), Mapping) else {"layers": d}
     layers = plan.get("layers")
     if not isinstance(layers, Mapping) or not all(isinstance(v, str) for v in layers.values()):
         raise HantError("the plan's \"layers\" must map layer names to spec strings; re-run `hant select`")
     plan["layers"] = dict(layers)
     return plan
-
-
-def _layer_table(run: str | os.PathLike, cfg=None) -> dict[str, dict[str, Any]]:
-    """layers.json as {name: LayerInfo dict}; checks that the teacher checkpoint is the one
-    phase 1 learnt from (a student mixing two teachers would be silently wrong)."""
-    from hant.layers import LayerInfo
-    from hant.workspace import sha256_file
-
-    rd = RunDir(run)
-    data = read_json(rd.require(rd.layers, "init"))
-    entries = data.get("layers", []) if isinstance(data, dict) else data
-    sha = data.get("checkpoint_sha256") if isinstance(data, dict) else None
-    ckpt = cfg.model.checkpoint if cfg is not None else None
-    if sha and ckpt and Path(ckpt).is_file() and sha256_file(ckpt) != sha:
-        raise HantError(f"teacher checkpoint {ckpt} changed since `hant init`; "
-                        "initialise a new run folder for the new teacher")
-    return {e["name"]: LayerInfo.from_dict(e).to_dict() for e in entries}
-
-
-def _candidate_index(run: str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
-    rd = RunDir(run)
-    if not rd.candidates_index.exists():
-        return {}
-    return {(e["layer"], e["spec"]): e for e in read_json(rd.candidates_index).get("candidates", [])}
-
-
-def _candidate_weights(run: str | os.PathLike, index: dict, layer: str, spec: str) -> dict[str, torch.Tensor]:
-    rd = RunDir(run)
-    entry = index.get((layer, spec))
-    if entry is None or not entry.get("file"):
-        raise HantError(f"candidate {spec} of layer {layer} has no phase-1 weights; run `hant distill --run {run}`")
-    status = entry.get("status")
-    if status is not None and status not in _TRAINED:
-        raise HantError(f"candidate {spec} of layer {layer} is '{status}' in phase 1; "
-                        f"run `hant distill --run {run}` to finish it")
-    f = Path(entry["file"])
-    if not f.is_absolute():
-        # Recorded relative to the run folder; older layouts recorded it relative to candidates/.
-        f = rd.root / f if (rd.root / f).exists() else rd.candidates_dir / f
-    return load_safetensors(f, entry.get("sha256"))
-
-
-def teacher_from_config(cfg) -> nn.Module:
-    """The run's teacher, with its checkpoint's weights, as the config names it (model, data
-    sections of a RunConfig). Raises HantError as `hant.teacher.load_teacher` does."""
-    from hant.teacher import load_teacher
-
-    return load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint,
-                        cfg.model.trust_pickle)
 
 
 def _data_info(cfg) -> dict[str, Any]:
@@ -163,10 +99,10 @@ def _plan_arch(plan_layers: Mapping[str, str], shapes: Mapping[str, Mapping[str,
     return arch
 
 
-def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], run: str | os.PathLike
+def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], run: Run
                 ) -> dict[str, nn.Module]:
     """{layer: candidate module with its phase-1 weights} for every layer not planned as `teacher`."""
-    index = _candidate_index(run)
+    index = run.candidate_index()
     modules = {}
     for name, entry in layers_arch.items():
         spec = entry["spec"]
@@ -174,7 +110,7 @@ def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], 
             continue  # the teacher's own layer stays as it is, weights untouched
         module = _candidate(model, name, entry)
         if module.state_dict():  # an op without parameters or buffers (skip) needs no phase-1 file
-            state = _candidate_weights(run, index, name, spec)
+            state = run.candidate(name, spec, index)
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as e:
@@ -249,11 +185,12 @@ def assemble(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any
     """
     from hant.layers import replace_layers
 
-    cfg = _config(run)
+    the_run = Run(run)
+    cfg = the_run.config
     plan = read_plan(run, plan_name_or_layers)
-    layers_arch = _plan_arch(plan["layers"], _layer_table(run, cfg))
-    model = teacher_from_config(cfg)
-    modules = _candidates(model, layers_arch, run)
+    layers_arch = _plan_arch(plan["layers"], {info.name: info.to_dict() for info in the_run.layers})
+    model = the_run.teacher()
+    modules = _candidates(model, layers_arch, the_run)
     replace_layers(model, modules).eval()
     if bn_recalibrate and modules and cfg.finetune.bn_batches > 0:
         if splits is None:

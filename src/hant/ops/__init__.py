@@ -12,7 +12,7 @@ work on another `Registry` than the built-in one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
