@@ -303,7 +303,8 @@ class Bench:
                           progress=sys.stderr.isatty(), log=self.log)
 
     def teacher_units(self) -> None:
-        from hant.export import export_onnx, onnx_top1, quantize_int8
+        from hant.export import onnx_top1, quantize_int8
+        from hant.onnx_io import export_onnx
 
         def teacher():
             p, f = self.params_flops(self.teacher)
@@ -406,7 +407,8 @@ class Bench:
 
     def hant_int8_unit(self, b: int, s: float, ref: dict) -> dict:
         def make():
-            from hant.export import export_onnx, onnx_top1, quantize_int8
+            from hant.export import onnx_top1, quantize_int8
+            from hant.onnx_io import export_onnx
             from hant.student import load_student
 
             folder = self.work / f"hant-int8-b{b}-x{s:g}"

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
-from hant.export import check_onnx, export, export_onnx, op_counts, ort_fusions
+from hant.export import check_onnx, export, op_counts, ort_fusions
 from hant.latency.onnxruntime_cpu import SCHEMES
+from hant.onnx_io import OnnxExportError, export_onnx
 from hant.finetune import finetune
 from hant.student import load_student
 from hant.workspace import RunDir, read_json, write_json
@@ -58,6 +59,28 @@ def test_onnx_export_folds_bn_has_dynamic_batch_and_matches_pytorch(tmp_path):
     fused = ort_fusions(data)
     assert any("FusedConv" in k for k in fused["fused_ops"]), fused
     assert fused["removed_ops"].get("Relu") == 1
+
+
+def test_one_exporter_gives_the_table_a_fixed_batch_and_the_student_a_dynamic_one():
+    model = _conv_bn()
+    fixed, dynamic = export_onnx(model, (1, 8, 8), batch_size=3), export_onnx(model, (1, 8, 8))
+    assert op_counts(fixed) == op_counts(dynamic)  # the same graph apart from the batch axis
+    dims = lambda data: [d.dim_value or d.dim_param for d in onnx.load_from_string(data).graph.input[0].type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(fixed) == [3, 1, 8, 8] and dims(dynamic) == ["batch", 1, 8, 8]
+    assert model.training is False and check_onnx(fixed, model, torch.randn(3, 1, 8, 8)) < 1e-4
+    trained = _conv_bn().train()
+    export_onnx(trained, (1, 8, 8))
+    assert trained.training  # the caller's module is left as it was
+
+
+def test_a_module_no_exporter_can_express_fails_in_one_line():
+    class Refuses(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no ONNX for this")
+
+    with pytest.raises(OnnxExportError, match="ONNX export failed .* cannot express") as info:
+        export_onnx(Refuses(), (1, 8, 8))
+    assert isinstance(info.value, HantError) and "\n" not in str(info.value)
 
 
 def test_check_onnx_refuses_a_graph_that_does_not_match():

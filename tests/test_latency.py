@@ -193,9 +193,9 @@ def test_cpu_target_prepares_and_times_conv_bn_relu(target_id):
 def test_onnx_export_folds_batchnorm():
     import onnx
 
-    from hant.latency.onnxruntime_cpu import export_onnx
+    from hant.onnx_io import export_onnx
 
-    graph = onnx.load_from_string(export_onnx(_randomise_bn(conv_bn_relu()), torch.randn(1, 8, 8, 8))).graph
+    graph = onnx.load_from_string(export_onnx(_randomise_bn(conv_bn_relu()), (8, 8, 8), batch_size=1)).graph
     ops = [n.op_type for n in graph.node]
     assert "Conv" in ops and "BatchNormalization" not in ops
 
@@ -419,6 +419,44 @@ def test_resume_measures_only_missing_entries(analytic_run, tmp_path, monkeypatc
     prepared.clear()
     L.measure_table(other, target="analytic", batch_size=1, progress=False, log=lambda s: None)
     assert prepared == []  # complete: nothing to measure
+
+
+def test_a_candidate_the_exporter_cannot_take_is_listed_as_failed(analytic_run, tmp_path, monkeypatch):
+    from hant.latency.analytic import Analytic
+    from hant.onnx_io import OnnxExportError
+
+    run, _ = analytic_run
+    other = copy_run(run, tmp_path / "copy")
+    original, calls = Analytic.prepare, []
+
+    def first_fails(self, module, input_shape, example_inputs=None):
+        calls.append(module)
+        if len(calls) == 1:  # the first candidate of the first layer
+            try:
+                raise RuntimeError("Unsupported: onnx::Frobnicate")
+            except RuntimeError as e:
+                raise OnnxExportError("ONNX export failed") from e
+        return original(self, module, input_shape, example_inputs)
+
+    monkeypatch.setattr(Analytic, "prepare", first_fails)
+    out = L.measure_table(other, target="analytic", batch_size=1, progress=False, log=lambda s: None)
+    assert out["complete"] and len(out["failed"]) == 1
+    assert out["failed"][0]["error"] == "RuntimeError: Unsupported: onnx::Frobnicate"  # the exporter's own words
+    assert len(out["entries"]) == len(_pool(other)) - 1
+
+
+def test_a_user_error_while_preparing_stops_the_table(analytic_run, tmp_path, monkeypatch):
+    from hant.latency.analytic import Analytic
+
+    run, _ = analytic_run
+    other = copy_run(run, tmp_path / "copy")
+
+    def refuses(self, module, input_shape, example_inputs=None):
+        raise HantError("fix the target's settings")
+
+    monkeypatch.setattr(Analytic, "prepare", refuses)
+    with pytest.raises(HantError, match="fix the target"):
+        L.measure_table(other, target="analytic", batch_size=1, progress=False, log=lambda s: None)
 
 
 def test_interrupted_build_leaves_a_partial_table_that_resumes(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Export a fine-tuned student: ONNX (checked against PyTorch), optionally static INT8.
 
-The ONNX graph is exported in eval mode with constant folding, which folds every
+The ONNX graph is exported by `hant.onnx_io.export_onnx`, the exporter the latency targets
+use, with a dynamic batch axis: in eval mode with constant folding, which folds every
 BatchNorm into the convolution before it; ONNX Runtime then fuses further at load time
 (conv + activation into FusedConv, and so on). What was folded and fused is read off the
 graphs themselves: the exported graph's node types against those of the graph ONNX
@@ -18,11 +19,8 @@ The architecture JSON and the safetensors weights are written by fine-tuning
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,13 +31,12 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.latency.onnxruntime_cpu import int8_scheme, quantize_onnx  # one quantiser for table and export
+from hant.onnx_io import OPSET, export_onnx  # one exporter for table and export
 from hant.workspace import RunDir, atomic_write_bytes
 
 
-__all__ = ["OPSET", "export", "export_onnx", "check_onnx", "quantize_int8", "int8_scheme", "onnx_top1",
-           "ort_fusions", "op_counts"]
+__all__ = ["export", "check_onnx", "quantize_int8", "int8_scheme", "onnx_top1", "ort_fusions", "op_counts"]
 
-OPSET = 17
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAME = "input"
@@ -47,41 +44,6 @@ OUTPUT_NAME = "logits"
 # ONNX Runtime and PyTorch sum in different orders, and BN folding changes the arithmetic:
 # differences around 1e-5 of the logits' scale are normal; 1e-3 of it means a wrong graph.
 REL_TOLERANCE = 1e-3
-
-
-def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike | None = None) -> bytes:
-    """ONNX bytes of `model` (eval mode, opset 17, dynamic batch axis, BN folded by constant folding).
-
-    Writes them atomically to `path` when given. Raises HantError when the exporter fails.
-    """
-    import copy
-
-    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
-    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-    f = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript exporter is deprecated but fast, folds batch norm, and emits opset 17;
-            # the dynamo exporter needs opset 18 and is the fallback for models it cannot trace.
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(model, (x,), f, dynamo=False, opset_version=OPSET, do_constant_folding=True,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-            except Exception:  # any tracing failure: try the other exporter before giving up
-                f = io.BytesIO()
-                with contextlib.redirect_stdout(io.StringIO()):
-                    prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, optimize=True,
-                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                             dynamic_shapes=({0: torch.export.Dim("batch")},))
-                prog.save(f)
-    except Exception as e:
-        raise HantError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "the model uses an op ONNX cannot express") from e
-    data = f.getvalue()
-    if path is not None:
-        atomic_write_bytes(path, data)
-    return data
 
 
 def op_counts(model: bytes | str | os.PathLike) -> Counter:
@@ -263,7 +225,7 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
         threads = None  # timing on another runtime's thread setting would not mean anything here
 
     onnx_path = out / ONNX_FILE
-    data = export_onnx(student, in_shape, onnx_path)
+    data = export_onnx(student, in_shape, onnx_path, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
     exported = op_counts(data)
     splits = load_data(cfg.data)
     n_check = min(len(splits.test), 16)

@@ -39,8 +39,9 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.latency.base import cpu_model, get_target
-from hant.latency.onnxruntime_cpu import SCHEMES, cpu_has_vnni, export_onnx
+from hant.latency.onnxruntime_cpu import SCHEMES, cpu_has_vnni
 from hant.latency.protocol import Protocol, measure
+from hant.onnx_io import export_onnx
 from hant.workspace import RunDir, read_json, write_json
 
 __all__ = ["SCHEME_VERSION", "MAX_TOP1_DROP", "compare_schemes", "choose_scheme", "scheme_fingerprint",
@@ -132,7 +133,7 @@ def compare_schemes(teacher: nn.Module, input_shape: Sequence[int], calibration:
     """
     fp32_target = get_target("onnxruntime-cpu", batch_size=batch_size, threads=threads)
     x = fp32_target.input(input_shape)
-    model = export_onnx(teacher, x)
+    model = export_onnx(teacher, input_shape, batch_size=fp32_target.batch_size)
     runnables = {"fp32": fp32_target.session(model, x.numpy())}
     results: dict[str, dict[str, Any]] = {}
     for name in names or list(SCHEMES):

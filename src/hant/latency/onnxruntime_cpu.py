@@ -1,8 +1,8 @@
 """onnxruntime-cpu and onnxruntime-cpu-int8: ONNX Runtime on the CPU, every graph optimisation on.
 
-The module is exported in eval mode (the exporter folds batch norm into the convolution
-when constant folding), then ONNX Runtime fuses conv + activation at ORT_ENABLE_ALL. For
-INT8 the exported graph is pre-processed and statically quantised to QDQ form with ONNX
+The module is exported as the export stage exports a student (`hant.onnx_io.export_onnx`:
+eval mode, batch norm folded), at the target's fixed batch size; ONNX Runtime then fuses
+conv + activation at ORT_ENABLE_ALL. For INT8 the exported graph is pre-processed and statically quantised to QDQ form with ONNX
 Runtime's quantiser (`quantize_onnx`, the one INT8 quantiser of hant: the export uses it
 too), calibrated on the inputs given (real layer inputs when the run has data). Which
 scheme (`SCHEMES`: signed or unsigned activations, 7-bit or full-range weights) is fastest
@@ -31,27 +31,9 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.latency.base import Target
+from hant.onnx_io import OPSET, export_onnx
 
-__all__ = ["OnnxRuntimeCPU", "SCHEMES", "export_onnx", "int8_scheme", "quantize_onnx", "cpu_has_vnni"]
-
-OPSET = 17
-
-
-def export_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
-    """The ONNX bytes of `module` (eval mode) for the fixed input `x`; batch norm folded."""
-    if module.training:
-        import copy
-
-        module = copy.deepcopy(module).eval()
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but is fast, needs no torch.export support
-        # from every candidate, and folds batch norm; its warnings are noise here.
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            torch.onnx.export(module, (x,), f, dynamo=False, opset_version=OPSET, do_constant_folding=True,
-                              input_names=["x"], output_names=["y"])
-    return f.getvalue()
+__all__ = ["OnnxRuntimeCPU", "SCHEMES", "int8_scheme", "quantize_onnx", "cpu_has_vnni"]
 
 
 @contextlib.contextmanager
@@ -250,7 +232,7 @@ class OnnxRuntimeCPU(Target):
 
     def prepare(self, module: nn.Module, input_shape: Sequence[int], example_inputs: torch.Tensor | None = None):
         x = self.input(input_shape)
-        model = export_onnx(module, x)
+        model = export_onnx(module, input_shape, batch_size=self.batch_size)
         if self.precision == "int8":
             if example_inputs is None:
                 example_inputs = torch.randn((max(8, self.batch_size), *map(int, input_shape)),

@@ -68,6 +68,7 @@ from hant.errors import HantError
 from hant.latency.base import Target, get_target, torch_threads
 from hant.latency.compare import network_protocol, prepare_network, time_against_teacher, time_networks
 from hant.latency.protocol import Protocol, Stats, measure
+from hant.onnx_io import OnnxExportError
 from hant.workspace import RunDir, fault_point, read_json, run_lock, write_json
 
 __all__ = [
@@ -484,9 +485,11 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
                 for spec in specs:
                     try:
                         prepared[spec] = tgt.prepare(ctx.build(layer, spec), layer.in_shape, examples)
-                    except HantError:
-                        raise
-                    except Exception as e:  # one candidate the runtime cannot take must not sink the table
+                    except Exception as e:  # one candidate the exporter or runtime cannot take must not sink the table
+                        if isinstance(e, OnnxExportError):
+                            e = e.__cause__ or e  # the exporter's own error, which names the op
+                        elif isinstance(e, HantError):
+                            raise
                         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                             # The machine's problem, not the candidate's: stop, and time it on the rerun.
                             raise HantError(f"no space left on the device while preparing {layer.name}/{spec}; "
