@@ -137,10 +137,10 @@ class Head:
 def build(pools, keys, teacher, sample, seed, teacher_init=True, suffix=""):
     """Candidates for `keys`; with teacher_init=False they start random (spec label + suffix)."""
     from hant import ops
-    from hant.distill import Candidate, _build_candidates, candidate_seed
+    from hant.distill import Candidate, build_candidates, candidate_seed
 
     if teacher_init:
-        return _build_candidates(pools, keys, teacher, sample, seed)
+        return build_candidates(pools, keys, teacher, sample, seed)
     by = {p.name: p for p in pools}
     out = []
     for layer, spec in keys:
@@ -174,7 +174,7 @@ def main() -> None:
 
     from hant.config import DistillConfig, RunConfig
     from hant.data import load_data
-    from hant.distill import (LayerTap, Phase1Options, _layer_pools, _load_images, BatchPlan, images_per_candidate,
+    from hant.distill import (LayerTap, Phase1Options, layer_pools, load_images, BatchPlan, images_per_candidate,
                               train_pool)
     from hant.teacher import load_teacher
 
@@ -201,7 +201,7 @@ def main() -> None:
         make_run(run, teacher_file, args.input_size, args.stage_heldout)
     cfg = RunConfig.load(run / "config.yaml")
     doc = json.loads((run / "layers.json").read_text())
-    pools = _layer_pools(doc)
+    pools = layer_pools(doc)
     n_cands = sum(len(p.candidates) for p in pools)
     result["pool"] = {"layers": len(pools), "candidates": n_cands, "input_size": doc["input_size"],
                       "space": doc["space"]}
@@ -241,7 +241,7 @@ def main() -> None:
     teacher = load_teacher(cfg.model.source, cfg.data.in_chans, cfg.data.num_classes, cfg.model.checkpoint).eval()
     teacher.to(memory_format=torch.channels_last)
     plan = BatchPlan(len(splits.train), cfg.distill.batch_size, cfg.seed)
-    images = _load_images(splits.train, plan.indices(0)).contiguous(memory_format=torch.channels_last)
+    images = load_images(splits.train, plan.indices(0)).contiguous(memory_format=torch.channels_last)
     names = [p.name for p in pools]
     pre = prefix_times(teacher, names, images)
     steps = s["steps"]

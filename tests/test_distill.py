@@ -32,7 +32,7 @@ from hant.distill import (
 )
 from hant.errors import HantError
 from hant.teacher_init import INIT_PARTIAL, INIT_RANDOM, INIT_TEACHER, init_from_teacher
-from hant.workspace import read_json, sha256_file
+from hant.workspace import FAULT_EXIT_CODE, fault_point, read_json, sha256_file
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -448,6 +448,29 @@ def _hant(*args, env, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=str(TESTS))
 
 
+def _fault_run(fault: str, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from hant.workspace import fault_point\n" + code],
+                          env=_env(HANT_FAULT=fault), capture_output=True, text=True, timeout=60)
+
+
+def test_fault_point_acts_at_the_named_passage_with_the_chosen_action(monkeypatch):
+    import signal
+
+    # Kill (the caller's default), exit and interrupt; N from `@N` or the older `:N`; the
+    # env value's `=action` wins over the caller's; other points and passages do nothing.
+    assert _fault_run("a:b@2", "fault_point('a:b', 1); fault_point('a:c', 2)").returncode == 0
+    assert _fault_run("a:b@2", "fault_point('a:b', 2)").returncode == -signal.SIGKILL
+    assert _fault_run("a:b", "fault_point('a:b', 1, 'exit')").returncode == FAULT_EXIT_CODE
+    assert _fault_run("x:y,a:b:3", "fault_point('a:b', 3, 'exit')").returncode == FAULT_EXIT_CODE
+    assert _fault_run("a:b@1=exit", "fault_point('a:b', 1)").returncode == FAULT_EXIT_CODE
+    interrupted = _fault_run("a:b=interrupt", "fault_point('a:b', 1)\nimport time; time.sleep(5)\nprint('late')")
+    assert interrupted.returncode != 0 and "KeyboardInterrupt" in interrupted.stderr and "late" not in interrupted.stdout
+    monkeypatch.setenv("HANT_FAULT", "a:b=explode")
+    with pytest.raises(ValueError, match="explode"):
+        fault_point("a:b")
+    fault_point("a:c")  # not this point: nothing happens
+
+
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_weights(tmp_path):
     space = tmp_path / "small.yaml"
@@ -462,7 +485,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     # Checkpoints come after steps 1, 2 and 3 of each trained group: the 5th is mid-way
     # through the second trained group, after the first group's results were written.
     killed = _hant("distill", "--run", str(run), env=_env(HANT_FAULT="distill:after_checkpoint@5"))
-    assert killed.returncode == 1, killed.stderr[-2000:]
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr[-2000:]
     assert list((run / "candidates" / ".work").rglob("group-*.json")), "the killed run left no checkpoint"
     partial = read_json(run / "candidates" / "index.json")["candidates"]
     assert 0 < len(partial) < 9 and all(e["status"] == "done" for e in partial)

@@ -13,11 +13,12 @@ from torch import nn
 
 from hant.errors import HantError
 from hant.layers import get_layer
-from hant.finetune import _Dist, _epoch_batches, _lr_at, finetune, kd_loss
+from hant.dist import Dist
+from hant.finetune import _epoch_batches, _lr_at, finetune, kd_loss
 from hant.measure import measure
 from hant.student import assemble, load_student, recalibrate_batchnorm, save_student, update_eval
 from hant.teacher import load_teacher
-from hant.workspace import RunDir, load_safetensors, read_json, write_json
+from hant.workspace import FAULT_EXIT_CODE, RunDir, load_safetensors, read_json, write_json
 from student_run import layer_names, make_run, write_plan
 
 TESTS = Path(__file__).parent
@@ -226,11 +227,11 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_epoch_batches_are_deterministic_and_split_across_ranks():
     data = list(range(50))
-    a = _epoch_batches(data, 8, 3, 0, _Dist())
-    assert a == _epoch_batches(data, 8, 3, 0, _Dist()) and a != _epoch_batches(data, 8, 4, 0, _Dist())
+    a = _epoch_batches(data, 8, 3, 0, Dist())
+    assert a == _epoch_batches(data, 8, 3, 0, Dist()) and a != _epoch_batches(data, 8, 4, 0, Dist())
     assert all(len(b) == 8 for b in a) and len(a) == 6
-    r0 = _epoch_batches(data, 4, 3, 0, _Dist(rank=0, world=2))
-    r1 = _epoch_batches(data, 4, 3, 0, _Dist(rank=1, world=2))
+    r0 = _epoch_batches(data, 4, 3, 0, Dist(rank=0, world=2))
+    r1 = _epoch_batches(data, 4, 3, 0, Dist(rank=1, world=2))
     assert len(r0) == len(r1) and not set(sum(r0, [])) & set(sum(r1, []))
 
 
@@ -271,7 +272,7 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     code = f"import torch; torch.set_num_threads(1); from hant.finetune import finetune; finetune({str(run)!r}, {plan!r})"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert proc.returncode == FAULT_EXIT_CODE, proc.stderr[-2000:]
     state = read_json(RunDir(run).student_dir(plan) / "finetune.ckpt.json")
     assert state["step"] == 5 and not state["done"]
     assert not (RunDir(run).student_dir(plan) / "student.safetensors").exists()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -52,8 +53,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from hant.dist import process_group
 from hant.errors import HantError
 from hant.layers import LayerInfo
+from hant.workspace import FAULT_ENV, fault_point
 
 __all__ = [
     "Candidate",
@@ -66,12 +69,15 @@ __all__ = [
     "pack_groups",
     "partition",
     "candidate_seed",
+    "LayerPool",
+    "layer_pools",
+    "build_candidates",
+    "load_images",
     "distill",
     "default_max_memory_mb",
     "FAULT_ENV",
 ]
 
-FAULT_ENV = "HANT_FAULT"
 INDEX_VERSION = 1
 _MB = 1 << 20
 
@@ -194,10 +200,16 @@ class _Head:
         return self.dataset[i]
 
     def get_batch(self, idx: torch.Tensor):
-        return _load_images(self.dataset, idx), None
+        return load_images(self.dataset, idx), None
 
 
-def _load_images(dataset, idx: torch.Tensor) -> torch.Tensor:
+def load_images(dataset, idx: torch.Tensor) -> torch.Tensor:
+    """The images at positions `idx` of `dataset`, stacked into one batch (labels dropped).
+
+    Uses the dataset's `get_batch(idx)` when it has one (in-memory splits), else indexes it
+    item by item; items are `(image, label)` or bare images. Raises what the dataset raises
+    for a position out of range.
+    """
     get_batch = getattr(dataset, "get_batch", None)
     if callable(get_batch):
         return get_batch(idx)[0]
@@ -713,22 +725,6 @@ def _group_key(cands: Sequence[Candidate], opts: Phase1Options) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def _fault(point: str, action: Callable[[], None] | None = None) -> None:
-    # Tests kill the process at a named point (`distill:after_checkpoint`), or at its N-th
-    # passage (`distill:after_checkpoint@N`), to check that a restart resumes correctly;
-    # `distill:interrupt@N` sends the process a Ctrl-C instead.
-    want = os.environ.get(FAULT_ENV, "")
-    name, _, nth = want.partition("@")
-    if name != f"distill:{point}":
-        return
-    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
-    if _FAULT_COUNTS[point] == (int(nth) if nth.isdigit() else 1):
-        (action or (lambda: os._exit(1)))()
-
-
 class _Checkpoints:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -838,7 +834,7 @@ def evaluate_pool(cands: Sequence[Candidate], source: _Source, dataset, batch_si
         c.module.eval()
     for step, start in enumerate(range(0, n, batch_size)):
         idx = torch.arange(start, min(n, start + batch_size))
-        acts = source.get("heldout", step, lambda: _load_images(dataset, idx), layers, set(keep))
+        acts = source.get("heldout", step, lambda: load_images(dataset, idx), layers, set(keep))
         for layer in layers:
             den[layer] = den[layer] + acts[layer][1].float().pow(2).sum()
         for i, c in enumerate(cands):
@@ -902,7 +898,7 @@ def train_pool(
     # Measure each candidate on a few real images of its layer.
     if cands:
         if sample is None:
-            sample = _load_images(train_set, plan.indices(0)[: min(8, bs)])
+            sample = load_images(train_set, plan.indices(0)[: min(8, bs)])
         src0 = _Source(tap, device, channels_last, autocast, None)
         sample_acts = src0.get("probe", 0, lambda: sample, set(layer_order), set())
         layer_bytes = {layer: (x.numel() * x.element_size() + y.numel() * y.element_size()) / len(x)
@@ -946,6 +942,8 @@ def train_pool(
     train_s = eval_s = opt_s = teacher_eval_s = 0.0
     session_images = 0
     interval = opts.checkpoint_minutes * 60.0
+    # Passages through each fault point in this call, for the crash tests (hant.workspace.fault_point).
+    steps_run = checkpoints_saved = groups_finished = 0
 
     try:  # a stage that stops on an error must not leave its bar open over the error line
         for gi, idxs in enumerate(groups):
@@ -970,9 +968,10 @@ def train_pool(
                                            skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
                                                                                     layers | later))
                     for step in range(g.steps_done, opts.steps):
-                        _fault("interrupt", lambda: os.kill(os.getpid(), signal.SIGINT))
+                        steps_run += 1
+                        fault_point("distill:interrupt", steps_run, "interrupt")
                         batch = next(images)
-                        acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else _load_images(
+                        acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else load_images(
                             train_set, plan.indices(s)), layers, later)
                         g.step(step, acts, autocast)
                         del acts, batch
@@ -985,7 +984,8 @@ def train_pool(
                                                  or interrupts.signal is not None):
                             ckpt.save(key, g)
                             last_ckpt = time.time()
-                            _fault("after_checkpoint")
+                            checkpoints_saved += 1
+                            fault_point("distill:after_checkpoint", checkpoints_saved, "exit")
                         if interrupts.signal is not None:
                             if bar is not None:
                                 bar.close()
@@ -1034,7 +1034,8 @@ def train_pool(
                 group_entries.append(e)
             if on_group_done is not None:
                 on_group_done(group_cands, group_entries)
-            _fault("after_group")
+            groups_finished += 1
+            fault_point("distill:after_group", groups_finished, "exit")
             if ckpt is not None:
                 ckpt.drop(key)
             entries.extend(group_entries)
@@ -1070,47 +1071,6 @@ def train_pool(
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-def _dist_env() -> tuple[int, int, int, int]:
-    """(rank, world size, local rank, local world size) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return rank, world, local, local_world
-
-
-@contextlib.contextmanager
-def _process_group(world: int, device: torch.device) -> Iterator[None]:
-    import datetime
-
-    import torch.distributed as dist
-
-    own = False
-    if world > 1 and not dist.is_initialized():
-        # Ranks wait for each other only at the end, when one may still be training its
-        # last group: the timeout must cover a whole phase 1.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=48))
-        own = True
-    try:
-        yield
-    finally:
-        if own:
-            dist.destroy_process_group()
-
-
-def _agree(world: int, error: str | None) -> None:
-    """Raise on every rank when one rank failed to start (so none waits forever)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        msgs: list[str | None] = [None] * world
-        dist.all_gather_object(msgs, error)
-        error = next((m for m in msgs if m), None)
-    if error:
-        raise HantError(error)
 
 
 def images_per_candidate(cfg, images: int | None, n_train: int) -> int:
@@ -1189,22 +1149,32 @@ def _candidate_costs(layers, teacher: nn.Module, seed: int) -> dict[tuple[str, s
 
 
 @dataclass(frozen=True)
-class _LayerPool(LayerInfo):
+class LayerPool(LayerInfo):
     """A layer from layers.json together with its candidate specs."""
 
     candidates: tuple[str, ...] = ()
 
 
-def _layer_pools(doc: dict[str, Any]) -> list[_LayerPool]:
+def layer_pools(doc: dict[str, Any]) -> list[LayerPool]:
+    """Every layer of a layers.json document (RUN/layers.json, as read) with its candidate
+    specs, in the document's order. Raises what `LayerInfo.from_dict` raises for a malformed entry."""
     out = []
     for d in doc.get("layers", []):
         info = LayerInfo.from_dict(d)
-        out.append(_LayerPool(**dataclasses.asdict(info), candidates=tuple(d.get("candidates") or [])))
+        out.append(LayerPool(**dataclasses.asdict(info), candidates=tuple(d.get("candidates") or [])))
     return out
 
 
-def _build_candidates(pools: list[_LayerPool], keys: list[tuple[str, str]], teacher: nn.Module,
-                      sample: dict[str, torch.Tensor], seed: int) -> list[Candidate]:
+def build_candidates(pools: list[LayerPool], keys: list[tuple[str, str]], teacher: nn.Module,
+                     sample: dict[str, torch.Tensor], seed: int) -> list[Candidate]:
+    """The candidates `keys` ((layer, spec) pairs of `pools`) as phase 1 trains them, in that order.
+
+    Each is built from its seed (`candidate_seed(seed, layer, spec)`) and initialised from
+    the teacher's layer where hant.teacher_init can (`sample`: a batch of each layer's input,
+    {layer: x}, used to fold squeeze-excite gates); `teacher` is evaluated as it is, and one
+    that starts as an exact copy of the teacher's function is not trained. Raises KeyError
+    for a layer not in `pools`, and what hant.ops.build raises for a bad spec.
+    """
     from hant import ops
     from hant.teacher_init import INIT_RANDOM, INIT_TEACHER, init_from_teacher
 
@@ -1258,27 +1228,25 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
     rd = the_run.dir
     cfg = the_run.config
     doc = the_run.layers_doc
-    rank, world, local, local_world = _dist_env()
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    quiet = (lambda msg: None) if rank != 0 else log
-
-    with _process_group(world, device), contextlib.ExitStack() as stack:
+    # Ranks wait for each other only at the end, when one may still be training its last
+    # group: the timeout must cover a whole phase 1.
+    with process_group(timeout=datetime.timedelta(hours=48)) as dist_, contextlib.ExitStack() as stack:
+        rank, world, device = dist_.rank, dist_.world, dist_.device
+        quiet = (lambda msg: None) if rank != 0 else log
         error = None
         if rank == 0:
             try:
                 stack.enter_context(run_lock(rd.root, log=log))
             except HantError as e:
                 error = str(e)
-        _agree(world, error)
+        dist_.agree(error)
 
         from hant.data import load_data
 
         the_run.check_teacher()
         splits = load_data(cfg.data)
         teacher = the_run.teacher()
-        pools = _layer_pools(doc)
+        pools = layer_pools(doc)
         order = [(p.name, s) for p in pools for s in p.candidates]
         n_img = images_per_candidate(cfg, images, len(splits.train))
         plan = BatchPlan(len(splits.train), cfg.distill.batch_size, cfg.seed)
@@ -1305,7 +1273,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
 
         budget_mb = max_memory_mb if max_memory_mb is not None else cfg.distill.max_memory_mb
         if budget_mb is None:
-            budget_mb = default_max_memory_mb(device) // max(1, local_world)
+            budget_mb = default_max_memory_mb(device) // max(1, dist_.local_world)
         opts = Phase1Options(
             steps=steps, batch_size=plan.batch_size, optimizer=cfg.distill.optimizer, lr=cfg.distill.lr,
             weight_decay=cfg.distill.weight_decay, seed=cfg.seed, max_memory_bytes=int(budget_mb) * _MB,
@@ -1315,12 +1283,12 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
 
         # A few real images of each layer's input: for folding SE gates and measuring memory.
         pending_layers = list(dict.fromkeys(layer for layer, _ in pending))
-        sample_images = _load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
+        sample_images = load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
         sample = {}
         if pending_layers:
             tap = LayerTap(teacher, pending_layers)
             sample = {k: x for k, (x, _) in tap(sample_images, pending_layers).items()}
-        cands = _build_candidates(pools, pending, teacher, sample, cfg.seed)
+        cands = build_candidates(pools, pending, teacher, sample, cfg.seed)
         del sample
 
         entries_mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
@@ -1354,10 +1322,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         stats["peak_rss_mb"] = peak_rss_mb()
 
         if world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (list(entries_mine.values()), stats))
+            gathered = dist_.gather((list(entries_mine.values()), stats))
             per_rank = [g[1] for g in gathered]
             for ents, _ in gathered:
                 for e in ents:
@@ -1390,10 +1355,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             _write_index(rd, order, all_entries, summary=summary)
             shutil.rmtree(parts_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        dist_.barrier()
         if rank == 0:
             shutil.rmtree(rd.candidates_dir / ".work", ignore_errors=True)
 

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hant.dist import Dist, process_group
 from hant.errors import HantError
 from hant.run import Run
 from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
                           save_student, update_eval)
-from hant.workspace import RunDir, load_safetensors, read_json, save_safetensors, write_json
+from hant.workspace import RunDir, fault_point, load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = ["finetune", "finetune_module", "kd_loss"]
 
@@ -62,61 +63,7 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-@dataclass
-class _Dist:
-    """The process group this process is part of (world 1 when not under torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def from_main(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank."""
-        if self.world == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.initialised_here and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _dist_from_env() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world <= 1:
-        return _Dist(device=torch.device("cuda") if cuda else torch.device("cpu"))
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    here = False
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        here = True
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, device=device,
-                 initialised_here=here)
-
-
-def _fault(point: str, n: int, log) -> None:
-    """Fault injection for tests: HANT_FAULT=finetune:<point>:<n> kills the process there."""
-    for item in os.environ.get("HANT_FAULT", "").split(","):
-        if item.strip() == f"finetune:{point}:{n}":
-            log(f"HANT_FAULT: exiting at finetune:{point}:{n}")
-            os._exit(75)
-
-
-def _epoch_batches(dataset, batch: int, epoch: int, seed: int, dist_: _Dist) -> list[list[int]]:
+def _epoch_batches(dataset, batch: int, epoch: int, seed: int, dist_: Dist) -> list[list[int]]:
     """This rank's batches of one epoch: a permutation fixed by (seed, epoch), split across ranks."""
     from torch.utils.data import DistributedSampler
 
@@ -235,25 +182,18 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
     epochs = float(cfg.finetune.epochs if epochs is None else epochs)
     if not epochs > 0:
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
-    dist_ = _dist_from_env()
-    try:
-        with contextlib.ExitStack() as stack:
-            error = None
-            if dist_.main:
-                try:
-                    stack.enter_context(run_lock(rd.root, log=log))
-                except HantError as e:
-                    error = str(e)
-            # Every rank must learn that rank 0 could not start, or the others wait forever.
-            error = dist_.from_main(error)
-            if error:
-                raise HantError(error)
-            return _finetune(run, plan, cfg, epochs, dist_, log)
-    finally:
-        dist_.close()
+    with process_group() as dist_, contextlib.ExitStack() as stack:
+        error = None
+        if dist_.main:
+            try:
+                stack.enter_context(run_lock(rd.root, log=log))
+            except HantError as e:
+                error = str(e)
+        dist_.agree(error)
+        return _finetune(run, plan, cfg, epochs, dist_, log)
 
 
-def _finetune(run, plan: str, cfg, epochs: float, dist_: _Dist, log) -> dict[str, Any]:
+def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str, Any]:
     from hant.data import load_data
 
     ft = cfg.finetune
@@ -337,7 +277,7 @@ class _Schedule:
     warmup: int
 
 
-def _schedule(train, ft, epochs: float, seed: int, dist_: _Dist) -> _Schedule:
+def _schedule(train, ft, epochs: float, seed: int, dist_: Dist) -> _Schedule:
     if len(train) < 2:
         raise HantError("the train split has fewer than 2 images; use more data")
     batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
@@ -356,7 +296,7 @@ class _Loop:
     cfg: Any  # a RunConfig: its finetune, data and seed sections
     epochs: float
     sched: _Schedule
-    dist: _Dist
+    dist: Dist
     out: Path  # where checkpoints go
     meta: Mapping[str, Any]  # added to every checkpoint's state
     extra: Mapping[str, Any]  # what else a checkpoint must have been made with (the plan's layers, a key)
@@ -458,7 +398,7 @@ def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume
             info["train_time_s"] = time.perf_counter() - t_start
             _save_checkpoint(loop.out, model, opt, loop.checkpoint_state(step, False, info))
         last_ckpt = time.monotonic()
-        _fault(point, n, loop.say)
+        fault_point(f"finetune:{point}", n, "exit")
 
     global_batch = sched.batch * dist_.world
     if step < sched.total:
@@ -517,7 +457,7 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
     if cfg.data.mean is None or cfg.data.std is None:
         raise HantError("the config lacks data.mean and data.std; pass the run's config (written by `hant init`)")
-    dist_ = _Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dist_ = Dist()
     sched = _schedule(train, cfg.finetune, epochs, cfg.seed, dist_)
     with contextlib.ExitStack() as stack:
         out = Path(out_dir) if out_dir is not None else Path(stack.enter_context(

@@ -24,17 +24,45 @@ from hant.errors import HantError
 
 FORMAT_VERSION = 1
 FAULT_ENV = "HANT_FAULT"
+FAULT_ACTIONS = ("kill", "exit", "interrupt")
+FAULT_EXIT_CODE = 75  # EX_TEMPFAIL: what an `exit` fault ends the process with
 
 
-def fault_point(name: str, n: int = 1) -> None:
-    """Crash tests: with HANT_FAULT=<name>@<n> (or just <name> for n=1) the process kills
-    itself with SIGKILL here, at the n-th passage that the caller counts, as `kill -9` or a
-    power cut would: no cleanup, no finally blocks. Does nothing otherwise."""
+def fault_point(name: str, n: int = 1, action: str = "kill") -> None:
+    """A named point where crash tests make the process fail; does nothing unless asked to.
+
+    HANT_FAULT holds comma-separated items `<name>[@<N>][=<action>]` (N defaults to 1; the
+    older spelling `<name>:<N>` means the same as `<name>@<N>`). An item matches when its
+    name is `name` and its N is `n`, the caller's count of passages through the point (the
+    n-th checkpoint, the n-th epoch). The action is the item's, else the caller's `action`:
+    `kill` sends SIGKILL, as `kill -9` or a power cut would (no cleanup, no finally
+    blocks); `exit` ends the process with status 75 (os._exit: no cleanup either);
+    `interrupt` sends the process SIGINT, as Ctrl-C does, and returns. Raises ValueError for
+    an action that is none of these.
+    """
     want = os.environ.get(FAULT_ENV, "")
-    point, _, nth = want.partition("@")
-    if point == name and (int(nth) if nth.isdigit() else 1) == n:
-        print(f"{FAULT_ENV}: killing the process at {name}@{n}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not want:
+        return
+    for item in want.split(","):
+        item, _, chosen = item.strip().partition("=")
+        point, at, nth = item.partition("@")
+        if not at:
+            head, colon, tail = item.rpartition(":")
+            if colon and tail.isdigit():
+                point, nth = head, tail
+        if point != name or (int(nth) if nth.isdigit() else 1) != n:
+            continue
+        act = chosen or action
+        if act not in FAULT_ACTIONS:
+            raise ValueError(f"unknown fault action {act!r}; use one of {', '.join(FAULT_ACTIONS)}")
+        print(f"{FAULT_ENV}: {act} at {name}@{n}", file=sys.stderr, flush=True)
+        if act == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif act == "exit":
+            os._exit(FAULT_EXIT_CODE)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+        return
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
