@@ -365,7 +365,7 @@ def test_predict_is_fixed_plus_sum_and_applies_calibration(analytic_run):
 
 
 def test_calibration_is_kept_only_when_it_helps_held_out():
-    from hant.latency.table import _choose_calibration
+    from hant.latency.model import _choose_calibration
 
     rng = np.random.default_rng(0)
     fixed, sums = 1.0, rng.uniform(2.0, 10.0, 30)

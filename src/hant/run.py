@@ -344,7 +344,7 @@ class Run:
 
     def table(self, target: str, batch_size: int | None = None) -> dict[str, Any]:
         """A complete latency table (see `hant.latency.load_table` for how `target` resolves)."""
-        from hant.latency.table import load_table
+        from hant.latency.model import load_table
 
         return load_table(self.root, target, batch_size)
 

@@ -1,5 +1,9 @@
 """Latency on a target: time every candidate, build the lookup table, predict a network.
 
+Targets (one file each, `base.Target`), the timing protocol (protocol.py), whole networks
+against the teacher (compare.py), the table's measurement (table.py) and what it predicts
+(model.py).
+
     >>> from hant import latency
     >>> t = latency.get_target("onnxruntime-cpu", batch_size=1)
     >>> stats = latency.measure_modules([("conv", conv, (16, 32, 32))], t)
@@ -11,17 +15,9 @@ your own with `register_target`.
 """
 
 from hant.latency.base import Target, available_cores, cpu_model, fold_batchnorm, get_target, register_target, target_ids
+from hant.latency.model import entry_costs, load_table, predict_ms, table_id, table_path
 from hant.latency.protocol import Protocol, Stats, measure, measure_modules
-from hant.latency.table import (
-    build_network,
-    entry_costs,
-    load_table,
-    measure_table,
-    predict_ms,
-    table_id,
-    table_path,
-    validate_table,
-)
+from hant.latency.table import build_network, measure_table, validate_table
 
 __all__ = [
     "Target",
