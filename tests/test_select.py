@@ -173,7 +173,7 @@ def test_malformed_arrays_are_refused():
 # The stage, on a synthetic run folder (no torch passes)
 
 from hant.config import RunConfig  # noqa: E402
-from hant.select import select, select_measured  # noqa: E402
+from hant.select import SelectOptions, select, select_measured  # noqa: E402
 from hant.workspace import RunDir, read_json, write_json  # noqa: E402
 
 SPECS = ["teacher", "proj", "mb_k3_e1_relu", "mb_k3_e3_silu", "fmb_k3_e1_relu"]
@@ -288,6 +288,32 @@ def test_frozen_layer_keeps_teacher_and_excluded_family_never_chosen(tmp_path):
         select(run, target="t1", budget_ms=2.5, freeze=["nope.*"], log=_quiet)
     with pytest.raises(HantError, match="unknown op family"):
         select(run, target="t1", budget_ms=2.5, exclude_families=["bogus"], log=_quiet)
+
+
+def test_select_options_as_a_value_or_as_keywords_give_the_same_plan(tmp_path):
+    run, names = _fake_run(tmp_path)
+    opts = SelectOptions(freeze=[names[0]], max_params=1e9, time_limit_s=10.0)
+    assert opts.freeze == (names[0],)  # a list from the CLI becomes a tuple: the options are a value
+    by_value = select(run, target="t1", budget_ms=3.0, options=opts, name="v", log=_quiet)
+    by_keyword = select(run, target="t1", budget_ms=3.0, freeze=[names[0]], max_params=1e9, time_limit_s=10.0,
+                        name="k", log=_quiet)
+    assert by_value["layers"] == by_keyword["layers"] and by_value["layers"][names[0]] == "teacher"
+    assert by_value["constraints"] == by_keyword["constraints"]
+    # A keyword replaces that field of `options` and keeps the others.
+    both = select(run, target="t1", budget_ms=3.0, options=opts, freeze=[], name="b", log=_quiet)
+    assert "frozen" not in both["constraints"] and both["constraints"]["max_params"] == 1e9
+    with pytest.raises(TypeError, match=r"unknown selection option.*max_param\b"):
+        select(run, target="t1", budget_ms=3.0, max_param=1e6, log=_quiet)
+
+
+@pytest.mark.parametrize("fields,flag", [
+    ({"max_params": -1.0}, "--max-params"), ({"max_flops": float("nan")}, "--max-flops"),
+    ({"second_target": "t2"}, "--second-target"), ({"candidates": 0}, "--candidates"),
+    ({"candidates": 1.5}, "--candidates"), ({"min_diff": 0.0}, "--min-diff")])
+def test_select_options_refuse_values_out_of_range(fields, flag):
+    with pytest.raises(HantError, match=flag):
+        SelectOptions(**fields)
+    assert SelectOptions().candidates == 1 and SelectOptions().min_diff == 0.2
 
 
 def test_params_flops_and_second_target_limits_hold(tmp_path):

@@ -10,10 +10,10 @@ Two layers:
   `fixed + sum_l lat[l][o_l] <= budget` plus any extra `Constraint`s (parameters, FLOPs, a
   second target's latency). `solve_diverse` adds alternatives: the next best plans that
   differ from the earlier ones in a share of the layers.
-- The stage `select(run, target, ...)`: reads RUN/layers.json, RUN/scores.json and
-  RUN/latency/<target>.json, builds the pool (frozen layers and excluded families applied),
-  solves, and writes RUN/plans/<plan>.json (with `sweep`, a range of budgets and the Pareto
-  plot RUN/pareto_select.png).
+- The stage `select(run, target, budget_ms | speedup, options=SelectOptions(...))`: reads
+  RUN/layers.json, RUN/scores.json and RUN/latency/<target>.json, builds the pool (frozen
+  layers and excluded families applied), solves, and writes RUN/plans/<plan>.json (with
+  `sweep`, a range of budgets and the Pareto plot RUN/pareto_select.png).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import fnmatch
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -32,7 +32,8 @@ from hant.errors import HantError
 
 __all__ = [
     "Constraint", "Solution", "InfeasibleError", "solve", "solve_diverse", "greedy", "random_feasible", "exhaustive",
-    "plan_totals", "Pool", "build_pool", "predicted_latency", "teacher_latency", "select", "OBJECTIVES",
+    "plan_totals", "Pool", "build_pool", "predicted_latency", "teacher_latency", "SelectOptions", "select",
+    "select_measured", "OBJECTIVES",
 ]
 
 # Objective name -> sign applied to the score so that lower is better.
@@ -772,21 +773,73 @@ def _pareto(points: list[dict], sign: float = 1.0) -> None:
         best = min(best, sign * p["predicted_score"])
 
 
+@dataclass(frozen=True)
+class SelectOptions:
+    """How `select` chooses, beside the budget: extra limits, what is optimised, the solver's
+    settings; the defaults are those of `hant select`. Raises HantError for a value out of range
+    (the line names the flag); objectives, globs and families are checked against the run
+    when the pool is built."""
+
+    max_params: float | None = None
+    """At most this many parameters in the whole student (None: no limit)."""
+    max_flops: float | None = None
+    """At most this many FLOPs per image in the whole student (None: no limit)."""
+    second_target: str | None = None
+    """Another latency table of the run (a table id) the plan must also fit; with `second_budget_ms`."""
+    second_budget_ms: float | None = None
+    """The budget in ms on `second_target`; given together with it."""
+    freeze: tuple[str, ...] = ()
+    """Layer globs that keep the teacher's own layer."""
+    exclude_families: tuple[str, ...] = ()
+    """Op families never chosen (`teacher` too: a replacement everywhere not frozen)."""
+    objective: str | None = None
+    """d_loss | d_acc | kl: what is minimised (d_acc: maximised); None: the run's config (score.objective)."""
+    sweep_points: int = 10
+    """Budgets solved with `sweep`, from the fastest reachable plan to the teacher's latency."""
+    time_limit_s: float = 60.0
+    """The integer program's time limit per solve, in seconds."""
+    candidates: int = 1
+    """Plans written at one budget: the best and up to K - 1 alternatives (not with `sweep`)."""
+    min_diff: float = 0.2
+    """Share of the layers, in (0, 1], in which every two of the `candidates` plans differ."""
+
+    def __post_init__(self):
+        # Lists (from the CLI's repeated flags) become tuples, so the options stay a value;
+        # a lone string is one glob or family, not a sequence of letters.
+        for key in ("freeze", "exclude_families"):
+            v = getattr(self, key)
+            object.__setattr__(self, key, (v,) if isinstance(v, str) else tuple(v))
+        for flag, v in (("--max-params", self.max_params), ("--max-flops", self.max_flops),
+                        ("--second-budget-ms", self.second_budget_ms)):
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise HantError(f"{flag} must be a positive number, got {v}")
+        if (self.second_target is None) != (self.second_budget_ms is None):
+            raise HantError("--second-target and --second-budget-ms go together; give both or neither")
+        if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates or self.candidates < 1:
+            raise HantError(f"--candidates must be a whole number of plans, 1 or more; got {self.candidates}")
+        if not 0.0 < self.min_diff <= 1.0:
+            raise HantError(f"--min-diff is the share of layers alternatives differ in, in (0, 1]; got {self.min_diff}")
+
+    def updated(self, overrides: dict[str, Any]) -> SelectOptions:
+        """These options with some fields replaced. Raises TypeError for a name that is no field."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown selection option(s) {', '.join(unknown)}; SelectOptions has "
+                            f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **overrides) if overrides else self
+
+
 def select(run: str | Path, target: str, budget_ms: float | None = None, speedup: float | None = None,
-           sweep: bool = False, name: str | None = None, max_params: float | None = None,
-           max_flops: float | None = None, second_target: str | None = None,
-           second_budget_ms: float | None = None, freeze: Sequence[str] = (),
-           exclude_families: Sequence[str] = (), objective: str | None = None, sweep_points: int = 10,
-           time_limit_s: float = 60.0, candidates: int = 1, min_diff: float = 0.2,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
+           name: str | None = None, options: SelectOptions = SelectOptions(), sweep: bool = False,
+           log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
     """Phase 2: choose one candidate per layer for `target` and write RUN/plans/<name>.json.
 
     The budget is `budget_ms`, or the teacher's latency on `target` divided by `speedup`
-    (measured end to end when the table records it, else the table's prediction). Optional
-    limits: total parameters, total FLOPs per image, and the latency on `second_target`
-    (another table of this run) within `second_budget_ms`. Layers matching a `freeze` glob stay
-    the teacher's; candidates of `exclude_families` are never chosen. `objective` (d_loss |
-    d_acc | kl, default from the run's config) is what is minimised (d_acc: maximised).
+    (measured end to end when the table records it, else the table's prediction). `options`
+    (`SelectOptions`; keyword `overrides` replace single fields, e.g. `max_params=1e6`) add
+    limits (total parameters, total FLOPs per image, the latency on `second_target` within
+    `second_budget_ms`), keep layers matching a `freeze` glob the teacher's, never choose
+    candidates of `exclude_families`, and say what is minimised (`objective`).
     Default plan name: `<target>-x<speedup>` or `<target>-<budget>ms`.
 
     With `sweep`, also solves `sweep_points` budgets from the fastest reachable plan to the
@@ -810,28 +863,24 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     from hant.run import Run
     from hant.workspace import write_json
 
+    opts = options.updated(overrides)
     if budget_ms is not None and speedup is not None:
         raise HantError("give either a budget in ms or a speedup, not both")
     if budget_ms is None and speedup is None and not sweep:
         raise HantError("give a budget (--budget-ms X) or a speedup (--speedup S)")
-    for flag, v in (("--budget-ms", budget_ms), ("--speedup", speedup), ("--max-params", max_params),
-                    ("--max-flops", max_flops), ("--second-budget-ms", second_budget_ms)):
+    for flag, v in (("--budget-ms", budget_ms), ("--speedup", speedup)):
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise HantError(f"{flag} must be a positive number, got {v}")
-    if (second_target is None) != (second_budget_ms is None):
-        raise HantError("--second-target and --second-budget-ms go together; give both or neither")
-    if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
-        raise HantError(f"--candidates must be a whole number of plans, 1 or more; got {candidates}")
-    if not 0.0 < min_diff <= 1.0:
-        raise HantError(f"--min-diff is the share of layers alternatives differ in, in (0, 1]; got {min_diff}")
-    if candidates > 1 and sweep:
+    if opts.candidates > 1 and sweep:
         raise HantError("--candidates gives alternatives at one budget; drop --sweep or --candidates")
+    second_target, second_budget_ms = opts.second_target, opts.second_budget_ms
+    candidates, min_diff, time_limit_s = int(opts.candidates), opts.min_diff, opts.time_limit_s
 
     the_run = Run(run)
     rd = the_run.dir
     # Selection needs no teacher; a run folder assembled by hand may lack config.yaml.
     cfg = the_run.config if rd.config.exists() else RunConfig()
-    objective = objective or cfg.score.objective
+    objective = opts.objective or cfg.score.objective
     layers_json = the_run.layers_doc
     scores = the_run.scores()
     table = the_run.table(target)
@@ -841,7 +890,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     if objective in ("d_acc", "kl") and not any(e.get(objective) is not None for e in scores.get("entries", [])):
         raise HantError(f"scores.json has no {objective} (scored with method {scores.get('method', '?')}); "
                         "use --objective d_loss or rerun `hant score --method eval`")
-    pool = build_pool(layers_json["layers"], scores, tables, objective, freeze, exclude_families)
+    pool = build_pool(layers_json["layers"], scores, tables, objective, opts.freeze, opts.exclude_families)
     if pool.left_out:
         log("left out: " + ", ".join(f"{v} candidates ({k})" for k, v in pool.left_out.items()))
 
@@ -850,12 +899,14 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     lat, fixed = predicted_latency(table, pool)
     extra: list[Constraint] = []
     constraints: dict[str, Any] = {}
-    if max_params is not None:
-        extra.append(_resource(pool, "params", _rest_of_network(layers_json, scores, "params"), max_params, "params"))
-        constraints["max_params"] = max_params
-    if max_flops is not None:
-        extra.append(_resource(pool, "flops", _rest_of_network(layers_json, scores, "flops"), max_flops, "flops"))
-        constraints["max_flops"] = max_flops
+    if opts.max_params is not None:
+        extra.append(_resource(pool, "params", _rest_of_network(layers_json, scores, "params"), opts.max_params,
+                               "params"))
+        constraints["max_params"] = opts.max_params
+    if opts.max_flops is not None:
+        extra.append(_resource(pool, "flops", _rest_of_network(layers_json, scores, "flops"), opts.max_flops,
+                               "flops"))
+        constraints["max_flops"] = opts.max_flops
     if second_target is not None:
         key = f"lat:{tables[1].get('target', 1)}"
         lat2, fixed2 = predicted_latency(tables[1], pool, key)
@@ -863,8 +914,8 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         constraints["second_target"] = {"target": second_target, "budget_ms": second_budget_ms}
     if pool.frozen:
         constraints["frozen"] = pool.frozen
-    if exclude_families:
-        constraints["excluded_families"] = list(exclude_families)
+    if opts.exclude_families:
+        constraints["excluded_families"] = list(opts.exclude_families)
 
     teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"], log)
 
@@ -945,7 +996,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         lo = plan_totals(fastest.choice, lat, fixed)
         hi = max(teacher_ms, lo)
         points, plans = [], {}
-        for b in np.unique(np.linspace(lo, hi, max(2, int(sweep_points)))):
+        for b in np.unique(np.linspace(lo, hi, max(2, int(opts.sweep_points)))):
             b = float(b)
             sol = run_solver(b)
             plan_name = f"{target}-{b:.4g}ms"
@@ -982,8 +1033,8 @@ def _with_intervals(timed: dict) -> dict[str, float]:
 
 def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
                     timer: Callable[[str | Path, str], dict], rounds: int = 3, tolerance: float = 0.02,
-                    max_budget_ms: float | None = None, log: Callable[[str], None] = print,
-                    **options: Any) -> dict[str, Any]:
+                    max_budget_ms: float | None = None, options: SelectOptions = SelectOptions(),
+                    log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
     """`select` for a speedup, checked against the hardware: the chosen plan is assembled and
     timed end to end against the teacher (interleaved); while its measured speedup falls
     short of `speedup` by more than `tolerance` and by more than the measurement's own
@@ -1004,9 +1055,9 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
     returns {"teacher_ms", "student_ms"} and, optionally, their intervals and the speedup's
     (the keys of `hant.measure.time_plan`, which the pipeline and the CLI pass; a missing
     interval counts as zero width) and "timing" (threads, clock, protocol).
-    `options` go to `select`. The plan file records every round under "latency_check"
-    (medians with intervals, the decision taken, the budget), with the timing protocol; the
-    last plan is kept, and a shortfall that remains (or a tighter budget the pool cannot
+    `options` (with keyword `overrides` of its fields) go to `select`. The plan file records
+    every round under "latency_check" (medians with intervals, the decision taken, the
+    budget), with the timing protocol; the last plan is kept, and a shortfall that remains (or a tighter budget the pool cannot
     meet) is logged, not raised. Returns the plan as `select` does. Raises HantError as
     `select` does for the first plan.
     """
@@ -1014,12 +1065,13 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
 
     if max_budget_ms is not None and not (max_budget_ms > 0 and math.isfinite(max_budget_ms)):
         raise HantError(f"max_budget_ms must be a positive number, got {max_budget_ms}")
+    options = options.updated(overrides)
     goal = speedup * (1.0 - tolerance)
-    plan = select(run, target=target, speedup=speedup, name=name, log=log, **options)
+    plan = select(run, target=target, speedup=speedup, name=name, options=options, log=log)
     if max_budget_ms is not None and plan["budget_ms"] > max_budget_ms:
         log(f"plan {name}: budget {plan['budget_ms']:.4g} ms capped at {max_budget_ms:.4g} ms, the budget "
             "of a plan asked for less speedup")
-        plan = {**select(run, target=target, budget_ms=max_budget_ms, name=name, log=log, **options),
+        plan = {**select(run, target=target, budget_ms=max_budget_ms, name=name, options=options, log=log),
                 "speedup": speedup}
     checks: list[dict[str, Any]] = []
     timing = None
@@ -1046,7 +1098,7 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
         if max_budget_ms is not None:
             budget = min(budget, max_budget_ms)
         try:
-            tighter = select(run, target=target, budget_ms=budget, name=name, log=log, **options)
+            tighter = select(run, target=target, budget_ms=budget, name=name, options=options, log=log)
         except InfeasibleError as e:
             check["decision"] = "short; tighter budget out of reach"
             log(f"plan {name}: a budget of {budget:.4g} ms to make up the shortfall is out of reach ({e}); "
