@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from hant.errors import HantError
-from hant.layers import get_layer
+from hant.config import RunConfig
 from hant.dist import Dist
-from hant.finetune import _epoch_batches, _lr_at, finetune, kd_loss
+from hant.errors import HantError
+from hant.finetune import _epoch_batches, _FeatureTaps, _lr_at, feature_loss, finetune, kd_loss
+from hant.layers import get_layer
 from hant.measure import measure
 from hant.student import assemble, load_student, recalibrate_batchnorm, save_student, update_eval
 from hant.teacher import load_teacher
@@ -309,6 +310,117 @@ def test_finetune_restarts_when_settings_change(run):
         finetune(run, plan, epochs=0)
 
 
+def _set_finetune(run, **settings):
+    cfg = RunConfig.load(RunDir(run).config)
+    for k, v in settings.items():
+        setattr(cfg.finetune, k, v)
+    cfg.save(RunDir(run).config)
+
+
+def test_feature_loss_kinds():
+    t = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    s = t + 0.1 * torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    assert feature_loss(t, t, "nmse") == 0 and feature_loss(torch.zeros_like(t), t, "nmse") == pytest.approx(1.0)
+    per_sample = (s - t).pow(2).flatten(1).sum(1) / t.pow(2).flatten(1).sum(1)
+    assert feature_loss(s, t, "nmse") == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert feature_loss(2 * t, t, "cosine") == pytest.approx(0.0, abs=1e-6)
+    assert feature_loss(-t, t, "cosine") == pytest.approx(2.0, abs=1e-6)
+    # channels_last gives the same loss as the default layout.
+    cl = s.contiguous(memory_format=torch.channels_last)
+    for kind in ("nmse", "cosine"):
+        assert feature_loss(cl, t, kind) == pytest.approx(feature_loss(s, t, kind).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        feature_loss(s[:, :2], t, "nmse")
+    with pytest.raises(ValueError, match="l1"):
+        feature_loss(s, t, "l1")
+    with pytest.raises(HantError, match="feature_loss"):
+        RunConfig.from_dict({"finetune": {"feature_loss": "l2"}})
+    with pytest.raises(HantError, match="feature_weight"):
+        RunConfig.from_dict({"finetune": {"feature_weight": -1.0}})
+
+
+@pytest.mark.parametrize("kind", ["nmse", "cosine"])
+def test_feature_loss_is_zero_for_the_teacher_and_positive_for_replaced_layers(run, kind):
+    names = layer_names(run)
+    write_plan(run, "all-teacher", {n: "teacher" for n in names})
+    teacher = _teacher(run).eval()
+    x = _x(8)
+    losses = {}
+    for plan in ("all-teacher", _plan(run)):
+        student = assemble(run, plan).eval()
+        assert list(student.hant_arch["layers"]) == (names if plan == "all-teacher" else [names[1], names[3]])
+        with torch.no_grad(), _FeatureTaps(student, teacher, list(student.hant_arch["layers"]), kind) as taps:
+            teacher(x)
+            student(x)
+            losses[plan] = taps.loss().item()
+            teacher(x)  # cleared after loss(): the next step starts afresh
+            student(x)
+            assert taps.loss().item() == pytest.approx(losses[plan], rel=1e-6, abs=1e-7)
+    assert losses["all-teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert losses["p"] > 0.01
+
+
+@pytest.mark.parametrize("kind", ["nmse", "cosine"])
+def test_feature_loss_goes_down_while_finetuning(run, kind):
+    plan = _plan(run)
+    # The tiny run's candidates are random and its teacher's BatchNorm statistics made up:
+    # features start far apart (NMSE ~24, cosine ~1), and 15 steps need a brisk rate.
+    _set_finetune(run, lr=1e-2)
+    res = finetune(run, plan, epochs=3.0, feature_loss=kind, feature_weight=2.0, log=lambda *_: None)
+    hist = res["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and all(h["steps"] == 5 for h in hist)
+    assert hist[-1]["feature_loss"] < hist[0]["feature_loss"], hist
+    assert hist[-1]["loss"] < hist[0]["loss"], hist
+    for h in hist:  # the total is the logits' loss plus the weighted feature loss
+        assert h["loss"] == pytest.approx(h["logits_loss"] + 2.0 * h["feature_loss"], rel=1e-5)
+    ft = read_json(RunDir(run).student_dir(plan) / "eval.json")["finetune"]
+    assert ft["feature_loss"] == kind and ft["feature_weight"] == 2.0 and ft["history"] == hist
+
+
+def test_finetune_with_feature_loss_resumes_to_the_same_weights(run, tmp_path):
+    plan = _plan(run)
+    _set_finetune(run, feature_loss="nmse", feature_weight=0.5)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    ref = finetune(other, plan, log=lambda *_: None)
+    assert len(ref["history"]) == 2 and ref["history"][0]["feature_loss"] > 0
+
+    env = {**os.environ, "HANT_FAULT": "finetune:after_epoch@1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    code = f"import torch; torch.set_num_threads(1); from hant.finetune import finetune; finetune({str(run)!r}, {plan!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == FAULT_EXIT_CODE, proc.stderr[-2000:]
+    logs = []
+    res = finetune(run, plan, log=logs.append)
+    assert any("resuming at step 5/10" in line for line in logs)
+    a, b = _weights(run), _weights(other)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The first epoch's record came from the killed process's checkpoint.
+    assert res["history"] == ref["history"]
+
+
+def test_changing_the_feature_loss_invalidates_the_checkpoint(run):
+    from hant.cli import main
+
+    plan = _plan(run)
+    finetune(run, plan, epochs=1.0, feature_loss="nmse", log=lambda *_: None)
+    logs = []
+    finetune(run, plan, epochs=1.0, feature_loss="nmse", log=logs.append)
+    assert any("resuming at step 5/5" in line for line in logs) and not any("starting over" in l for l in logs)
+    for change in ({"feature_loss": "cosine"}, {"feature_loss": "cosine", "feature_weight": 0.5}, {}):
+        logs = []
+        finetune(run, plan, epochs=1.0, log=logs.append, **change)
+        assert any("starting over" in line for line in logs), change
+    # The command line's flags reach the loss, and they too change the settings.
+    assert main(["finetune", "--run", str(run), "--plan", plan, "--epochs", "1", "--feature-loss", "cosine",
+                 "--feature-weight", "0.25", "--ce-weight", "0", "--no-measure"]) == 0
+    ft = read_json(RunDir(run).student_dir(plan) / "eval.json")["finetune"]
+    assert (ft["feature_loss"], ft["feature_weight"], ft["ce_weight"]) == ("cosine", 0.25, 0.0)
+    assert all(h["feature_loss"] is not None for h in ft["history"])
+
+
 def test_measure_writes_latency_into_eval(run):
     plan = _plan(run)
     update_eval(RunDir(run).student_dir(plan), {"student": {"top1": 50.0}})
@@ -325,7 +437,8 @@ def test_measure_writes_latency_into_eval(run):
 
 
 @pytest.mark.slow
-def test_finetune_under_torchrun_with_two_processes(run):
+@pytest.mark.parametrize("kind", ["none", "nmse"])
+def test_finetune_under_torchrun_with_two_processes(run, kind):
     plan = _plan(run)
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
@@ -334,20 +447,22 @@ def test_finetune_under_torchrun_with_two_processes(run):
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     # Each rank writes its own file: two ranks printing to one pipe can interleave their lines.
     code = ("import os, sys, json; from hant.finetune import finetune; "
-            "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None); "
+            "r = finetune(sys.argv[1], sys.argv[2], epochs=1.0, log=lambda *_: None, feature_loss=sys.argv[4]); "
             "open(os.path.join(sys.argv[3], 'result-' + os.environ['RANK'] + '.json'), 'w').write(json.dumps(r))")
     script = run.parent / "ddp_finetune.py"
     script.write_text(code)
     out = run.parent / "ddp_results"
     out.mkdir()
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run), plan, str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run), plan, str(out),
+                           kind], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(out.glob("result-*.json"))]
     assert len(results) == 2 and results[0] == results[1]  # every rank returns rank 0's result
     ev = read_json(RunDir(run).student_dir(plan) / "eval.json")
     # 80 train images, global batch 16 split over 2 ranks: 5 steps for one epoch.
     assert ev["finetune"]["processes"] == 2 and ev["finetune"]["steps"] == 5 and ev["finetune"]["batch_size"] == 16
+    assert ev["finetune"]["feature_loss"] == kind
+    assert (ev["finetune"]["history"][0]["feature_loss"] is None) == (kind == "none")
     x = _x()
     with torch.no_grad():
         assert not torch.equal(load_student(RunDir(run).student_dir(plan))(x), assemble(run, plan)(x))

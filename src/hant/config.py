@@ -86,19 +86,35 @@ class ScoreConfig:
     images: int | None = None  # None: the whole held-out split
 
 
+FEATURE_LOSSES = ("none", "nmse", "cosine")
+
+
 @dataclass
 class FinetuneConfig:
     epochs: float = 2.0
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 128
-    kd_weight: float = 1.0
-    ce_weight: float = 0.5
+    kd_weight: float = 1.0  # KL on the logits at `temperature`
+    ce_weight: float = 0.5  # cross-entropy on the labels (the label-loss weight; 0 turns it off)
     temperature: float = 2.0
+    # Feature-map distillation: feature_weight * mean over the plan's layers of the distance
+    # between the student's and the teacher's outputs there, per sample: `nmse`
+    # ||s - t||^2 / ||t||^2 or `cosine` 1 - cos(s, t). "none" (logits only) stays the
+    # default until the benchmark that chooses between them has run.
+    feature_loss: str = "none"  # none | nmse | cosine
+    feature_weight: float = 1.0
     bn_batches: int = 20
     warmup: float = 0.05  # fraction of the steps with a linear LR warm-up before the cosine decay
     augment: bool = True  # random crop (pad 1/16 of the side) and horizontal flip
     checkpoint_minutes: float = 5.0  # also checkpoint within an epoch this often
+
+    def __post_init__(self) -> None:
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise HantError(f"finetune.feature_loss must be one of {', '.join(FEATURE_LOSSES)}, "
+                            f"got {self.feature_loss!r}")
+        if not self.feature_weight >= 0:
+            raise HantError(f"finetune.feature_weight must be at least 0, got {self.feature_weight!r}")
 
 
 @dataclass

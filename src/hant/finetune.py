@@ -4,6 +4,10 @@
   teacher; resumable; DistributedDataParallel under torchrun. Writes RUN/students/<plan>/.
 - `finetune_module(model, teacher, cfg, train)`: the same loop for any network.
 
+The loss is `kd_loss` on the logits, plus, with `finetune.feature_loss` set, feature-map
+distillation: `feature_loss` between the student's and the teacher's outputs at every layer
+of the plan, captured by forward hooks in the same forward passes as the logits.
+
 Resumption is exact: every random draw of a step follows from (seed, step, rank), data
 order from (seed, epoch), and a checkpoint holds the weights and the optimiser's state, so
 a run killed and resumed ends with the same weights as one that was not.
@@ -19,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count
                           save_student, update_eval)
 from hant.workspace import RunDir, fault_point, load_safetensors, read_json, save_safetensors, write_json
 
-__all__ = ["finetune", "finetune_module", "kd_loss"]
+__all__ = ["finetune", "finetune_module", "kd_loss", "feature_loss"]
 
 CKPT_FILE = "finetune.ckpt.safetensors"
 CKPT_STATE = "finetune.ckpt.json"
@@ -53,6 +57,97 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(student_logits, labels)
     return loss
+
+
+def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Distance between two feature maps of the same shape (N, ...), per sample, then the batch mean.
+
+    `kind` "nmse": ||s - t||^2 / ||t||^2 (0 when equal, 1 for s = 0); "cosine": 1 - cos(s, t)
+    of the flattened samples (0 when parallel, up to 2). Computed in float32. Returns a
+    scalar tensor. Raises ValueError for another `kind` or for shapes that differ.
+    """
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(f"feature maps differ in shape: {tuple(student_feat.shape)} vs {tuple(teacher_feat.shape)}")
+    s, t = student_feat.float(), teacher_feat.float()
+    if kind == "nmse":
+        dims = tuple(range(1, s.dim()))
+        return ((s - t).pow(2).sum(dims) / t.pow(2).sum(dims).clamp_min(1e-12)).mean()
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1, eps=1e-8)).mean()
+    raise ValueError(f"unknown feature loss {kind!r}; use nmse or cosine")
+
+
+class _FeatureTaps:
+    """Forward hooks on the same named layers of the student and the teacher, for the feature loss.
+
+    Per step the teacher runs first: its hooks keep a copy of each layer's output (a later
+    op could write into it in place). Then the student runs: each of its hooks computes that
+    layer's `feature_loss` term at once, before later ops run, so that an in-place write
+    after the layer cannot change the term silently (autograd would report it). `loss()`
+    gives the mean over the layers and clears both for the next step. Hooks go on the
+    modules themselves, so they fire inside DistributedDataParallel's forward too.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: Sequence[str], kind: str):
+        self.kind, self.layers = kind, list(layers)
+        self.teacher_out: dict[str, torch.Tensor] = {}
+        self.terms: dict[str, torch.Tensor] = {}
+        self.handles = []
+        try:
+            for name in self.layers:
+                self.handles.append(teacher.get_submodule(name).register_forward_hook(self._teacher_hook(name)))
+                self.handles.append(student.get_submodule(name).register_forward_hook(self._student_hook(name)))
+        except AttributeError as e:
+            self.close()
+            raise HantError(f"feature loss: {e}; the student and the teacher must share the plan's layer names") from None
+
+    def _teacher_hook(self, name: str):
+        def fn(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise HantError(f"feature loss: layer {name} does not return one tensor; set finetune.feature_loss: none")
+            if name in self.teacher_out:
+                raise HantError(f"feature loss: layer {name} runs more than once per forward; "
+                                "set finetune.feature_loss: none")
+            self.teacher_out[name] = output.detach().clone()
+
+        return fn
+
+    def _student_hook(self, name: str):
+        def fn(module, args, output):
+            t = self.teacher_out.get(name)
+            if t is None or name in self.terms:
+                raise HantError(f"feature loss: layer {name} ran in the student without the teacher, or twice; "
+                                "set finetune.feature_loss: none")
+            if not isinstance(output, torch.Tensor) or output.shape != t.shape:
+                raise HantError(f"feature loss: the student's layer {name} gives "
+                                f"{tuple(getattr(output, 'shape', ()))}, the teacher's {tuple(t.shape)}; "
+                                "set finetune.feature_loss: none")
+            self.terms[name] = feature_loss(output, t, self.kind)
+
+        return fn
+
+    def loss(self) -> torch.Tensor:
+        """The mean over the layers of this step's terms; clears them for the next step."""
+        missing = [n for n in self.layers if n not in self.terms]
+        if missing:
+            raise HantError(f"feature loss: layer {missing[0]} did not run in the student's forward")
+        out = torch.stack([self.terms[n] for n in self.layers]).mean()
+        self.teacher_out.clear()
+        self.terms.clear()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.teacher_out.clear()
+        self.terms.clear()
+
+    def __enter__(self) -> "_FeatureTaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -158,11 +253,15 @@ def _load_resume(out: Path, settings: Mapping[str, Any], log) -> _Resume | None:
 
 
 def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, feature_loss: str | None = None,
+             feature_weight: float | None = None, ce_weight: float | None = None) -> dict[str, Any]:
     """Fine-tune the plan's student end to end with knowledge distillation from the teacher.
 
-    Loss: kd_weight * T^2 * KL(teacher || student at temperature T) + ce_weight * CE on the
-    train split only (never the held-out split). AdamW, linear warm-up then cosine LR,
+    Loss: kd_weight * T^2 * KL(teacher || student at temperature T) + ce_weight * CE, plus
+    with finetune.feature_loss "nmse" or "cosine" feature_weight * the mean over the plan's
+    layers of `feature_loss` between the student's and the teacher's outputs there; on the
+    train split only (never the held-out split). `feature_loss`, `feature_weight` and
+    `ce_weight` override the run's config for this call. AdamW, linear warm-up then cosine LR,
     channels_last, seeded and deterministic in data order (by seed and epoch) and in
     augmentation (by step). Checkpoints to RUN/students/<plan>/finetune.ckpt.* every epoch
     and every `finetune.checkpoint_minutes`; a rerun resumes there and ends with the same
@@ -172,13 +271,21 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
     Writes student.safetensors, arch.json and eval.json (test top-1 of teacher, of the
     assembled student before fine-tuning and of the fine-tuned student); a newly trained
     student replaces eval.json and removes ONNX files of an earlier one. Returns
-    {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s", "dir"}.
-    Raises HantError for a missing plan or phase-1 weights, or epochs <= 0.
+    {"plan", "teacher_top1", "student_top1", "assembled_top1", "steps", "epochs", "time_s",
+    "dir", "history"} (history: per epoch, the mean loss and its parts on rank 0's batches).
+    Raises HantError for a missing plan or phase-1 weights, epochs <= 0, or an unknown
+    feature loss or a negative weight.
     """
+    import dataclasses
+
     from hant.workspace import run_lock
 
     rd = RunDir(run)
     cfg = Run(run).config
+    overrides = {k: v for k, v in (("feature_loss", feature_loss), ("feature_weight", feature_weight),
+                                   ("ce_weight", ce_weight)) if v is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
     epochs = float(cfg.finetune.epochs if epochs is None else epochs)
     if not epochs > 0:
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
@@ -205,7 +312,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
     loop = _Loop(name=plan, train=train, cfg=cfg, epochs=epochs, sched=_schedule(train, ft, epochs, cfg.seed, dist_),
                  dist=dist_, out=out, meta={"plan": plan}, extra={"plan_layers": plan_d["layers"]},
                  fill=[-m / s for m, s in zip(splits.mean, splits.std)],  # normalised black: the padding colour
-                 pad=max(1, splits.input_size // 16), say=say)
+                 pad=max(1, splits.input_size // 16), say=say, feature_layers=tuple(plan_d["layers"]))
     resume = _load_resume(out, loop.settings, say)
     done_before = bool(resume and resume.state.get("done") and (out / STUDENT_FILE).exists())
     info = dict(resume.state.get("info", {})) if resume is not None else {}
@@ -253,14 +360,17 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
             "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
             "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
                          "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
-                         "final_loss": info.get("final_loss"), "time_s": round(info["train_time_s"], 1)},
+                         "kd_weight": ft.kd_weight, "ce_weight": ft.ce_weight, "temperature": ft.temperature,
+                         "feature_loss": ft.feature_loss, "feature_weight": ft.feature_weight,
+                         "final_loss": info.get("final_loss"), "history": info.get("history", []),
+                         "time_s": round(info["train_time_s"], 1)},
         })
         say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
             f"{info['student_top1']:.2f}% (assembled {info['assembled_top1']:.2f}%) in "
             f"{info['train_time_s']:.0f} s -> {out}")
         result = {"plan": plan, "teacher_top1": info["teacher_top1"], "student_top1": info["student_top1"],
                   "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
-                  "time_s": info["train_time_s"], "dir": str(out)}
+                  "time_s": info["train_time_s"], "dir": str(out), "history": info.get("history", [])}
     return dist_.from_main(result)
 
 
@@ -303,15 +413,21 @@ class _Loop:
     fill: list[float]  # the random crop's padding colour, per channel
     pad: int  # the random crop's padding, in pixels
     say: Callable[[str], None]
+    feature_layers: tuple[str, ...] = ()  # where the feature loss compares the two networks (the plan's layers)
 
     @property
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must have been made with to be resumed."""
         ft = self.cfg.finetune
-        return {**self.extra, "epochs": self.epochs, "total": self.sched.total, "batch": self.sched.batch,
-                "world": self.dist.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
-                "ce": ft.ce_weight, "T": ft.temperature, "seed": self.cfg.seed, "train": len(self.train),
-                "augment": ft.augment}
+        out = {**self.extra, "epochs": self.epochs, "total": self.sched.total, "batch": self.sched.batch,
+               "world": self.dist.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
+               "ce": ft.ce_weight, "T": ft.temperature, "seed": self.cfg.seed, "train": len(self.train),
+               "augment": ft.augment}
+        if ft.feature_loss != "none":
+            # Only when on: checkpoints of logits-only runs keep their key and still resume.
+            out.update(feature_loss=ft.feature_loss, feature_weight=ft.feature_weight,
+                       feature_layers=list(self.feature_layers))
+        return out
 
     def seed(self, step: int) -> int:
         """The seed of every random draw of `step` on this rank (augmentation, dropout), so
@@ -345,8 +461,9 @@ def _rest_of_epoch(loop: _Loop, step: int):
 
 
 def _kd_step(net: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, loop: _Loop, step: int,
-             x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """One optimiser step of `net` on the batch (x, y); returns (loss, learning rate)."""
+             x: torch.Tensor, y: torch.Tensor, taps: _FeatureTaps | None = None) -> tuple[list[float], float]:
+    """One optimiser step of `net` on the batch (x, y), with the feature loss when `taps` are
+    on the two networks; returns ([loss, logits' loss, feature loss or nan], learning rate)."""
     from hant.data import random_crop_flip
 
     ft, dev = loop.cfg.finetune, loop.dist.device
@@ -360,13 +477,17 @@ def _kd_step(net: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, loo
     y = y.to(dev, non_blocking=True)
     with torch.no_grad():
         t_logits = teacher(x)
-    loss = kd_loss(net(x), t_logits, y, ft.kd_weight, ft.ce_weight, ft.temperature)
+    loss = logits_loss = kd_loss(net(x), t_logits, y, ft.kd_weight, ft.ce_weight, ft.temperature)
+    feat = loss.new_full((), float("nan"))
+    if taps is not None:
+        feat = taps.loss()
+        loss = logits_loss + ft.feature_weight * feat
     if not torch.isfinite(loss):
         raise HantError(f"fine-tune loss became {loss.item()} at step {step}; lower finetune.lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss.detach()), lr
+    return torch.stack([loss.detach(), logits_loss.detach(), feat.detach()]).tolist(), lr
 
 
 def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume | None,
@@ -374,13 +495,19 @@ def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume
     """The fine-tuning loop shared by `finetune` and `finetune_module`.
 
     `model` and `teacher` are on the loop's device in channels_last; `resume` a checkpoint
-    to start from (None: step 0). Checkpoints go to `loop.out` at the end of every epoch and
-    every `finetune.checkpoint_minutes`. `info` is updated in place (train_time_s,
-    final_loss) and saved with every checkpoint. Returns (optimizer, steps done).
+    to start from (None: step 0). With `finetune.feature_loss` set, hooks on
+    `loop.feature_layers` of both networks add the feature loss. Checkpoints go to
+    `loop.out` at the end of every epoch and every `finetune.checkpoint_minutes`. `info` is
+    updated in place (train_time_s, final_loss, history: see `_record`) and saved with every
+    checkpoint. Returns (optimizer, steps done). Raises HantError when the feature loss is on
+    without layers to compare, or the loss stops being finite.
     """
     from tqdm.auto import tqdm
 
     ft, sched, dist_ = loop.cfg.finetune, loop.sched, loop.dist
+    if ft.feature_loss != "none" and not loop.feature_layers:
+        raise HantError("finetune.feature_loss needs the layers where student and teacher are compared; "
+                        "give feature_layers, or set finetune.feature_loss: none")
     opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
     step = _restore(model, opt, resume, loop)
     t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
@@ -408,23 +535,48 @@ def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume
     bar = tqdm(total=sched.total * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
                desc=f"finetune {loop.name}", disable=not dist_.main or step >= sched.total, dynamic_ncols=True)
     loss_ema = None
-    while step < sched.total:
-        for x, y in _rest_of_epoch(loop, step):
-            loss, lr = _kd_step(net, teacher, opt, loop, step, x, y)
-            step += 1
-            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-            bar.update(global_batch)
-            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if step >= sched.total:
-                break
-            if step % sched.steps_per_epoch and time.monotonic() - last_ckpt > ckpt_every:
-                checkpoint("after_step", step)
-        if step % sched.steps_per_epoch == 0 and step < sched.total:
-            checkpoint("after_epoch", step // sched.steps_per_epoch)
+    with contextlib.ExitStack() as stack:
+        taps = None
+        if ft.feature_loss != "none" and step < sched.total:
+            taps = stack.enter_context(_FeatureTaps(model, teacher, loop.feature_layers, ft.feature_loss))
+        while step < sched.total:
+            for x, y in _rest_of_epoch(loop, step):
+                parts, lr = _kd_step(net, teacher, opt, loop, step, x, y, taps)
+                step += 1
+                loss = parts[0]
+                loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                _record(info, step, sched, parts, taps is not None)
+                bar.update(global_batch)
+                bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if step >= sched.total:
+                    break
+                if step % sched.steps_per_epoch and time.monotonic() - last_ckpt > ckpt_every:
+                    checkpoint("after_step", step)
+            if step % sched.steps_per_epoch == 0 and step < sched.total:
+                checkpoint("after_epoch", step // sched.steps_per_epoch)
     bar.close()
     info["final_loss"] = loss_ema if loss_ema is not None else info.get("final_loss")
     info["train_time_s"] = time.perf_counter() - t_start
     return opt, step
+
+
+def _record(info: dict[str, Any], step: int, sched: _Schedule, parts: Sequence[float], feature: bool) -> None:
+    """Add step `step`'s losses (this rank's batch) to `info`; at the end of an epoch (or of
+    the run) append its means to info["history"] as {"epoch", "steps", "loss", "logits_loss",
+    "feature_loss" (None when off)}. The running sums live in info["epoch_sums"], saved with
+    every checkpoint, so a resumed run records the same history as an uninterrupted one."""
+    acc = info.setdefault("epoch_sums", {"steps": 0, "loss": 0.0, "logits_loss": 0.0, "feature_loss": 0.0})
+    acc["steps"] += 1
+    acc["loss"] += parts[0]
+    acc["logits_loss"] += parts[1]
+    if feature:
+        acc["feature_loss"] += parts[2]
+    if step % sched.steps_per_epoch == 0 or step >= sched.total:
+        n = acc["steps"]
+        info.setdefault("history", []).append({
+            "epoch": -(-step // sched.steps_per_epoch), "steps": n, "loss": acc["loss"] / n,
+            "logits_loss": acc["logits_loss"] / n, "feature_loss": acc["feature_loss"] / n if feature else None})
+        del info["epoch_sums"]
 
 
 def _finish_checkpoint(loop: _Loop, model: nn.Module, opt, step: int, info: dict[str, Any]) -> None:
@@ -436,7 +588,8 @@ def _finish_checkpoint(loop: _Loop, model: nn.Module, opt, step: int, info: dict
 
 def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: float | None = None,
                     out_dir: str | os.PathLike | None = None, key: str = "module",
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print,
+                    feature_layers: Sequence[str] | None = None) -> dict[str, Any]:
     """Fine-tune any network `model` with knowledge distillation from `teacher`, as `finetune` does a plan's.
 
     The same loop as `finetune`: loss, AdamW, warm-up and cosine schedule, augmentation and
@@ -446,8 +599,11 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     there (finetune.ckpt.*) and a rerun with the same `key` and settings resumes, ending
     with the same weights as an uninterrupted run. Single process (CPU, or CUDA when
     available). `model` is trained in place and returned to the CPU in eval mode; the
-    teacher is not changed. Returns {"steps", "epochs", "batch_size", "train_images",
-    "final_loss", "time_s"}. Raises HantError for epochs <= 0 or fewer than 2 train images.
+    teacher is not changed. With `cfg.finetune.feature_loss` set, the feature loss compares
+    the two networks at `feature_layers` (submodule names both have, with outputs of equal
+    shape; default: `model.hant_arch["layers"]`, a hant student's). Returns {"steps",
+    "epochs", "batch_size", "train_images", "final_loss", "time_s", "history"}. Raises
+    HantError for epochs <= 0, fewer than 2 train images, or a feature loss without layers.
     """
     import copy
     import tempfile
@@ -459,13 +615,15 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
         raise HantError("the config lacks data.mean and data.std; pass the run's config (written by `hant init`)")
     dist_ = Dist()
     sched = _schedule(train, cfg.finetune, epochs, cfg.seed, dist_)
+    if feature_layers is None:
+        feature_layers = list(getattr(model, "hant_arch", {}).get("layers", {}))
     with contextlib.ExitStack() as stack:
         out = Path(out_dir) if out_dir is not None else Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="hant-finetune-")))
         out.mkdir(parents=True, exist_ok=True)
         loop = _Loop(name=key, train=train, cfg=cfg, epochs=epochs, sched=sched, dist=dist_, out=out,
                      meta={"key": key}, extra={"key": key}, fill=[-m / s for m, s in zip(cfg.data.mean, cfg.data.std)],
-                     pad=max(1, int(cfg.data.input_size) // 16), say=log)
+                     pad=max(1, int(cfg.data.input_size) // 16), say=log, feature_layers=tuple(feature_layers))
         resume = _load_resume(out, loop.settings, log)
         info = dict(resume.state.get("info", {})) if resume is not None else {}
         teacher = copy.deepcopy(teacher).to(dist_.device).to(memory_format=torch.channels_last).eval()
@@ -477,7 +635,8 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
         if out_dir is not None:
             _finish_checkpoint(loop, model, opt, step, info)
     return {"steps": sched.total, "epochs": epochs, "batch_size": sched.batch, "train_images": len(train),
-            "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1)}
+            "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1),
+            "history": info.get("history", [])}
 
 
 def _top1(model: nn.Module, dataset, batch_size: int, workers: int = 0, desc: str | None = None) -> float:
