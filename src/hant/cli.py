@@ -96,21 +96,22 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from hant.measure import time_plan
-    from hant.select import select, select_measured
+    from hant.select import SelectOptions, select, select_measured
 
-    options = dict(max_params=args.max_params, max_flops=args.max_flops, second_target=args.second_target,
-                   second_budget_ms=args.second_budget_ms, freeze=args.freeze,
-                   exclude_families=args.exclude_family, objective=args.objective)
+    options = SelectOptions(max_params=args.max_params, max_flops=args.max_flops, second_target=args.second_target,
+                            second_budget_ms=args.second_budget_ms, freeze=args.freeze,
+                            exclude_families=args.exclude_family, objective=args.objective,
+                            candidates=args.candidates, min_diff=args.min_diff)
     if args.check_rounds:
         if args.speedup is None or args.sweep:
             raise HantError("--check-rounds checks a --speedup plan on the hardware; give --speedup S without --sweep")
         if args.candidates != 1:
             raise HantError("--candidates does not combine with --check-rounds; drop one of them")
         select_measured(args.run, args.target, speedup=args.speedup, timer=time_plan,
-                        name=args.name or f"{args.target}-x{args.speedup:g}", rounds=args.check_rounds, **options)
+                        name=args.name or f"{args.target}-x{args.speedup:g}", rounds=args.check_rounds, options=options)
         return 0
     select(args.run, target=args.target, budget_ms=args.budget_ms, speedup=args.speedup,
-           sweep=args.sweep, name=args.name, candidates=args.candidates, min_diff=args.min_diff, **options)
+           sweep=args.sweep, name=args.name, options=options)
     return 0
 
 
@@ -118,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from hant.finetune import finetune
     from hant.measure import measure
 
-    finetune(args.run, args.plan, epochs=args.epochs)
+    finetune(args.run, args.plan, epochs=args.epochs, feature_loss=args.feature_loss,
+             feature_weight=args.feature_weight, ce_weight=args.ce_weight)
     if not args.no_measure:
         measure(args.run, args.plan)
     return 0
@@ -263,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--plan", required=True)
     s.add_argument("--epochs", type=float, default=None)
+    s.add_argument("--feature-loss", choices=["none", "nmse", "cosine"], default=None,
+                   help="also distil the feature maps at the plan's layers (default: finetune.feature_loss)")
+    s.add_argument("--feature-weight", type=float, default=None, metavar="W",
+                   help="weight of the feature loss (default: finetune.feature_weight)")
+    s.add_argument("--ce-weight", type=float, default=None, metavar="W",
+                   help="weight of the label loss, 0 for none (default: finetune.ce_weight)")
     s.add_argument("--no-measure", action="store_true", help="skip the end-to-end latency measurement")
     s.set_defaults(func=cmd_finetune)
 
