@@ -1031,6 +1031,30 @@ def _with_intervals(timed: dict) -> dict[str, float]:
     return out
 
 
+SPEEDUP_RULE = "met when the upper end of the speedup's interval reaches the goal"
+
+
+def judge_speedup(timed: dict, speedup: float, tolerance: float = 0.02) -> dict[str, Any]:
+    """One timing of a plan against the teacher, judged as `select_measured` judges it.
+
+    `timed` is a timer's result (`hant.measure.time_plan`'s keys; missing intervals count as
+    zero width). Returns the medians with their intervals and the speedup's, and "decision":
+    "met" (the median speedup reaches `speedup * (1 - tolerance)`), "met within the interval"
+    (only the upper end of its interval does) or "short".
+    """
+    m = _with_intervals(timed)
+    goal = speedup * (1.0 - tolerance)
+    # Judge by the interval's upper end: a shortfall the timing cannot tell from noise is
+    # no reason to give up accuracy.
+    if m["speedup"] >= goal:
+        decision = "met"
+    elif m["speedup_ci_hi"] >= goal:
+        decision = "met within the interval"
+    else:
+        decision = "short"
+    return {**m, "decision": decision}
+
+
 def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
                     timer: Callable[[str | Path, str], dict], rounds: int = 3, tolerance: float = 0.02,
                     max_budget_ms: float | None = None, options: SelectOptions = SelectOptions(),
@@ -1078,15 +1102,8 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
     while True:
         raw = timer(run, name)
         timing = raw.get("timing", timing)
-        m = _with_intervals(raw)
-        # Judge by the interval's upper end: a shortfall the timing cannot tell from noise is
-        # no reason to give up accuracy.
-        if m["speedup"] >= goal:
-            decision = "met"
-        elif m["speedup_ci_hi"] >= goal:
-            decision = "met within the interval"
-        else:
-            decision = "short"
+        m = judge_speedup(raw, speedup, tolerance)
+        decision = m.pop("decision")
         check = {"budget_ms": plan["budget_ms"], "predicted_ms": plan["predicted_ms"], **m, "decision": decision}
         checks.append(check)
         log(f"plan {name}: measured {m['student_ms']:.4g} ms against the teacher's {m['teacher_ms']:.4g} ms, "
@@ -1113,7 +1130,9 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
             f"short of {speedup:g}x after {len(checks)} timings")
     plan = {k: v for k, v in plan.items() if k != "path"}
     plan["latency_check"] = {"rounds": checks, "tolerance": tolerance, "goal_speedup": goal,
-                             "rule": "met when the upper end of the speedup's interval reaches the goal",
-                             "budget_cap_ms": max_budget_ms, "timing": timing, "met": met}
-    path = write_json(RunDir(run).plan(name), plan)
+                             "rule": SPEEDUP_RULE, "budget_cap_ms": max_budget_ms, "timing": timing, "met": met}
+    # The file names the alternatives, as `select` writes it; the result carries them whole, as
+    # `select` returns them.
+    on_disk = {**plan, "alternatives": [a["name"] for a in plan["alternatives"]]} if "alternatives" in plan else plan
+    path = write_json(RunDir(run).plan(name), on_disk)
     return {**plan, "path": str(path)}
