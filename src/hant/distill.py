@@ -73,6 +73,7 @@ __all__ = [
     "layer_pools",
     "build_candidates",
     "load_images",
+    "nmse",
     "distill",
     "default_max_memory_mb",
     "FAULT_ENV",
@@ -308,6 +309,11 @@ class LayerTap:
 
 def _nmse_parts(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (o.float() - y.float()).pow(2).sum()
+
+
+def nmse(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Phase 1's loss: ||o - y||^2 / ||y||^2, each a sum over the whole batch (a 0-dim float tensor)."""
+    return _nmse_parts(o, y) / y.float().pow(2).sum().clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,7 +1,8 @@
 """Phase 3, the student itself: assemble it from a plan, save it, load it.
 
 - `assemble(run, plan)`: the teacher with each planned layer replaced by its candidate and
-  the candidate's phase-1 weights; BatchNorm statistics re-estimated on train batches.
+  the candidate's phase-1 weights (or the plan's re-distilled ones, `hant.redistill`, when
+  they exist); BatchNorm statistics re-estimated on train batches.
 - `save_student` / `load_student`: student.safetensors + arch.json (teacher source, spec per
   layer, normalisation); loading needs neither the run folder nor the teacher checkpoint.
 - `update_eval`: the student folder's eval.json, merged section by section.
@@ -23,7 +24,7 @@ from hant.run import Run
 from hant.workspace import load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = [
-    "ARCH_VERSION", "read_plan", "assemble", "recalibrate_batchnorm", "save_student",
+    "ARCH_VERSION", "read_plan", "assemble", "recalibrate_batchnorm", "bn_loader", "save_student",
     "load_student", "update_eval", "count_params_flops",
 ]
 
@@ -99,10 +100,12 @@ def _plan_arch(plan_layers: Mapping[str, str], shapes: Mapping[str, Mapping[str,
     return arch
 
 
-def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], run: Run
-                ) -> dict[str, nn.Module]:
-    """{layer: candidate module with its phase-1 weights} for every layer not planned as `teacher`."""
+def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], run: Run,
+                states: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, nn.Module]:
+    """{layer: candidate module with its weights} for every layer not planned as `teacher`: those
+    of `states` ({layer: state dict}, the re-distilled ones) where given, else phase 1's."""
     index = run.candidate_index()
+    states = states or {}
     modules = {}
     for name, entry in layers_arch.items():
         spec = entry["spec"]
@@ -110,12 +113,13 @@ def _candidates(model: nn.Module, layers_arch: Mapping[str, Mapping[str, Any]], 
             continue  # the teacher's own layer stays as it is, weights untouched
         module = _candidate(model, name, entry)
         if module.state_dict():  # an op without parameters or buffers (skip) needs no phase-1 file
-            state = run.candidate(name, spec, index)
+            state = states[name] if name in states else run.candidate(name, spec, index)
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as e:
-                raise HantError(f"phase-1 weights of {spec} for layer {name} do not fit the op "
-                                f"({str(e).splitlines()[0]}); re-run `hant distill`") from e
+                which, stage = ("re-distilled", "redistill") if name in states else ("phase-1", "distill")
+                raise HantError(f"{which} weights of {spec} for layer {name} do not fit the op "
+                                f"({str(e).splitlines()[0]}); re-run `hant {stage}`") from e
         modules[name] = module
     return modules
 
@@ -162,7 +166,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int,
     return used
 
 
-def _bn_loader(cfg, train):
+def bn_loader(cfg, train):
+    """The train batches `assemble` re-estimates BatchNorm statistics on: `finetune.batch_size`
+    images, shuffled with the run's seed, so every call yields the same batches."""
     from hant.data import make_loader
 
     n = len(train)
@@ -172,16 +178,20 @@ def _bn_loader(cfg, train):
 
 
 def assemble(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any], bn_recalibrate: bool = True,
-             splits=None, log: Callable[[str], None] | None = None) -> nn.Module:
+             splits=None, log: Callable[[str], None] | None = None, redistilled: bool = True) -> nn.Module:
     """The student of a plan: the teacher with each planned layer replaced by its candidate.
 
     Candidates carry their phase-1 weights (RUN/candidates/, checked against the recorded
-    sha256); `teacher` keeps the teacher's layer untouched; layers the plan does not name
+    sha256), or, with `redistilled` and a named plan whose re-distillation is complete and
+    current (`hant redistill`, RUN/redistilled/<plan>/), the re-distilled weights, checked
+    likewise; `model.hant_arch["candidate_weights"]` says which ("phase1" or "redistilled").
+    `teacher` keeps the teacher's layer untouched; layers the plan does not name
     stay the teacher's. When at least one layer is replaced and `bn_recalibrate`, every
     BatchNorm's statistics are re-estimated on `finetune.bn_batches` train batches (of
     `splits`, the run's data splits, loaded when None; `log` hears how many).
     Returns the model in eval mode, with its architecture dict as `model.hant_arch`.
-    Raises HantError for a missing plan, an unknown layer, a bad spec or missing weights.
+    Raises HantError for a missing plan, an unknown layer, a bad spec, missing weights, or a
+    re-distilled file that does not match its recorded sha256.
     """
     from hant.layers import replace_layers
 
@@ -190,7 +200,12 @@ def assemble(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any
     plan = read_plan(run, plan_name_or_layers)
     layers_arch = _plan_arch(plan["layers"], {info.name: info.to_dict() for info in the_run.layers})
     model = the_run.teacher()
-    modules = _candidates(model, layers_arch, the_run)
+    states = None
+    if redistilled and plan.get("name"):
+        from hant.redistill import redistilled_states
+
+        states = redistilled_states(the_run, plan["name"], layers_arch, log=log)
+    modules = _candidates(model, layers_arch, the_run, states)
     replace_layers(model, modules).eval()
     if bn_recalibrate and modules and cfg.finetune.bn_batches > 0:
         if splits is None:
@@ -199,11 +214,11 @@ def assemble(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any
             splits = load_data(cfg.data)
         # channels_last makes the forward passes ~3x faster on CPU; the layout is undone after.
         model.to(memory_format=torch.channels_last)
-        used = recalibrate_batchnorm(model, _bn_loader(cfg, splits.train), cfg.finetune.bn_batches)
+        used = recalibrate_batchnorm(model, bn_loader(cfg, splits.train), cfg.finetune.bn_batches)
         model.to(memory_format=torch.contiguous_format)
         if log:
             log(f"BatchNorm statistics re-estimated on {used} train batches")
-    model.hant_arch = _arch(cfg, layers_arch, plan)
+    model.hant_arch = {**_arch(cfg, layers_arch, plan), "candidate_weights": "redistilled" if states else "phase1"}
     return model
 
 

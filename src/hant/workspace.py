@@ -234,6 +234,10 @@ class RunDir:
     def plan(self, name: str) -> Path:
         return self.root / "plans" / f"{name}.json"
 
+    def redistilled_dir(self, plan: str) -> Path:
+        """A plan's re-distilled candidates (hant.redistill): <layer>/<spec>.safetensors, index.json."""
+        return self.root / "redistilled" / plan
+
     def student_dir(self, plan: str) -> Path:
         return self.root / "students" / plan
 

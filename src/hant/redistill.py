@@ -1,0 +1,434 @@
+"""Re-distil a plan's chosen candidates on the student's own inputs, before fine-tuning.
+
+Phase 1 trains every candidate on the teacher's input to its layer. In the assembled
+student, layer l receives what the student's earlier layers computed, so their errors add
+up along the network. `redistill(run, plan)` takes only the plan's replaced layers, in
+network order, and trains each from its phase-1 weights on pairs (x_l, y_l): x_l the input
+of layer l in the student whose earlier layers are already re-distilled, y_l the teacher's
+output at layer l. Loss (phase 1's normalised MSE, `hant.distill.nmse`), optimiser,
+learning rate, weight decay and batch size are phase 1's (`distill.*`); each layer sees
+`distill.redistill_images` train images.
+
+BatchNorm: the student starts as `assemble` builds it, statistics re-estimated on its own
+inputs. A layer trains with batch statistics, and the student's statistics are re-estimated
+(`finetune.bn_batches` batches, as `assemble` does) after each layer, so every later layer
+learns from the inputs the finished student will give it, and the last re-estimation is
+the one `assemble` makes from the written weights.
+
+Files (through hant.workspace's atomic writers, under the run lock):
+
+    RUN/redistilled/<plan>/<layer>/<spec>.safetensors
+    RUN/redistilled/<plan>/index.json   {"version", "plan", "complete", "layers": {layer: spec},
+        "settings", "entries": [{"layer", "spec", "key", "file", "sha256", "phase1_sha256",
+        "steps", "images", "train_loss", "heldout_before", "heldout_start", "heldout_after",
+        "seconds"}], "heldout": {"images", "before": {layer: nmse}, "after": {layer: nmse}}}
+
+heldout_before / heldout_after: the held-out NMSE at the layer's output in the assembled
+student with phase-1 weights everywhere / with the re-distilled weights (student-side
+inputs, `heldout_nmse`); heldout_start: the layer's phase-1 weights once the layers before
+it are re-distilled. A layer is done when its entry's `key` (the settings and every replaced
+layer up to it, with its phase-1 sha256) matches and its file matches its sha256; a rerun
+skips done layers and redoes the rest.
+
+`hant.student.assemble(run, plan)` uses the re-distilled weights once the plan's index is
+complete and current (`redistilled_states`). `hant accelerate` and `hant demo` do not run
+this stage yet: whether they should is for the recovery benchmark to say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hant.errors import HantError
+from hant.run import Run
+
+__all__ = ["INDEX_VERSION", "redistill", "redistilled_states", "heldout_nmse", "compare_top1"]
+
+INDEX_VERSION = 1
+INDEX_FILE = "index.json"
+TEACHER_SPEC = "teacher"
+_WARMUP_FRAC = 0.05  # phase 1's (Phase1Options.warmup_frac)
+_TAIL_FRAC = 0.1  # train_loss: mean over this last share of the steps, as in phase 1
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _prep(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels_last makes the forward passes ~3x faster on CPU (DESIGN.md, environment facts).
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" and x.dim() == 4 else x
+
+
+@torch.no_grad()
+def heldout_nmse(student: nn.Module, teacher: nn.Module, layers: Sequence[str], dataset,
+                 batch_size: int = 128, images: int | None = None) -> dict[str, float]:
+    """The NMSE at each of `layers`' outputs, the student's against the teacher's.
+
+    Each network runs on its own inputs, so the student's error at layer l includes what
+    its earlier layers passed on. `dataset` is a split of (image, label) items (its first
+    `images`, all when None); sums run over all images: ||s_l - t_l||^2 / ||t_l||^2. Both
+    models run in eval mode (left so) on the device of the student's parameters. Returns
+    {layer: nmse}. Raises HantError when a layer does not run once per forward.
+    """
+    from hant.distill import LayerTap, load_images
+
+    layers = list(layers)
+    if not layers:
+        return {}
+    device = next(student.parameters()).device
+    student.eval()
+    teacher.eval()
+    s_tap, t_tap = LayerTap(student, layers), LayerTap(teacher, layers)
+    n = len(dataset) if images is None else min(int(images), len(dataset))
+    num = {name: torch.zeros((), device=device) for name in layers}
+    den = {name: torch.zeros((), device=device) for name in layers}
+    for start in range(0, n, batch_size):
+        x = _prep(load_images(dataset, torch.arange(start, min(n, start + batch_size))), device)
+        s, t = s_tap(x, layers), t_tap(x, layers)
+        for name in layers:
+            y = t[name][1].float()
+            num[name] += (s[name][1].float() - y).pow(2).sum()
+            den[name] += y.pow(2).sum()
+    return {name: float(num[name]) / max(float(den[name]), 1e-12) for name in layers}
+
+
+def compare_top1(run: str | os.PathLike, plan: str, images: int | None = None,
+                 log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Held-out top-1 (percent) of the teacher and of the plan's assembled student with phase-1
+    and with re-distilled weights (each as `assemble` builds it, BatchNorm re-estimated).
+
+    `images`: the first that many held-out images (all when None). Returns {"plan", "images",
+    "teacher", "phase1", "redistilled"}. Raises HantError when the plan has no complete
+    re-distillation (run `hant redistill` first), and what `assemble` raises.
+    """
+    from torch.utils.data import Subset
+
+    from hant.data import load_data, make_loader
+    from hant.student import assemble
+    from hant.teacher import evaluate
+
+    the_run = Run(run)
+    cfg = the_run.config
+    splits = load_data(cfg.data)
+    data = splits.heldout if images is None else Subset(splits.heldout, range(min(int(images), len(splits.heldout))))
+
+    def top1(model: nn.Module) -> float:
+        model.to(memory_format=torch.channels_last)
+        return float(evaluate(model, make_loader(data, cfg.finetune.batch_size, num_workers=cfg.data.workers))["top1"])
+
+    after = assemble(run, plan, splits=splits, redistilled=True)
+    if after.hant_arch.get("candidate_weights") != "redistilled":
+        raise HantError(f"plan {plan} has no complete re-distillation; "
+                        f"run `hant redistill --run {the_run.root} --plan {plan}` first")
+    out = {"plan": plan, "images": len(data), "teacher": top1(the_run.teacher()),
+           "phase1": top1(assemble(run, plan, splits=splits, redistilled=False)), "redistilled": top1(after)}
+    if log:
+        log(f"redistill: held-out top-1 of plan {plan} on {out['images']} images: teacher {out['teacher']:.2f}%, "
+            f"phase-1 weights {out['phase1']:.2f}%, re-distilled {out['redistilled']:.2f}%")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading the index
+
+
+def _read_index(path: Path, log: Callable[[str], None] | None) -> dict[str, Any] | None:
+    from hant.workspace import read_json
+
+    if not path.exists():
+        return None
+    try:
+        doc = read_json(path)
+    except HantError:  # a torn or foreign file
+        if log:
+            log(f"redistill: {path} is unreadable; its layers count as not re-distilled")
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def redistilled_states(run: Run, plan: str, layers_arch: Mapping[str, Mapping[str, Any]],
+                       log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The re-distilled weights of a plan, {layer: state dict}, or None when there are none to use.
+
+    `layers_arch` is the plan's arch "layers" ({layer: {"spec", ...}}, canonical specs). The
+    weights are used only when the plan's index is complete, lists exactly the plan's
+    replaced layers with their specs, and each layer's phase-1 weights are still those it
+    started from; otherwise None (and `log` hears why, when an index exists). Raises
+    HantError when a listed file is missing or does not match its recorded sha256.
+    """
+    from hant.workspace import load_safetensors
+
+    path = run.dir.redistilled_dir(plan) / INDEX_FILE
+    doc = _read_index(path, log)
+    if doc is None:
+        return None
+    redo = f"run `hant redistill --run {run.root} --plan {plan}` to redo it"
+    want = {name: e["spec"] for name, e in layers_arch.items() if e["spec"] != TEACHER_SPEC}
+    if not doc.get("complete") or doc.get("layers") != want:
+        if log:
+            log(f"redistill: the re-distillation of plan {plan} is unfinished or was made for other layers; "
+                f"using phase-1 weights ({redo})")
+        return None
+    phase1 = run.candidate_index()
+    states = {}
+    for e in doc.get("entries") or []:
+        if (phase1.get((e["layer"], e["spec"])) or {}).get("sha256") != e.get("phase1_sha256"):
+            if log:
+                log(f"redistill: phase 1 has retrained {e['spec']} of layer {e['layer']} since plan {plan} was "
+                    f"re-distilled; using phase-1 weights ({redo})")
+            return None
+        try:
+            states[e["layer"]] = load_safetensors(run.root / e["file"], e.get("sha256"))
+        except HantError:
+            raise HantError(f"re-distilled weights {run.root / e['file']} of plan {plan} are missing, truncated or "
+                            f"altered; {redo}, or assemble with redistilled=False") from None
+    return states
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _layer_keys(settings: Mapping[str, Any], chain: Sequence[tuple[str, str, str | None]]) -> dict[str, str]:
+    """{layer: key} for every layer of `chain` ((layer, spec, phase-1 sha256) in network order):
+    a layer's inputs depend on the layers before it, so its key covers them all."""
+    keys = {}
+    for i, (name, _, _) in enumerate(chain):
+        blob = json.dumps({"settings": dict(settings), "chain": [list(c) for c in chain[: i + 1]]}, sort_keys=True)
+        keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return keys
+
+
+def _lr_scale(step: int, steps: int, warmup: int) -> float:
+    # Phase 1's schedule: linear warm-up, then cosine to zero over the layer's budget.
+    w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return w * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+
+
+def _optimizer(module: nn.Module, dcfg) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": dcfg.weight_decay},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = params[0].device.type in ("cpu", "cuda")
+    if dcfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=dcfg.lr, fused=fused)
+    if dcfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=dcfg.lr, momentum=0.9, nesterov=True, fused=fused)
+    raise HantError(f"unknown distill.optimizer '{dcfg.optimizer}'; use adamw or sgd")
+
+
+def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batches, steps: int, dcfg,
+                 seed: int, bar=None) -> float:
+    """Train the student's layer `name` for `steps` steps on (its input in the student, the
+    teacher's output there). Returns the mean loss over the last tenth of the steps."""
+    from hant.distill import LayerTap, candidate_seed, load_images, nmse
+    from hant.layers import get_layer
+
+    module = get_layer(student, name)
+    device = next(module.parameters()).device
+    opt = _optimizer(module, dcfg)
+    s_tap, t_tap = LayerTap(student, [name]), LayerTap(teacher, [name])
+    warmup = max(1, round(steps * _WARMUP_FRAC))
+    tail_from = steps - max(1, round(steps * _TAIL_FRAC))
+    torch.manual_seed(candidate_seed(seed, name, "redistill"))  # randomness inside the op (dropout)
+    tail = []
+    for step in range(steps):
+        images = _prep(load_images(train, batches.indices(step)), device)
+        student.eval()
+        x = s_tap(images, [name])[name][0]
+        y = t_tap(images, [name])[name][1]
+        for g in opt.param_groups:
+            g["lr"] = dcfg.lr * _lr_scale(step, steps, warmup)
+        module.train()
+        loss = nmse(module(x), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise HantError(f"re-distilling layer {name} diverged at step {step} (loss {value}); "
+                            "lower distill.lr, or fine-tune without re-distillation")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= tail_from:
+            tail.append(value)
+        if bar is not None:
+            bar.update(len(images))
+    student.eval()
+    return sum(tail) / len(tail)
+
+
+def _finished(root: Path, doc: dict[str, Any] | None, keys: Mapping[str, str],
+              log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Entries of `doc` that need no more work: same key, file present and matching its sha256."""
+    from hant.workspace import sha256_file
+
+    out = {}
+    for e in (doc or {}).get("entries") or []:
+        name = e.get("layer")
+        if name not in keys or e.get("key") != keys[name] or not e.get("file"):
+            continue
+        f = root / e["file"]
+        if not f.is_file() or sha256_file(f) != e.get("sha256"):
+            log(f"redistill: {f} is missing or does not match its recorded checksum (truncated or altered); "
+                "re-distilling that layer again")
+            continue
+        out[name] = e
+    return out
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc="redistill", unit="img", unit_scale=True, dynamic_ncols=True,
+                mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+
+
+def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-distil a plan's replaced layers on the student's own inputs; write their weights.
+
+    `plan` names RUN/plans/<plan>.json; `images`: train images per layer (default
+    `distill.redistill_images`). Layers the plan keeps as the teacher's, and ops without
+    parameters, are not trained (the latter still shape the inputs of later layers). Writes
+    RUN/redistilled/<plan>/<layer>/<spec>.safetensors and index.json after every layer
+    (under the run lock), so an interrupted run resumes at the first unfinished layer; done
+    layers with unchanged settings are skipped, and a run with nothing left to do trains
+    and measures nothing.
+
+    Returns the index (see the module docstring) with "trained" and "reused" (layer names)
+    and "wall_s" added. Raises HantError for a missing plan or phase-1 weights, `images`
+    below 1, a held run folder, or a layer whose loss diverges.
+    """
+    from hant.data import load_data
+    from hant.distill import BatchPlan
+    from hant.layers import get_layer
+    from hant.student import assemble, bn_loader, recalibrate_batchnorm
+    from hant.workspace import load_safetensors, run_lock, save_safetensors, write_json
+
+    t0 = time.time()
+    if not isinstance(plan, str):
+        raise HantError("redistill takes a plan name (RUN/plans/<name>.json); write the plan with `hant select`")
+    the_run = Run(run)
+    cfg = the_run.config
+    dcfg = cfg.distill
+    n_img = int(images if images is not None else dcfg.redistill_images)
+    if n_img < 1:
+        raise HantError(f"images per re-distilled layer must be at least 1, got {n_img}; pass --images N")
+    out_dir = the_run.dir.redistilled_dir(plan)
+    index_path = out_dir / INDEX_FILE
+
+    with run_lock(the_run.root, log=log):
+        # Weights first, without data or BatchNorm re-estimation: a rerun with nothing left to
+        # do stops here.
+        student = assemble(run, plan, bn_recalibrate=False, redistilled=False)
+        layers_arch = student.hant_arch["layers"]
+        replaced = [info.name for info in the_run.layers
+                    if info.name in layers_arch and layers_arch[info.name]["spec"] != TEACHER_SPEC]
+        specs = {name: layers_arch[name]["spec"] for name in replaced}
+        trainable = [name for name in replaced if any(True for _ in get_layer(student, name).parameters())]
+        phase1 = the_run.candidate_index()
+        phase1_sha = {name: (phase1.get((name, specs[name])) or {}).get("sha256") for name in replaced}
+        settings = {"version": INDEX_VERSION, "images": n_img, "batch_size": dcfg.batch_size,
+                    "optimizer": dcfg.optimizer, "lr": dcfg.lr, "weight_decay": dcfg.weight_decay, "seed": cfg.seed,
+                    "bn_batches": cfg.finetune.bn_batches, "bn_batch_size": cfg.finetune.batch_size,
+                    "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256")}
+        keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name]) for name in replaced])
+        previous = _read_index(index_path, log)
+        done = _finished(the_run.root, previous, keys, log)
+        pending = [name for name in trainable if name not in done]
+        if (not pending and previous and previous.get("complete") and previous.get("layers") == specs
+                and previous.get("heldout")):
+            log(f"redistill: plan {plan}: all {len(trainable)} layers re-distilled already -> {index_path}")
+            return {**previous, "trained": [], "reused": list(trainable), "wall_s": time.time() - t0}
+
+        splits = load_data(cfg.data)
+        batches = BatchPlan(len(splits.train), dcfg.batch_size, cfg.seed)
+        steps = math.ceil(n_img / batches.batch_size)
+        log(f"redistill: plan {plan}: {len(trainable)} layers to re-distil, {len(trainable) - len(pending)} done, "
+            f"{n_img} images each (batch {batches.batch_size}, {steps} steps)")
+        device = _device()
+        memory = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        student.to(device=device, memory_format=memory)
+        teacher = the_run.teacher().to(device=device, memory_format=memory)
+        heldout, bs = splits.heldout, dcfg.batch_size
+        n_heldout = len(heldout) if dcfg.heldout_images is None else min(dcfg.heldout_images, len(heldout))
+
+        def recalibrate() -> None:
+            recalibrate_batchnorm(student, bn_loader(cfg, splits.train), cfg.finetune.bn_batches, device)
+
+        # The student as `assemble` builds it (statistics re-estimated on its own inputs), to
+        # measure from; then with the layers already done, to go on from.
+        if cfg.finetune.bn_batches > 0:
+            recalibrate()
+        before = heldout_nmse(student, teacher, replaced, heldout, bs, n_heldout)
+        for name in trainable:
+            if name in done:
+                get_layer(student, name).load_state_dict(
+                    load_safetensors(the_run.root / done[name]["file"], done[name]["sha256"]))
+        if done and cfg.finetune.bn_batches > 0:
+            recalibrate()
+
+        entries = {name: {**done[name], "heldout_before": before[name]} for name in done}
+
+        def write(complete: bool, after: dict[str, float] | None = None) -> dict[str, Any]:
+            doc = {"version": INDEX_VERSION, "plan": plan, "complete": complete, "layers": specs,
+                   "settings": settings, "entries": [entries[name] for name in trainable if name in entries]}
+            if after is not None:
+                doc["heldout"] = {"images": n_heldout, "before": before, "after": after}
+            write_json(index_path, doc)
+            return doc
+
+        bar = _bar(len(pending) * steps * batches.batch_size) if pending else None
+        try:
+            for name in pending:
+                t1 = time.time()
+                start = heldout_nmse(student, teacher, [name], heldout, bs, n_heldout)[name]
+                train_loss = _train_layer(student, teacher, name, splits.train, batches, steps, dcfg, cfg.seed, bar)
+                if cfg.finetune.bn_batches > 0:
+                    recalibrate()
+                after = heldout_nmse(student, teacher, [name], heldout, bs, n_heldout)[name]
+                f = out_dir / name / f"{specs[name]}.safetensors"
+                state = {k: v.detach().cpu().clone() for k, v in get_layer(student, name).state_dict().items()}
+                sha = save_safetensors(f, state, metadata={"layer": name, "spec": specs[name], "plan": plan,
+                                                           "key": keys[name]})
+                entries[name] = {"layer": name, "spec": specs[name], "key": keys[name], "status": "done",
+                                 "file": str(f.relative_to(the_run.root)), "sha256": sha,
+                                 "phase1_sha256": phase1_sha[name], "steps": steps,
+                                 "images": steps * batches.batch_size,
+                                 "train_loss": train_loss, "heldout_before": before[name], "heldout_start": start,
+                                 "heldout_after": after, "seconds": round(time.time() - t1, 2)}
+                write(complete=False)
+                log(f"redistill: {name} ({specs[name]}): held-out NMSE in the student {before[name]:.4f} -> "
+                    f"{after:.4f} (phase-1 weights on these inputs {start:.4f}), {time.time() - t1:.1f} s")
+        finally:
+            if bar is not None:
+                bar.close()
+
+        after_all = heldout_nmse(student, teacher, replaced, heldout, bs, n_heldout)
+        for name in entries:
+            entries[name]["heldout_after"] = after_all[name]
+        doc = write(complete=True, after=after_all)
+        keep = {the_run.root / e["file"] for e in entries.values()}
+        for f in out_dir.glob("*/*.safetensors"):
+            if f not in keep:
+                f.unlink()  # a layer the plan no longer replaces, or another spec for it
+    n = max(1, len(replaced))
+    log(f"redistill: plan {plan}: mean held-out NMSE at the replaced layers {sum(before.values()) / n:.4f} -> "
+        f"{sum(after_all.values()) / n:.4f}; {len(pending)} layers trained in {time.time() - t0:.0f} s "
+        f"-> {index_path}")
+    return {**doc, "trained": list(pending), "reused": [n for n in trainable if n not in pending],
+            "wall_s": time.time() - t0}
