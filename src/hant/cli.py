@@ -71,6 +71,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redistill(args: argparse.Namespace) -> int:
+    from hant.redistill import redistill
+
+    redistill(args.run, args.plan, images=args.images)
+    return 0
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from hant.latency import measure_table
 
@@ -126,6 +133,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pick(args: argparse.Namespace) -> int:
+    from hant.pick import pick_plan
+
+    pick_plan(args.run, args.plan, images=args.images)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hant.export import export
 
@@ -146,7 +160,7 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
 
     opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
                              validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs,
-                             check_rounds=args.check_rounds)
+                             check_rounds=args.check_rounds, candidates=args.candidates)
     init_kwargs = None
     if args.model or args.config or args.data:
         init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
@@ -261,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the layers in which every two of the K plans differ (default 0.2)")
     s.set_defaults(func=cmd_select)
 
+    s = sub.add_parser("redistill", help="re-distil a plan's chosen candidates on the student's own inputs "
+                                         "(before finetune, which then starts from them)")
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
+    s.add_argument("--plan", required=True)
+    s.add_argument("--images", type=int, default=None,
+                   help="training images per layer (default: distill.redistill_images)")
+    s.set_defaults(func=cmd_redistill)
+
     s = sub.add_parser("finetune", help="phase 3: assemble a plan's student, fine-tune it with distillation, measure it")
     s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--plan", required=True)
@@ -273,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the label loss, 0 for none (default: finetune.ce_weight)")
     s.add_argument("--no-measure", action="store_true", help="skip the end-to-end latency measurement")
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("pick", help="distil a plan and its alternatives briefly; the best on held-out "
+                                    "images becomes the plan to fine-tune")
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
+    s.add_argument("--plan", required=True, help="a plan selected with --candidates K")
+    s.add_argument("--images", type=int, default=None, metavar="N",
+                   help="train images of each short distillation (default: finetune.pick_images)")
+    s.set_defaults(func=cmd_pick)
 
     s = sub.add_parser("export", help="export a student to ONNX (and INT8)")
     s.add_argument("--run", "--run-dir", dest="run", required=True)
@@ -307,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-rounds", type=int, default=3,
                    help="times each plan is checked against the teacher on the target and its budget "
                         "tightened until the measured speedup is met (0: trust the latency table)")
+    s.add_argument("--candidates", type=int, default=1, metavar="K",
+                   help="select K plans per speedup, distil each briefly and fine-tune the best on "
+                        "held-out images (default 1: the selection's best)")
     s.set_defaults(func=cmd_accelerate)
 
     s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")

@@ -61,6 +61,9 @@ class DistillConfig:
     max_memory_mb: int | None = None  # None: a safe share of RAM
     checkpoint_minutes: float = 5.0
     heldout_images: int | None = 512  # held-out images for each candidate's NMSE; None: the whole split
+    # `hant redistill`: training images per re-distilled layer of a plan (hant.redistill). A
+    # guess at the cost of ~one phase-1 candidate; the default awaits the recovery benchmark.
+    redistill_images: int = 2048
 
 
 @dataclass
@@ -108,6 +111,10 @@ class FinetuneConfig:
     warmup: float = 0.05  # fraction of the steps with a linear LR warm-up before the cosine decay
     augment: bool = True  # random crop (pad 1/16 of the side) and horizontal flip
     checkpoint_minutes: float = 5.0  # also checkpoint within an epoch this often
+    # `hant pick`: train images of the short distillation each candidate plan gets before the
+    # best on held-out images goes on to fine-tuning. A guess (16 steps of 128) until the
+    # recovery benchmark measures how many images it takes for the ranking to settle.
+    pick_images: int = 2048
 
     def __post_init__(self) -> None:
         if self.feature_loss not in FEATURE_LOSSES:

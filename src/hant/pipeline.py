@@ -30,6 +30,14 @@ class AccelerateOptions:
     # Time each chosen plan against the teacher and tighten its budget up to this many times
     # until the measured speedup is met (0: trust the latency table).
     check_rounds: int = 3
+    # Plans selected per speedup: the best and K - 1 alternatives at its budget, each given a
+    # short distillation (`hant.pick.pick_plan`); the best on held-out images is fine-tuned.
+    # 1: the best plan of the selection, as it is.
+    candidates: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates or self.candidates < 1:
+            raise HantError(f"--candidates must be a whole number of plans, 1 or more; got {self.candidates}")
 
 
 def plan_name(target: str, batch_size: int, speedup: float) -> str:
@@ -88,10 +96,14 @@ def _student_intact(run: Path, plan: str) -> bool:
     return built == planned and sha256_file(weights) == arch.get("sha256")
 
 
-def _plan_settled(run: Path, plan: str, check_rounds: int) -> bool:
-    """Whether the plan exists (and, when plans are checked on the hardware, was checked)."""
+def _plan_settled(run: Path, plan: str, check_rounds: int, candidates: int = 1) -> bool:
+    """Whether the plan exists (and, when plans are checked on the hardware, was checked; when
+    alternatives are asked for, was selected with them)."""
     path = RunDir(run).plan(plan)
-    return _readable(path) and (check_rounds <= 0 or "latency_check" in read_json(path))
+    if not _readable(path):
+        return False
+    d = read_json(path)
+    return (check_rounds <= 0 or "latency_check" in d) and (candidates <= 1 or "alternatives" in d)
 
 
 def _eval_complete(run: Path, plan: str, int8: bool) -> bool:
@@ -110,6 +122,12 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     """Run init (when `init_kwargs` is given and the run is new), distill, latency, score, select,
     finetune, measure, export and report. Each finished stage is skipped on a rerun.
 
+    With `opts.candidates` K > 1, each speedup's selection also writes K - 1 alternatives at
+    its budget; each alternative is timed against the teacher (with `check_rounds` > 0) and
+    left out when it falls short of the speedup, and `hant.pick.pick_plan` gives every
+    remaining plan a short distillation and makes the best on held-out images the plan that
+    is fine-tuned.
+
     Returns {"plans": [names], "report": path, "timings": {...}}. Raises HantError from any stage.
     """
     from hant import distill as distill_mod
@@ -117,6 +135,7 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     from hant import finetune as finetune_mod
     from hant import latency, report, score, select
     from hant import measure as measure_mod
+    from hant import pick as pick_mod
 
     run = Path(run)
     rd = RunDir(run)
@@ -145,17 +164,26 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
     # Ascending, each capped by the budget the previous one ended with: a check that tightens
     # a small speedup's budget must not leave a larger speedup with a looser one.
     cap = None
+    # Only with alternatives asked for: with one plan, selection is called exactly as before.
+    diverse = {"candidates": opts.candidates} if opts.candidates > 1 else {}
     for s in sorted(opts.speedups):
         name = plan_name(opts.target, opts.batch_size, s)
         plans.append(name)
         if opts.check_rounds > 0:
             def choose():
                 return select.select_measured(run, tid, speedup=s, name=name, timer=check_plan,
-                                              rounds=opts.check_rounds, max_budget_ms=cap, log=log)
+                                              rounds=opts.check_rounds, max_budget_ms=cap, log=log, **diverse)
         else:
             def choose():
-                return select.select(run, target=tid, speedup=s, name=name, log=log)
-        timer.run(f"select {name}", choose, skip=_plan_settled(run, name, opts.check_rounds))
+                return select.select(run, target=tid, speedup=s, name=name, log=log, **diverse)
+        timer.run(f"select {name}", choose, skip=_plan_settled(run, name, opts.check_rounds, opts.candidates))
+        if opts.candidates > 1:
+            def pick():
+                if opts.check_rounds > 0:
+                    pick_mod.check_alternatives(run, name, timer=check_plan, speedup=s, log=log)
+                return pick_mod.pick_plan(run, name, log=log)
+            # Resumable on its own: a finished pick is read back, not trained again.
+            timer.run(f"pick {name}", pick)
         budget = read_json(rd.plan(name)).get("budget_ms")
         if budget is not None:
             cap = budget if cap is None else min(cap, budget)
