@@ -243,3 +243,18 @@ def test_compare_top1_and_the_command_line(redistilled, capsys):
     assert main(["redistill", "--run", str(redistilled), "--plan", "p", "--images", str(IMAGES)]) == 0
     assert "re-distilled already" in capsys.readouterr().out
     assert main(["redistill", "--run", str(redistilled), "--plan", "nope"]) != 0
+
+
+def test_a_finetuning_started_from_phase1_weights_is_not_resumed_after_redistill(run):
+    from hant.finetune import finetune
+
+    logs = []
+    finetune(run, "p", epochs=0.2, log=logs.append)
+    finetune(run, "p", epochs=0.2, log=logs.append)  # the same settings: nothing to redo
+    assert not any("starting over" in m for m in logs)
+    redistill(run, "p", images=160, log=lambda m: None)
+    logs.clear()
+    finetune(run, "p", epochs=0.2, log=logs.append)
+    assert any("other settings" in m and "starting over" in m for m in logs)
+    arch = read_json(RunDir(run).student_dir("p") / "arch.json")
+    assert arch.get("candidate_weights") == "redistilled"

@@ -34,7 +34,7 @@ from hant.errors import HantError
 from hant.run import Run
 from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
                           save_student, update_eval)
-from hant.workspace import RunDir, fault_point, load_safetensors, read_json, save_safetensors, write_json
+from hant.workspace import RunDir, fault_point, load_safetensors, read_json, save_safetensors, sha256_file, write_json
 
 __all__ = ["finetune", "finetune_module", "kd_loss", "feature_loss"]
 
@@ -309,8 +309,15 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
     plan_d = read_plan(run, plan)
     splits = load_data(cfg.data)
     train = splits.train
+    extra: dict[str, Any] = {"plan_layers": plan_d["layers"]}
+    redistilled = RunDir(run).redistilled_dir(plan) / "index.json"
+    if redistilled.exists():
+        # A fine-tuning begun from phase-1 weights must not resume after `hant redistill` has
+        # given the plan other starting weights (nor the other way round); without an index
+        # the key is what it always was, so older checkpoints still resume.
+        extra["redistilled_index_sha256"] = sha256_file(redistilled)
     loop = _Loop(name=plan, train=train, cfg=cfg, epochs=epochs, sched=_schedule(train, ft, epochs, cfg.seed, dist_),
-                 dist=dist_, out=out, meta={"plan": plan}, extra={"plan_layers": plan_d["layers"]},
+                 dist=dist_, out=out, meta={"plan": plan}, extra=extra,
                  fill=[-m / s for m, s in zip(splits.mean, splits.std)],  # normalised black: the padding colour
                  pad=max(1, splits.input_size // 16), say=say, feature_layers=tuple(plan_d["layers"]))
     resume = _load_resume(out, loop.settings, say)

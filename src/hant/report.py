@@ -41,7 +41,9 @@ def collect(run: str | Path) -> dict[str, Any]:
     rd = RunDir(run)
     rd.require(rd.layers, "init")
     layers = read_json(rd.layers)["layers"]
-    plans = {p.stem: read_json(p) for p in sorted((rd.root / "plans").glob("*.json"))}
+    # Only plan files are plans; `hant pick`'s ranking (<plan>.pick.json) lives beside them.
+    plans = {p.stem: d for p in sorted((rd.root / "plans").glob("*.json"))
+             if isinstance(d := read_json(p), dict) and isinstance(d.get("layers"), dict)}
     evals = {}
     for p in sorted((rd.root / "students").glob("*/eval.json")):
         evals[p.parent.name] = read_json(p)

@@ -358,7 +358,7 @@ class Run:
         path = self.dir.plan(name)
         if not path.exists():
             folder = self.root / "plans"
-            have = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+            have = sorted(p.stem for p in folder.glob("*.json") if not p.stem.endswith(".pick")) if folder.is_dir() else []
             raise HantError(f"no plan '{name}' in {folder}; "
                             + (f"plans: {', '.join(have)}" if have else "run `hant select` first"))
         plan = read_json(path)
