@@ -14,7 +14,8 @@ from torch import nn
 from hant.config import RunConfig
 from hant.dist import Dist
 from hant.errors import HantError
-from hant.finetune import _epoch_batches, _FeatureTaps, _lr_at, feature_loss, finetune, kd_loss
+from hant.finetune import _epoch_batches, _FeatureTaps, feature_loss, finetune, kd_loss
+from hant.schedule import warmup_then_cosine as _lr_at
 from hant.layers import get_layer
 from hant.measure import measure
 from hant.student import assemble, load_student, recalibrate_batchnorm, save_student, update_eval

@@ -55,6 +55,7 @@ from torch import nn
 
 from hant.dist import process_group
 from hant.errors import HantError
+from hant.schedule import warmup_cosine_scale
 from hant.layers import LayerInfo
 from hant.workspace import FAULT_ENV, fault_point
 
@@ -567,12 +568,6 @@ def _seed(device: torch.device, seed: int) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _lr_at(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine to zero over the candidate's budget."""
-    w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    return w * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
-
-
 class _Group:
     """The candidates that train together: one optimiser, per-candidate parameter groups.
 
@@ -627,7 +622,7 @@ class _Group:
             p.requires_grad_(False)
 
     def step(self, step: int, acts: dict[str, tuple[torch.Tensor, torch.Tensor]], autocast: bool) -> None:
-        scale = _lr_at(step, self.opts.steps, self.warmup)
+        scale = warmup_cosine_scale(step, self.opts.steps, self.warmup)
         if self.opt is not None:
             for g in self.opt.param_groups:
                 g["lr"] = self.opts.lr * scale * g["lr_scale"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch import nn
 
 from hant.dist import Dist, process_group
 from hant.errors import HantError
+from hant.schedule import warmup_then_cosine
 from hant.run import Run
 from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
                           save_student, update_eval)
@@ -148,14 +148,6 @@ class _FeatureTaps:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from `base` to zero at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def _epoch_batches(dataset, batch: int, epoch: int, seed: int, dist_: Dist) -> list[list[int]]:
@@ -477,7 +469,7 @@ def _kd_step(net: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, loo
     torch.manual_seed(loop.seed(step))
     if ft.augment:
         x = random_crop_flip(x, loop.pad, torch.Generator().manual_seed(loop.seed(step)), fill=loop.fill, flip=True)
-    lr = _lr_at(step, loop.sched.total, loop.sched.warmup, ft.lr)
+    lr = warmup_then_cosine(step, loop.sched.total, loop.sched.warmup, ft.lr)
     for group in opt.param_groups:
         group["lr"] = lr
     x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
+from hant.schedule import warmup_cosine_scale
 from hant.run import Run
 
 __all__ = ["INDEX_VERSION", "redistill", "redistilled_states", "heldout_nmse", "compare_top1"]
@@ -212,12 +213,6 @@ def _layer_keys(settings: Mapping[str, Any], chain: Sequence[tuple[str, str, str
     return keys
 
 
-def _lr_scale(step: int, steps: int, warmup: int) -> float:
-    # Phase 1's schedule: linear warm-up, then cosine to zero over the layer's budget.
-    w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    return w * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
-
-
 def _optimizer(module: nn.Module, dcfg) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": dcfg.weight_decay},
@@ -252,7 +247,7 @@ def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batch
         x = s_tap(images, [name])[name][0]
         y = t_tap(images, [name])[name][1]
         for g in opt.param_groups:
-            g["lr"] = dcfg.lr * _lr_scale(step, steps, warmup)
+            g["lr"] = dcfg.lr * warmup_cosine_scale(step, steps, warmup)
         module.train()
         loss = nmse(module(x), y)
         value = float(loss.detach())
