@@ -287,7 +287,7 @@ def make_run(root: Path, include=("blocks.1.*", "blocks.2.*"), space="tiny", siz
     from hant.run import init_run
 
     config = root / "latency-test.yaml"
-    config.write_text(yaml.safe_dump({"latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 6,
+    config.write_text(yaml.safe_dump({"latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 6, "min_time_s": 0.0,
                                                   "time_cap_s": 20.0}}))
     run = root / "run"
     init_run(run, model=source, data="synthetic:64", input_size=size, space=space, include=list(include),
@@ -559,3 +559,26 @@ def test_int8_table_is_calibrated_on_real_layer_inputs(tmp_path):
     choice = read_json(run / "latency" / f"int8_scheme-b1-t{table['fingerprint']['threads']}.json")
     assert table["fingerprint"]["int8_scheme"] == choice["scheme"]
     assert {(e["layer"], e["spec"]) for e in table["entries"]} == _pool(run)
+
+
+def test_protocol_keeps_timing_until_its_minimum_time_has_passed():
+    class Instant(L.Target):
+        id = "instant"
+
+        def prepare(self, module, input_shape, example_inputs=None):
+            return module
+
+        def time(self, runnable, n):
+            return [1.0] * n  # constant: converged at the first check
+
+    target = Instant(threads=1)
+    quick = L.measure({"x": "x"}, target, L.Protocol(warmup=0, min_repeats=5, max_repeats=10))
+    assert quick["x"].n == 5
+    slow = L.measure({"x": "x"}, target, L.Protocol(warmup=0, min_repeats=5, max_repeats=10, min_time_s=0.2))
+    assert slow["x"].n > 10 and slow["x"].converged  # past max_repeats, until 0.2 s had passed
+    capped = L.measure({"x": "x"}, target, L.Protocol(warmup=0, min_repeats=5, max_repeats=10, min_time_s=60,
+                                                      time_cap_s=0.1))
+    assert capped["x"].n > 10  # the time cap still ends it, long before the minimum
+    from hant.config import LatencyConfig
+
+    assert L.Protocol.from_config(LatencyConfig()).min_time_s == LatencyConfig().min_time_s > 0

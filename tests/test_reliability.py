@@ -40,7 +40,7 @@ SPACE = "name: reliability\ncandidates: [teacher, proj, skip, mb_k3_e2_silu, con
 CONFIG = {
     "data": {"heldout": 32, "batch_size": 32},
     "distill": {"images": 64, "batch_size": 32, "lr": 5e-3, "heldout_images": 32},
-    "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "time_cap_s": 20.0},
+    "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "time_cap_s": 20.0, "min_time_s": 0.0},
     "finetune": {"epochs": 0.25, "batch_size": 32, "bn_batches": 2},
 }
 PLAN = "p"

@@ -51,6 +51,11 @@ class Protocol:
     check_every: int = 5
     turn_warmup: int = 0  # untimed calls at the start of each item's turn (see measure)
     seed: int = 0
+    # Rounds go on for at least this long, whatever the interval and max_repeats say: a
+    # sub-millisecond network converges in a fraction of a second, which samples one moment
+    # of a shared machine's speed; measurements minutes apart then disagree beyond their
+    # intervals (bench/timing.py). The time cap still wins.
+    min_time_s: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "Protocol":
@@ -59,6 +64,7 @@ class Protocol:
         Raises HantError for repeats out of order or a confidence outside (0, 1).
         """
         kw = {k: getattr(cfg, k) for k in ("warmup", "min_repeats", "max_repeats", "time_cap_s")}
+        kw["min_time_s"] = float(getattr(cfg, "min_time_s", 0.0) or 0.0)
         kw.update(overrides)
         p = cls(**kw)
         from hant.errors import HantError
@@ -209,7 +215,8 @@ def measure(
             for k in keys:
                 if protocol.warmup:
                     target.time(items[k], protocol.warmup)
-            t_end = time.perf_counter() + protocol.time_cap_s
+            t_start = time.perf_counter()
+            t_end = t_start + protocol.time_cap_s
             rounds = 0
             while active:
                 order = active[:]
@@ -220,6 +227,7 @@ def measure(
                     samples[k].extend(target.time(items[k], 1))
                 rounds += 1
                 still = []
+                long_enough = time.perf_counter() - t_start >= protocol.min_time_s
                 for k in active:
                     n = len(samples[k])
                     done = n >= protocol.max_repeats
@@ -230,6 +238,7 @@ def measure(
                     if not done and check and not _clearly_wide(samples[k], protocol):
                         med, lo, hi = median_ci(samples[k], protocol.confidence, protocol.resamples, protocol.seed)
                         done = _converged(med, lo, hi, protocol.rel_tol)
+                    done = done and long_enough
                     if done:
                         if progress is not None:
                             progress.update(1)

@@ -386,7 +386,9 @@ def _measure_entries(ctx: _Run, tgt: Target, proto: Protocol, missing: Mapping[s
             group_cap = cap_left * len(prepared) / max(1, items_left)
             bar.set_postfix_str(f"{layer.name}: timing {len(prepared)}", refresh=True)
             t0 = time.perf_counter()
-            stats = measure(prepared, tgt, Protocol(**{**proto.to_dict(), "time_cap_s": group_cap}), bar)
+            # Entries need no minimum time: a layer's rounds are interleaved with its whole pool.
+            stats = measure(prepared, tgt, Protocol(**{**proto.to_dict(), "time_cap_s": group_cap, "min_time_s": 0.0}),
+                            bar)
             cap_left = max(0.0, cap_left - (time.perf_counter() - t0))
             items_left -= len(specs) + 1
             null = stats.pop(_NULL)
