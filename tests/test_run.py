@@ -22,12 +22,17 @@ def mini_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
     """Stem, two MBConv blocks (one strided), a head; deterministic."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return nn.Sequential(OrderedDict(
-            stem=nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()),
-            blocks=nn.Sequential(nn.Sequential(ops.build("mb_k3_e2_silu", 8, 16, 2),
-                                               ops.build("mb_k3_e2_silu", 16, 16, 1))),
-            head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)),
-        )).eval()
+        return unseeded_net(in_chans, num_classes)
+
+
+def unseeded_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
+    """The same network named without weights: every call draws new ones from the global RNG."""
+    return nn.Sequential(OrderedDict(
+        stem=nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()),
+        blocks=nn.Sequential(nn.Sequential(ops.build("mb_k3_e2_silu", 8, 16, 2),
+                                           ops.build("mb_k3_e2_silu", 16, 16, 1))),
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)),
+    )).eval()
 
 
 MODEL = "test_run:mini_net"
@@ -135,16 +140,6 @@ def test_cli_init(tmp_path, capsys):
     assert code == 0
     doc = json.loads((tmp_path / "run" / "layers.json").read_text())
     assert [d["name"] for d in doc["layers"]] == ["blocks.0.1"]
-
-
-def unseeded_net(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
-    """A network named without weights: every call draws new ones from the global RNG."""
-    return nn.Sequential(OrderedDict(
-        stem=nn.Sequential(nn.Conv2d(in_chans, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()),
-        blocks=nn.Sequential(nn.Sequential(ops.build("mb_k3_e2_silu", 8, 16, 2),
-                                           ops.build("mb_k3_e2_silu", 16, 16, 1))),
-        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)),
-    )).eval()
 
 
 def test_a_teacher_without_weights_is_refused_in_one_line(tmp_path, capsys):
