@@ -63,6 +63,7 @@ __all__ = [
     "Candidate",
     "Phase1Options",
     "BatchPlan",
+    "make_optimizer",
     "LayerTap",
     "train_pool",
     "evaluate_pool",
@@ -568,6 +569,17 @@ def _seed(device: torch.device, seed: int) -> None:
         torch.cuda.manual_seed(seed)
 
 
+def make_optimizer(groups: list[dict[str, Any]], name: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Phase 1's optimiser over parameter `groups`: `name` "adamw" or "sgd" (Nesterov momentum
+    0.9), fused kernels on the CPU and CUDA. Raises HantError for another name."""
+    fused = device.type in ("cpu", "cuda")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused)
+    raise HantError(f"unknown optimizer '{name}'; use adamw or sgd")
+
+
 class _Group:
     """The candidates that train together: one optimiser, per-candidate parameter groups.
 
@@ -600,15 +612,7 @@ class _Group:
                 groups.append({"params": decay, "weight_decay": opts.weight_decay, "lr_scale": c.lr_scale})
             if rest:
                 groups.append({"params": rest, "weight_decay": 0.0, "lr_scale": c.lr_scale})
-        self.opt = None
-        if groups:
-            fused = device.type in ("cpu", "cuda")
-            if opts.optimizer == "adamw":
-                self.opt = torch.optim.AdamW(groups, lr=opts.lr, fused=fused)
-            elif opts.optimizer == "sgd":
-                self.opt = torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, nesterov=True, fused=fused)
-            else:
-                raise HantError(f"unknown optimizer '{opts.optimizer}'; use adamw or sgd")
+        self.opt = make_optimizer(groups, opts.optimizer, opts.lr, device) if groups else None
         self.warmup = max(1, round(opts.steps * opts.warmup_frac))
 
     def active(self) -> list[int]:

@@ -218,12 +218,9 @@ def _optimizer(module: nn.Module, dcfg) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": dcfg.weight_decay},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    fused = params[0].device.type in ("cpu", "cuda")
-    if dcfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=dcfg.lr, fused=fused)
-    if dcfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=dcfg.lr, momentum=0.9, nesterov=True, fused=fused)
-    raise HantError(f"unknown distill.optimizer '{dcfg.optimizer}'; use adamw or sgd")
+    from hant.distill import make_optimizer
+
+    return make_optimizer(groups, dcfg.optimizer, dcfg.lr, params[0].device)
 
 
 def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batches, steps: int, dcfg,
