@@ -301,3 +301,30 @@ def test_ambiguous_family_declarations_are_refused(params, word):
 def test_bad_param_declarations(kwargs, word):
     with pytest.raises(SpecError, match=word):
         Param(**kwargs)
+
+
+def test_teacher_derived_family_is_judged_on_the_teacher_layer():
+    """A family built from the teacher's layer is offered only where that layer suits it."""
+    from hant.space import space_from_dict
+
+    def build_half(in_chs, out_chs, stride, *, teacher_layer):
+        m = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1)
+        m.hant_init = "teacher-partial"
+        return m
+
+    def needs_conv(in_chs, out_chs, stride, *, teacher_layer=None):
+        return isinstance(teacher_layer, nn.Conv2d)
+
+    reg = Registry(ops.builtin_families())
+    reg.register(ops.Family("half", build_half, valid=needs_conv, needs_teacher=True))
+    space = space_from_dict({"name": "t", "candidates": ["teacher", "proj", "half"]}, registry=reg)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    assert "half" in space.candidates(8, 8, 1, conv)
+    assert "half" not in space.candidates(8, 8, 1, nn.Identity())
+    assert "half" not in space.candidates(8, 8, 1)  # no teacher layer, no derived candidate
+    assert reg.needs_teacher("half") and not reg.needs_teacher("proj")
+    with pytest.raises(SpecError, match="needs the teacher's layer"):
+        reg.build("half", 8, 8, 1)
+    with pytest.raises(SpecError, match="does not fit"):
+        reg.build("half", 8, 8, 1, teacher_layer=nn.Identity())
+    assert reg.build("half", 8, 8, 1, teacher_layer=conv).hant_init == "teacher-partial"

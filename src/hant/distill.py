@@ -1181,7 +1181,7 @@ def build_candidates(pools: list[LayerPool], keys: list[tuple[str, str]], teache
     for a layer not in `pools`, and what hant.ops.build raises for a bad spec.
     """
     from hant import ops
-    from hant.teacher_init import INIT_RANDOM, INIT_TEACHER, init_from_teacher
+    from hant.teacher_init import INIT_PARTIAL, INIT_RANDOM, INIT_TEACHER, init_from_teacher
 
     by_name = {p.name: p for p in pools}
     out = []
@@ -1194,7 +1194,10 @@ def build_candidates(pools: list[LayerPool], keys: list[tuple[str, str]], teache
         if spec == "teacher":
             out.append(Candidate(layer, spec, module.eval(), init=INIT_TEACHER, train=False))
             continue
-        init = init_from_teacher(module, t_layer, sample.get(layer))
+        # A family derived from the teacher's layer (`self_w50`, `sep`, ...) was built from its
+        # weights already and says how closely it starts; the rest are copied into here.
+        init = (getattr(module, "hant_init", INIT_PARTIAL) if ops.needs_teacher(spec)
+                else init_from_teacher(module, t_layer, sample.get(layer)))
         # A candidate that starts from the teacher's weights keeps the teacher's BatchNorm
         # statistics while it trains: they describe its inputs, training and held-out
         # evaluation then compute the same function, and a copy of the teacher stays exact.

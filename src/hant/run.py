@@ -196,7 +196,8 @@ def init_run(
     entries = []
     for info in layers:
         d = info.to_dict()
-        d["candidates"] = space_obj.candidates(info.in_chs, info.out_chs, info.stride)
+        d["candidates"] = space_obj.candidates(info.in_chs, info.out_chs, info.stride,
+                                               teacher.get_submodule(info.name))
         entries.append(d)
     doc = {
         "version": LAYERS_VERSION,

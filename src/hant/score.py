@@ -269,8 +269,7 @@ def _candidate_file(run: Path, entry: dict) -> Path:
 def _build(layer, spec: str, teacher_layer: nn.Module) -> nn.Module:
     from hant.ops import build
 
-    return build(spec, layer.in_chs, layer.out_chs, layer.stride,
-                 teacher_layer if spec == "teacher" else None,
+    return build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer,
                  in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:]))
 
 

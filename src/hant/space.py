@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from hant.errors import HantError
 from hant.ops import REGISTRY, Registry, SpecError
@@ -44,15 +45,17 @@ class Space:
     source: str = ""
     registry: Registry = field(default=REGISTRY, repr=False, compare=False)
 
-    def candidates(self, in_chs: int, out_chs: int, stride: int) -> list[str]:
+    def candidates(self, in_chs: int, out_chs: int, stride: int, teacher_layer: nn.Module | None = None) -> list[str]:
         """The specs that fit a layer mapping in_chs -> out_chs with `stride`, in pool order.
 
         Always includes `teacher` and `proj`; `skip` only for stride 1 with equal channels.
+        Families derived from the teacher's layer (`self_w50`, `sep`, ...) are offered only
+        with `teacher_layer`, and only where they fit it.
         """
         for label, v in (("in_chs", in_chs), ("out_chs", out_chs), ("stride", stride)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise HantError(f"{label} must be a positive int, got {v!r}")
-        return [s for s in self.specs if self.registry.is_valid(s, in_chs, out_chs, stride)]
+        return [s for s in self.specs if self.registry.is_valid(s, in_chs, out_chs, stride, teacher_layer)]
 
     def __len__(self) -> int:
         return len(self.specs)

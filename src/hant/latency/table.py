@@ -99,7 +99,8 @@ class _Run:
         from hant import ops
         from hant.layers import get_layer
 
-        teacher_layer = get_layer(self.teacher, layer.name) if spec == "teacher" else None
+        # Families derived from the teacher's layer (`teacher`, `self_w50`, `sep`, ...) copy it.
+        teacher_layer = get_layer(self.teacher, layer.name) if ops.needs_teacher(spec) else None
         return ops.build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer,
                          in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:])).eval()
 

@@ -32,6 +32,7 @@ __all__ = [
     "parse",
     "build",
     "is_valid",
+    "needs_teacher",
     "count_params",
     "register_family",
     "unregister_family",
@@ -102,13 +103,21 @@ def build(
     )
 
 
-def is_valid(spec: str | OpSpec, in_chs: int, out_chs: int, stride: int, *, registry: Registry | None = None) -> bool:
+def is_valid(spec: str | OpSpec, in_chs: int, out_chs: int, stride: int, *,
+             teacher_layer: nn.Module | None = None, registry: Registry | None = None) -> bool:
     """Whether `spec` fits a layer mapping in_chs -> out_chs with `stride`.
 
-    False, for example, for `skip` unless stride is 1 and the channels match.
-    Raises SpecError when `spec` itself is malformed.
+    False, for example, for `skip` unless stride is 1 and the channels match. Families
+    that derive their candidate from the teacher's layer (`self`, the factorisations) judge
+    it on `teacher_layer` and are never valid without one. Raises SpecError when `spec`
+    itself is malformed.
     """
-    return _reg(registry).is_valid(spec, in_chs, out_chs, stride)
+    return _reg(registry).is_valid(spec, in_chs, out_chs, stride, teacher_layer)
+
+
+def needs_teacher(spec: str | OpSpec, *, registry: Registry | None = None) -> bool:
+    """Whether building `spec` needs the teacher's layer (pass it as `teacher_layer=`)."""
+    return _reg(registry).needs_teacher(spec)
 
 
 def count_params(

@@ -32,7 +32,11 @@ class Family:
     params:        the parameters, in token order.
     valid:         optional `valid(in_chs, out_chs, stride, **args) -> bool`; a spec
                    that is not valid for a layer is never offered nor built for it.
-    needs_teacher: the builder needs the teacher's layer (the `teacher` family).
+                   Families with `needs_teacher` also receive `teacher_layer=` (None when
+                   the caller has no teacher layer: such a family is then not offered).
+    needs_teacher: the builder needs the teacher's layer (`teacher`, and families that
+                   derive the candidate from it); it receives `teacher_layer=` and returns
+                   a module already initialised from it.
     description:   one line for listings.
     """
 
@@ -100,10 +104,14 @@ class Family:
             self.param(next(iter(restrict)))  # raises, naming the unknown parameter
         return [OpSpec(self.name, tuple(combo)) for combo in itertools.product(*choices)]
 
-    def is_valid(self, spec: OpSpec, in_chs: int, out_chs: int, stride: int) -> bool:
-        """Whether `spec` (of this family) fits a layer of this shape."""
+    def is_valid(self, spec: OpSpec, in_chs: int, out_chs: int, stride: int,
+                 teacher_layer: nn.Module | None = None) -> bool:
+        """Whether `spec` (of this family) fits a layer of this shape (and, for a family that
+        derives its candidate from the teacher, that teacher layer)."""
         if self.valid is None:
             return True
+        if self.needs_teacher:
+            return bool(self.valid(in_chs, out_chs, stride, teacher_layer=teacher_layer, **spec.args))
         return bool(self.valid(in_chs, out_chs, stride, **spec.args))
 
 
@@ -156,10 +164,16 @@ class Registry:
         op = self.parse(text)
         return self.get(op.family), op
 
-    def is_valid(self, spec: str | OpSpec, in_chs: int, out_chs: int, stride: int) -> bool:
-        """Whether `spec` fits a layer mapping `in_chs` to `out_chs` with `stride`."""
+    def is_valid(self, spec: str | OpSpec, in_chs: int, out_chs: int, stride: int,
+                 teacher_layer: nn.Module | None = None) -> bool:
+        """Whether `spec` fits a layer mapping `in_chs` to `out_chs` with `stride`; families
+        that derive their candidate from the teacher's layer judge it on `teacher_layer`."""
         family, op = self.resolve(spec)
-        return family.is_valid(op, in_chs, out_chs, stride)
+        return family.is_valid(op, in_chs, out_chs, stride, teacher_layer)
+
+    def needs_teacher(self, spec: str | OpSpec) -> bool:
+        """Whether building `spec` needs the teacher's layer (`teacher_layer=` of `build`)."""
+        return self.resolve(spec)[0].needs_teacher
 
     def build(
         self,
@@ -178,15 +192,15 @@ class Registry:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpecError(f"{label} must be a positive int, got {v!r}")
         family, op = self.resolve(spec)
-        if not family.is_valid(op, in_chs, out_chs, stride):
+        if family.needs_teacher and teacher_layer is None:
+            raise SpecError(f"spec {op.encode()!r} needs the teacher's layer; pass teacher_layer=")
+        if not family.is_valid(op, in_chs, out_chs, stride, teacher_layer):
             raise SpecError(
                 f"spec {op.encode()!r} does not fit a layer with in_chs={in_chs}, out_chs={out_chs}, "
                 f"stride={stride}; choose one of the layer's candidates"
             )
         kwargs = op.args
         if family.needs_teacher:
-            if teacher_layer is None:
-                raise SpecError(f"spec {op.encode()!r} needs the teacher's layer; pass teacher_layer=")
             kwargs["teacher_layer"] = teacher_layer
         module = family.builder(in_chs, out_chs, stride, **kwargs)
         if not isinstance(module, nn.Module):
