@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -125,9 +127,17 @@ def test_accelerate_custom_module_is_kept_in_memory(tmp_path, splits, monkeypatc
     train, held, _ = splits
     torch.manual_seed(0)
     model = _fit(TinyNet(), train)
-    r = hant.accelerate(model, train, held, speedup=1.2, run=tmp_path / "run", config=_config(tmp_path),
-                        log=lambda *_: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = hant.accelerate(model, train, held, speedup=1.2, run=tmp_path / "run", config=_config(tmp_path),
+                            log=lambda *_: None)
     assert r.source.startswith("memory:TinyNet-")
+    # Every plan the selection judged likely to lose accuracy is named, as a warning and on the result.
+    from hant.api import AccuracyRiskWarning
+
+    risks = {p: json.loads((r.run / "plans" / f"{p}.json").read_text())["accuracy_risk"] for p in r.plans}
+    assert set(r.warnings) == {p for p, risk in risks.items() if risk["large"]}
+    assert sorted(str(w.message) for w in caught if w.category is AccuracyRiskWarning) == sorted(r.warnings.values())
     ev = r.evals[r.plans[0]]
     assert ev["speedup"] > 1.0
     with torch.no_grad():

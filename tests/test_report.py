@@ -90,3 +90,15 @@ def test_report_does_not_flag_timings_whose_intervals_overlap(tmp_path):
     ev["teacher"] = {"top1": 90.0, "latency_ms": 3.0}
     write_json(path, ev)
     assert timing_disagreements(collect(tmp_path)) == []
+
+
+def test_report_flags_plans_with_large_predicted_damage(tmp_path):
+    _fake_run(tmp_path)
+    assert "predicted damage is large" not in write_report(tmp_path).read_text()
+    plan = read_json(tmp_path / "plans" / "p2.json")
+    plan["accuracy_risk"] = {"predicted_d_loss": 16.0, "teacher_loss": 0.02, "share": 800.0, "limit": 0.02,
+                             "large": True, "safe_speedup": 1.41, "message": "..."}
+    write_json(tmp_path / "plans" / "p2.json", plan)
+    text = write_report(tmp_path).read_text()
+    assert "predicted damage is large" in text
+    assert "- p2: predicted loss increase 16 against the teacher's 0.02; up to 1.41x (predicted)" in text

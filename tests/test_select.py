@@ -680,3 +680,59 @@ def test_cli_candidates(tmp_path, capsys):
     alt = read_json(RunDir(run).plan("t1-3ms-alt1"))
     assert alt["rank"] == 1 and alt["differs_from_best"] >= 2
     assert main(["select", "--run", str(run), "--target", "t1", "--budget-ms", "3", "--candidates", "0"]) == 2
+
+
+def _with_teacher_loss(run, loss):
+    s = read_json(RunDir(run).scores)
+    s["teacher"] = {"loss": loss, "top1": 90.0}
+    write_json(RunDir(run).scores, s)
+
+
+def test_plan_with_large_predicted_damage_is_flagged_with_the_largest_safe_speedup(tmp_path):
+    from hant.select import damage_limit
+
+    run, _ = _fake_run(tmp_path)
+    _with_teacher_loss(run, 0.4)  # small damage: summed d_loss up to 0.1
+    lines = []
+    fast = select(run, target="t1", speedup=3.0, log=lines.append)
+    risk = fast["accuracy_risk"]
+    assert risk["limit"] == pytest.approx(damage_limit(0.4)) == pytest.approx(0.1)
+    assert risk["predicted_d_loss"] == pytest.approx(fast["predicted"]["d_loss"])
+    assert risk["predicted_d_loss"] > 0.1 and risk["large"]
+    warnings = [line for line in lines if line.startswith("warning: plan t1-x3")]
+    assert len(warnings) == 1 and "0.4" in warnings[0]
+    # The speedup named as safe is one whose plan does keep the damage small, and no larger one does.
+    safe = risk["safe_speedup"]
+    assert 1.0 <= safe < 3.0 and f"{safe:.2f}x" in warnings[0]
+    at_safe = select(run, target="t1", speedup=safe * 0.999, name="safe", log=_quiet)
+    assert at_safe["predicted"]["d_loss"] <= 0.1 + 1e-9 and not at_safe["accuracy_risk"]["large"]
+    beyond = select(run, target="t1", speedup=safe * 1.05, name="beyond", log=_quiet)
+    assert beyond["accuracy_risk"]["large"]
+
+
+def test_small_damage_and_non_loss_scores_give_no_warning(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    _with_teacher_loss(run, 100.0)
+    lines = []
+    p = select(run, target="t1", speedup=3.0, log=lines.append)
+    assert not p["accuracy_risk"]["large"] and not any(line.startswith("warning") for line in lines)
+    s = read_json(RunDir(run).scores)
+    s["method"] = "distill"  # NMSE, not a loss change: nothing to compare with the teacher's loss
+    write_json(RunDir(run).scores, s)
+    assert "accuracy_risk" not in select(run, target="t1", speedup=3.0, name="d", log=_quiet)
+
+
+def test_select_measured_warns_once_about_the_kept_plan(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    _with_teacher_loss(run, 0.4)
+
+    def slow_timer(r, name):
+        p = read_json(RunDir(r).plan(name))
+        return {"teacher_ms": 4.5, "student_ms": 1.15 * p["predicted_ms"]}
+
+    lines = []
+    p = select_measured(run, "t1", speedup=2.5, name="x2.5", timer=slow_timer, log=lines.append)
+    assert len(p["latency_check"]["rounds"]) >= 2
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "x2.5 (2.5x)" in warnings[0]
+    assert read_json(RunDir(run).plan("x2.5"))["accuracy_risk"]["large"]

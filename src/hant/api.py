@@ -6,7 +6,9 @@ The module is not named `accelerate`, so that `hant.accelerate` stays the functi
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +16,10 @@ from typing import Any, Callable
 from hant.errors import HantError
 from hant.pipeline import AccelerateOptions, accelerate_run
 from hant.workspace import RunDir, read_json
+
+
+class AccuracyRiskWarning(UserWarning):
+    """A plan's predicted loss increase is large against the teacher's held-out loss."""
 
 
 @dataclass
@@ -27,6 +33,8 @@ class AccelerateResult:
     report: Path
     table: str
     source: str
+
+    warnings: dict[str, str] = dataclasses.field(default_factory=dict)  # plan -> why it may lose accuracy
 
     @property
     def student(self):
@@ -158,8 +166,14 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     students = {p: load_student(rd.student_dir(p)) for p in out["plans"]}
     evals = {p: read_json(rd.student_dir(p) / "eval.json") for p in out["plans"]}
     table = results_table(collect(run))
+    # A plan whose predicted damage is large was announced in the log; a caller that silenced
+    # the log still gets the warning, and finds it on the result.
+    risks = {p: (read_json(rd.plan(p)).get("accuracy_risk") or {}) for p in out["plans"] if rd.plan(p).exists()}
+    flagged = {p: r["message"] for p, r in risks.items() if r.get("large")}
+    for message in flagged.values():
+        warnings.warn(message, AccuracyRiskWarning, stacklevel=2)
     return AccelerateResult(run=run, plans=out["plans"], students=students, evals=evals, report=Path(out["report"]),
-                            table=table, source=src)
+                            table=table, source=src, warnings=flagged)
 
 
 def _same_outputs(model: Any, source: str, in_chans: int, num_classes: int, checkpoint: Path, images: Any,

@@ -312,6 +312,11 @@ def write_report(run: str | Path) -> Path:
         md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, "
                "the machine's speed changed between them; neither number is the network's latency alone:", "",
                *disagree, ""]
+    risks = accuracy_risk_lines(info)
+    if risks:
+        md += ["Plans whose predicted damage is large (the summed loss increase of their layers, each "
+               "replaced alone, against the teacher's held-out loss): check their accuracy before use.", "",
+               *risks, ""]
     if pareto:
         md += ["![accuracy against latency](pareto.png)", ""]
     md += _int8_scheme_lines(info)
@@ -389,6 +394,20 @@ def timing_disagreements(info: dict[str, Any]) -> list[str]:
                 continue
             lines.append(f"- {name}, {who}: {_span(*check)} ms at the plan's hardware check, {_span(*final)} ms "
                          f"in the final measurement; the two disagree beyond their intervals.")
+    return lines
+
+
+def accuracy_risk_lines(info: dict[str, Any]) -> list[str]:
+    """One markdown line per plan that `hant select` flagged as likely to lose accuracy
+    (its `accuracy_risk.large`), with the largest speedup whose predicted damage is small."""
+    lines = []
+    for name, plan in info["plans"].items():
+        risk = plan.get("accuracy_risk") or {}
+        if risk.get("large"):
+            safe = risk.get("safe_speedup")
+            lines.append(f"- {name}: predicted loss increase {risk['predicted_d_loss']:.3g} against the teacher's "
+                         f"{risk['teacher_loss']:.3g}" + (f"; up to {safe:.2f}x (predicted) the damage is small"
+                                                           if safe else "") + ".")
     return lines
 
 

@@ -33,6 +33,7 @@ from hant.errors import HantError
 __all__ = [
     "Constraint", "Solution", "InfeasibleError", "solve", "solve_diverse", "greedy", "random_feasible", "exhaustive",
     "plan_totals", "Pool", "build_pool", "predicted_latency", "teacher_latency", "SelectOptions", "select",
+    "accuracy_risk", "damage_limit",
     "select_measured", "OBJECTIVES",
 ]
 
@@ -829,6 +830,63 @@ class SelectOptions:
         return replace(self, **overrides) if overrides else self
 
 
+# A plan's predicted damage is "small" while its summed replace-one-layer loss increase stays
+# within this share of the teacher's held-out loss (with a floor in nats, for teachers whose
+# loss is near zero). On the demo run the 2x plan predicted 4% (its student lost 0.2 points
+# after fine-tuning) and the 3x plan 72% (it lost 2.5); a plain CNN's plan that predicted
+# 16 nats against a teacher loss of 0.02 lost 48 points.
+DAMAGE_SHARE = 0.25
+DAMAGE_FLOOR = 0.02
+
+
+def damage_limit(teacher_loss: float) -> float:
+    """The predicted loss increase (nats) up to which a plan's damage counts as small."""
+    return max(DAMAGE_SHARE * float(teacher_loss), DAMAGE_FLOOR)
+
+
+def _largest_safe_speedup(pool: Pool, lat: list[np.ndarray], fixed: float, extra: list[Constraint],
+                          limit: float, teacher_ms: float, time_limit_s: float) -> float | None:
+    """The largest predicted speedup of a plan whose summed d_loss stays within `limit`:
+    the fastest plan under that loss (the program with the roles of cost and latency swapped).
+    None when even keeping the teacher breaks another constraint."""
+    d_loss = [np.nan_to_num(np.asarray(a, dtype=float), nan=1e6) for a in pool.metrics["d_loss"]]
+    try:
+        sol = solve(lat, d_loss, limit, extra=extra, time_limit_s=time_limit_s)
+    except HantError:
+        return None
+    ms = plan_totals(sol.choice, lat, fixed)
+    return teacher_ms / ms if ms > 0 else None
+
+
+def accuracy_risk(plan: dict[str, Any], teacher_loss: float | None, safe_speedup: float | None) -> dict[str, Any] | None:
+    """How much a plan's predicted loss increase is against the teacher's held-out loss.
+
+    Takes a plan (its `predicted.d_loss` from replace-one-layer scores), the teacher's
+    held-out loss and the largest predicted speedup whose damage is small. Returns
+    {"predicted_d_loss", "teacher_loss", "share", "limit", "large", "safe_speedup",
+    "message"} (`message` the one-line warning when `large`, else None), or None when the
+    scores are not loss changes (score method other than `eval`) or lack the teacher's loss.
+    """
+    d = (plan.get("predicted") or {}).get("d_loss")
+    if plan.get("score_method") != "eval" or d is None or teacher_loss is None or not teacher_loss >= 0:
+        return None
+    limit = damage_limit(teacher_loss)
+    large = d > limit
+    message = None
+    if large:
+        speedup = plan.get("speedup") or plan.get("predicted_speedup")
+        safe = (f"the largest speedup whose predicted damage is small is {safe_speedup:.2f}x (predicted)"
+                if safe_speedup else "no faster plan keeps the predicted damage small")
+        message = (f"plan {plan['name']}"
+                   + (f" ({speedup:g}x)" if speedup else "")
+                   + f" will likely lose accuracy: its predicted loss increase {d:.3g} is "
+                   f"{d / teacher_loss if teacher_loss > 0 else math.inf:.0%} of the teacher's held-out loss "
+                   f"{teacher_loss:.3g} (small: up to {limit:.3g}); {safe}")
+    return {"predicted_d_loss": float(d), "teacher_loss": float(teacher_loss),
+            "share": float(d / teacher_loss) if teacher_loss > 0 else None, "limit": limit, "large": bool(large),
+            "safe_speedup": safe_speedup, "message": message}
+
+
 def select(run: str | Path, target: str, budget_ms: float | None = None, speedup: float | None = None,
            name: str | None = None, options: SelectOptions = SelectOptions(), sweep: bool = False,
            log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
@@ -947,6 +1005,22 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     def run_solver(budget: float) -> Solution:
         return solve(pool.cost, lat, budget, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
 
+    teacher_loss = (scores.get("teacher") or {}).get("loss")
+    safe_cache: list[float | None] = []
+
+    def judge(plan: dict) -> None:
+        """Record the plan's accuracy risk in it; warn in one line when it is large."""
+        if plan.get("score_method") != "eval" or teacher_loss is None:
+            return
+        if not safe_cache:
+            safe_cache.append(_largest_safe_speedup(pool, lat, fixed, extra, damage_limit(teacher_loss),
+                                                    teacher_ms, time_limit_s))
+        risk = accuracy_risk(plan, teacher_loss, safe_cache[0])
+        if risk is not None:
+            plan["accuracy_risk"] = risk
+            if risk["large"]:
+                log(f"warning: {risk['message']}")
+
     result: dict[str, Any] = {}
     if budget_ms is not None or speedup is not None:
         budget = float(budget_ms) if budget_ms is not None else teacher_ms / float(speedup)
@@ -966,6 +1040,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         plan_name = name or (f"{target}-x{speedup:g}" if speedup is not None else f"{target}-{budget:.4g}ms")
         sol = sols[0]
         plan = make_plan(budget, plan_name, sol, requested)
+        judge(plan)
         alternatives = []
         for rank, alt in enumerate(sols[1:], 1):
             alt_name = f"{plan_name}-alt{rank}"
@@ -1091,6 +1166,13 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
         raise HantError(f"max_budget_ms must be a positive number, got {max_budget_ms}")
     options = options.updated(overrides)
     goal = speedup * (1.0 - tolerance)
+    # The accuracy warning is said once, of the plan that is kept, not of every round's plan.
+    outer_log = log
+
+    def log(msg: str) -> None:
+        if not msg.startswith("warning: plan "):
+            outer_log(msg)
+
     plan = select(run, target=target, speedup=speedup, name=name, options=options, log=log)
     if max_budget_ms is not None and plan["budget_ms"] > max_budget_ms:
         log(f"plan {name}: budget {plan['budget_ms']:.4g} ms capped at {max_budget_ms:.4g} ms, the budget "
@@ -1129,6 +1211,11 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
         log(f"plan {name}: measured {checks[-1]['speedup']:.2f}x (at most {checks[-1]['speedup_ci_hi']:.2f}x), "
             f"short of {speedup:g}x after {len(checks)} timings")
     plan = {k: v for k, v in plan.items() if k != "path"}
+    if plan.get("accuracy_risk"):
+        plan["accuracy_risk"] = accuracy_risk(plan, plan["accuracy_risk"]["teacher_loss"],
+                                              plan["accuracy_risk"]["safe_speedup"])
+        if plan["accuracy_risk"]["large"]:
+            outer_log(f"warning: {plan['accuracy_risk']['message']}")
     plan["latency_check"] = {"rounds": checks, "tolerance": tolerance, "goal_speedup": goal,
                              "rule": SPEEDUP_RULE, "budget_cap_ms": max_budget_ms, "timing": timing, "met": met}
     # The file names the alternatives, as `select` writes it; the result carries them whole, as
