@@ -102,3 +102,13 @@ def test_report_flags_plans_with_large_predicted_damage(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "predicted damage is large" in text
     assert "- p2: predicted loss increase 16 against the teacher's 0.02; up to 1.41x (predicted)" in text
+
+
+def test_report_gives_embedding_compatibility(tmp_path):
+    _fake_run(tmp_path)
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["embedding"] = {"images": 100, "cosine": 0.8123, "retrieval_top1": {"student_to_teacher": 85.0,
+                                                                          "teacher_to_teacher": 88.5}}
+    write_json(path, ev)
+    assert "| p2 | 0.812 | 85.00% | 88.50% |" in write_report(tmp_path).read_text()

@@ -265,6 +265,9 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
         assert 0.0 <= ev[who]["top1"] <= 100.0
     assert ev["student"]["top1_assembled"] is not None and ev["finetune"]["steps"] == 10
     assert ev["params"] > 0 and ev["flops"] > 0
+    emb = ev["embedding"]  # the student's features against the teacher's, on the 24 test images
+    assert emb["images"] == 24 and -1.0 <= emb["cosine"] <= 1.0
+    assert set(emb["retrieval_top1"]) == {"student_to_teacher", "teacher_to_teacher"}
     # The fine-tuned student loads on its own and is not the assembled one.
     x = _x()
     with torch.no_grad():

@@ -340,6 +340,13 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
         model.eval()
         if not done_before or "student_top1" not in info:
             info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        if not done_before or "embedding" not in info:
+            info["embedding"] = embedding_compatibility(model, teacher, splits.test, ft.batch_size, cfg.data.workers)
+            e = info["embedding"]
+            if "cosine" in e:
+                say(f"fine-tune {plan}: student features against the teacher's: cosine {e['cosine']:.3f}, "
+                    f"retrieval top-1 {e['retrieval_top1']['student_to_teacher']:.2f}% with student queries, "
+                    f"{e['retrieval_top1']['teacher_to_teacher']:.2f}% with the teacher's")
         model.to("cpu").to(memory_format=torch.contiguous_format)
         save_student(model, out, arch)
         _finish_checkpoint(loop, model, opt, step, info)
@@ -355,6 +362,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
             "teacher": {"top1": info["teacher_top1"], "params": t_params, "flops": t_flops},
             "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
                         "params": params, "flops": flops},
+            "embedding": info.get("embedding"),
             "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
             "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
             "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
@@ -636,6 +644,26 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     return {"steps": sched.total, "epochs": epochs, "batch_size": sched.batch, "train_images": len(train),
             "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1),
             "history": info.get("history", [])}
+
+
+# Retrieval compares every test image with every other: beyond this many it costs more than
+# the rest of the evaluation, and the number is already stable.
+EMBEDDING_RETRIEVAL_IMAGES = 10000
+
+
+def embedding_compatibility(model: nn.Module, teacher: nn.Module, dataset, batch_size: int,
+                            workers: int = 0) -> dict[str, Any]:
+    """hant.embedding.compatibility of `model` against `teacher` on `dataset` (the test split);
+    {"error": why} instead of raising when a network has no classifier whose input is its
+    embedding. Both networks' train/eval modes are restored."""
+    from hant.data import make_loader
+    from hant.embedding import compatibility
+
+    try:
+        return compatibility(model, teacher, make_loader(dataset, batch_size, num_workers=workers),
+                             max_images=EMBEDDING_RETRIEVAL_IMAGES)
+    except HantError as e:
+        return {"error": str(e)}
 
 
 def _top1(model: nn.Module, dataset, batch_size: int, workers: int = 0, desc: str | None = None) -> float:

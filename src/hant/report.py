@@ -312,6 +312,14 @@ def write_report(run: str | Path) -> Path:
         md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, "
                "the machine's speed changed between them; neither number is the network's latency alone:", "",
                *disagree, ""]
+    embed = embedding_lines(info)
+    if embed:
+        md += ["Embedding compatibility on the test split: the mean cosine similarity of each student's "
+               "penultimate features to the teacher's for the same image, and nearest-neighbour retrieval "
+               "top-1 with student queries against a gallery the teacher embedded (beside teacher queries, "
+               "what the gallery gives today).", "",
+               "| student | cosine | retrieval top-1, student queries | teacher queries |", "|---|---:|---:|---:|",
+               *embed, ""]
     risks = accuracy_risk_lines(info)
     if risks:
         md += ["Plans whose predicted damage is large (the summed loss increase of their layers, each "
@@ -395,6 +403,20 @@ def timing_disagreements(info: dict[str, Any]) -> list[str]:
             lines.append(f"- {name}, {who}: {_span(*check)} ms at the plan's hardware check, {_span(*final)} ms "
                          f"in the final measurement; the two disagree beyond their intervals.")
     return lines
+
+
+def embedding_lines(info: dict[str, Any]) -> list[str]:
+    """One markdown table row per student whose eval.json records embedding compatibility."""
+    rows = []
+    for name, ev in info["evals"].items():
+        e = ev.get("embedding") or {}
+        if "cosine" in e:
+            r = e["retrieval_top1"]
+            rows.append(f"| {name} | {e['cosine']:.3f} | {r['student_to_teacher']:.2f}% | "
+                        f"{r['teacher_to_teacher']:.2f}% |")
+        elif e.get("error"):
+            rows.append(f"| {name} | not compared: {e['error']} | | |")
+    return rows
 
 
 def accuracy_risk_lines(info: dict[str, Any]) -> list[str]:
