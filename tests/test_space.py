@@ -36,7 +36,14 @@ def test_space_sizes(name, lo, hi):
 
 def test_full_space_covers_every_family_and_combination():
     specs = load_space("full").candidates(40, 40, 1)
-    assert {ops.parse(s).family for s in specs} == set(ops.families())
+    derived = {f for f in ops.families() if ops.get_family(f).needs_teacher and f != "teacher"}
+    assert {ops.parse(s).family for s in specs} == set(ops.families()) - derived
+    # Families derived from the teacher's layer are offered on a layer they can change.
+    layer = nn.Sequential(nn.Conv2d(40, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 40, 3, 1, 1, bias=False), nn.BatchNorm2d(40))
+    with_teacher = load_space("full").candidates(40, 40, 1, layer)
+    assert {ops.parse(s).family for s in with_teacher} == set(ops.families())
+    assert [s for s in with_teacher if ops.parse(s).family not in derived] == specs
     assert sum(s.startswith("mb_") for s in specs) == 4 * 5 * 2 * 3
     assert sum(s.startswith("fmb_") for s in specs) == 3 * 4 * 2 * 3
     for s in ["mb_k5_e3_se_silu", "mb_k3_e6_relu", "fmb_k3_e4_relu", "ds_k3_se_hswish", "conv_k3_relu",

@@ -18,6 +18,7 @@ from hant.workspace import RunDir, atomic_write_text, read_json
 _FAMILY_COLORS = {
     "teacher": "#9e9e9e", "mb": "#1f77b4", "fmb": "#ff7f0e", "ds": "#2ca02c", "conv": "#d62728",
     "basic": "#9467bd", "bottle": "#8c564b", "skip": "#ffffff", "proj": "#e377c2",
+    "self": "#17becf", "sep": "#aec7e8", "lr": "#ffbb78", "sp": "#98df8a", "grp": "#c5b0d5",
 }
 
 

@@ -5,7 +5,8 @@
     'mb_k5_e3_se_silu'
     >>> m = ops.build("mb_k3_e6_relu", in_chs=16, out_chs=24, stride=2)
 
-Built-in families: mb, fmb, ds, conv, basic, bottle, skip, proj, teacher.
+Built-in families: mb, fmb, ds, conv, basic, bottle, skip, proj, teacher, and the families
+derived from the teacher's layer: sep, lr, sp, grp (its convolutions factorised).
 Register your own with `register_family`. Every function takes `registry=` to
 work on another `Registry` than the built-in one.
 """
@@ -17,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from hant.ops import conv, dsconv, fused, mbconv, resnet, simple
+from hant.ops import conv, dsconv, factor, fused, mbconv, resnet, simple
 from hant.ops.registry import Family, Registry, check_output_shape
 from hant.ops.spec import OpSpec, Param, SpecError
 
@@ -54,6 +55,7 @@ def builtin_families() -> list[Family]:
         simple.SKIP,
         simple.PROJ,
         simple.TEACHER,
+        *factor.FAMILIES,
     ]
 
 
