@@ -1,6 +1,5 @@
 """The headline benchmark: hant against pruning, a smaller network and quantisation at equal measured latency.
 
-    pip install -e .[bench]                                    # Torch-Pruning (the `bench` extra)
     .venv/bin/python bench/headline.py --run runs/demo         # the full benchmark -> bench/results/headline.*
     .venv/bin/python bench/headline.py --quick --out /tmp/hl   # a tiny end-to-end run in a few minutes
 

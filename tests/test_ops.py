@@ -26,6 +26,7 @@ REPRESENTATIVE = {
     "skip": ["skip"],
     "proj": ["proj"],
     "teacher": ["teacher"],
+    "self": ["self_w50", "self_w25"],
     "sep": ["sep"],
     "lr": ["lr_r50"],
     "sp": ["sp_r25"],

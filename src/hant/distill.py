@@ -1190,7 +1190,7 @@ def build_candidates(pools: list[LayerPool], keys: list[tuple[str, str]], teache
         t_layer = teacher.get_submodule(layer)
         torch.manual_seed(candidate_seed(seed, layer, spec))
         module = ops.build(spec, p.in_chs, p.out_chs, p.stride, t_layer, in_hw=tuple(p.in_shape[1:]),
-                           out_hw=tuple(p.out_shape[1:]))
+                           out_hw=tuple(p.out_shape[1:]), sample=sample.get(layer))
         if spec == "teacher":
             out.append(Candidate(layer, spec, module.eval(), init=INIT_TEACHER, train=False))
             continue

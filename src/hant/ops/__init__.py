@@ -6,7 +6,8 @@
     >>> m = ops.build("mb_k3_e6_relu", in_chs=16, out_chs=24, stride=2)
 
 Built-in families: mb, fmb, ds, conv, basic, bottle, skip, proj, teacher, and the families
-derived from the teacher's layer: sep, lr, sp, grp (its convolutions factorised).
+derived from the teacher's layer: self (its own block at reduced width), sep, lr, sp, grp
+(its convolutions factorised).
 Register your own with `register_family`. Every function takes `registry=` to
 work on another `Registry` than the built-in one.
 """
@@ -18,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from hant.ops import conv, dsconv, factor, fused, mbconv, resnet, simple
+from hant.ops import conv, dsconv, factor, fused, mbconv, resnet, selfw, simple
 from hant.ops.registry import Family, Registry, check_output_shape
 from hant.ops.spec import OpSpec, Param, SpecError
 
@@ -55,6 +56,7 @@ def builtin_families() -> list[Family]:
         simple.SKIP,
         simple.PROJ,
         simple.TEACHER,
+        selfw.FAMILY,
         *factor.FAMILIES,
     ]
 
@@ -86,6 +88,7 @@ def build(
     in_hw: tuple[int, int] | None = None,
     out_hw: tuple[int, int] | None = None,
     check: bool = True,
+    sample: torch.Tensor | None = None,
     registry: Registry | None = None,
 ) -> nn.Module:
     """Build the module that `spec` names for a layer mapping in_chs -> out_chs with `stride`.
@@ -98,10 +101,12 @@ def build(
 
     Raises SpecError for a bad spec, a spec that does not fit the shape (e.g.
     `skip` with stride 2) or a missing `teacher_layer`; HantError when the
-    built module's output shape is wrong.
+    built module's output shape is wrong. `sample`, a batch of the layer's input, lets a
+    family derived from the teacher's layer choose from data (`self` keeps the channels
+    that matter on it); the module's structure never depends on it.
     """
     return _reg(registry).build(
-        spec, in_chs, out_chs, stride, teacher_layer, in_hw=in_hw, out_hw=out_hw, check=check
+        spec, in_chs, out_chs, stride, teacher_layer, in_hw=in_hw, out_hw=out_hw, check=check, sample=sample
     )
 
 

@@ -8,6 +8,7 @@ function here takes `registry=` to use another one instead.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -28,7 +29,8 @@ class Family:
     name:          the family token (`mb`, `skip`, ...).
     builder:       `builder(in_chs, out_chs, stride, **args) -> nn.Module`, where
                    `args` holds the spec's parameter values by name; families with
-                   `needs_teacher` also receive `teacher_layer=`.
+                   `needs_teacher` also receive `teacher_layer=`, and `sample=` (a batch
+                   of the layer's input) when their builder takes it and one is given.
     params:        the parameters, in token order.
     valid:         optional `valid(in_chs, out_chs, stride, **args) -> bool`; a spec
                    that is not valid for a layer is never offered nor built for it.
@@ -186,6 +188,7 @@ class Registry:
         in_hw: tuple[int, int] | None = None,
         out_hw: tuple[int, int] | None = None,
         check: bool = True,
+        sample: torch.Tensor | None = None,
     ) -> nn.Module:
         """Build the module for `spec` at a layer's shape; see `hant.ops.build`."""
         for label, v in (("in_chs", in_chs), ("out_chs", out_chs), ("stride", stride)):
@@ -202,6 +205,8 @@ class Registry:
         kwargs = op.args
         if family.needs_teacher:
             kwargs["teacher_layer"] = teacher_layer
+            if sample is not None and "sample" in inspect.signature(family.builder).parameters:
+                kwargs["sample"] = sample
         module = family.builder(in_chs, out_chs, stride, **kwargs)
         if not isinstance(module, nn.Module):
             raise HantError(f"builder of family {family.name!r} returned {type(module).__name__}, not an nn.Module")

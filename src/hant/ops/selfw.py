@@ -658,16 +658,18 @@ def valid_self(in_chs: int, out_chs: int, stride: int, *, w: int, k3: bool, teac
     return not k3 or bool(a.crops)
 
 
-def build_self(in_chs: int, out_chs: int, stride: int, *, w: int, k3: bool, teacher_layer: nn.Module) -> nn.Module:
+def build_self(in_chs: int, out_chs: int, stride: int, *, w: int, k3: bool, teacher_layer: nn.Module,
+               sample: torch.Tensor | None = None) -> nn.Module:
     """The teacher's layer with internal widths at `w` percent and, with `k3`, kernels
-    above 3 cropped to 3 (see the module docstring). Raises SpecError when the spec does
-    not change this layer (see `valid_self`), HantError when the thinned copy fails."""
+    above 3 cropped to 3 (see the module docstring); `sample` (a batch of the layer's input)
+    chooses the kept channels from data, as `thin_layer` does. Raises SpecError when the spec
+    does not change this layer (see `valid_self`), HantError when the thinned copy fails."""
     if not valid_self(in_chs, out_chs, stride, w=w, k3=k3, teacher_layer=teacher_layer):
         raise SpecError(
             f"self_w{w}{'_k3' if k3 else ''} does not fit this layer ({type(teacher_layer).__name__}, "
             f"{in_chs}->{out_chs}, stride {stride}); choose one of the layer's candidates"
         )
-    return thin_layer(teacher_layer, in_chs, stride, w=w, k3=k3)
+    return thin_layer(teacher_layer, in_chs, stride, w=w, k3=k3, sample=sample)
 
 
 FAMILY = Family(
