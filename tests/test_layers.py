@@ -125,6 +125,169 @@ def test_torchvision_efficientnet_stages_are_looked_through():
     assert "features.6.3" in names and "features.6" not in names
 
 
+def test_timm_stages_of_other_classes_are_looked_through():
+    # RegStage holds blocks b1, b2, ...; a ConvNeXt stage a downsample and a `blocks` list.
+    regnet = timm.create_model("regnetx_002", num_classes=10)
+    layers, skipped = discover_layers(regnet, (3, 64, 64))
+    depths = [1, 1, 4, 7]
+    assert [l.name for l in layers] == [f"s{i + 1}.b{j + 1}" for i, n in enumerate(depths) for j in range(n)]
+    assert skipped == []
+    convnext = timm.create_model("convnext_atto", num_classes=10)
+    names = [l.name for l in discover_layers(convnext, (3, 64, 64))[0]]
+    assert names[:3] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample.1"]
+    assert len(names) == 2 + 2 + 6 + 2 + 3 and not any(n.count(".") < 2 for n in names)
+
+
+def test_csp_stages_and_dla_trees_are_split_into_blocks():
+    cspnet = timm.create_model("cspresnet50", num_classes=10)
+    layers, _ = discover_layers(cspnet, (3, 64, 64))
+    names = [l.name for l in layers]
+    assert "stages.2.blocks.4" in names and "stages.2.conv_transition" in names
+    assert not any(n.count(".") < 2 for n in names)  # no whole stage
+    dla = timm.create_model("dla34", num_classes=10)
+    layers, skipped = discover_layers(dla, (3, 64, 64))
+    names = [l.name for l in layers]
+    # A tree's first child takes two tensors: its convolutions are the layers.
+    assert {"level2.tree1.conv1", "level2.tree1.conv2", "level2.tree2", "level5.tree2"} <= set(names)
+    assert {"name": "level2.root", "reason": "input is not a single tensor (tuple of 1)"} in skipped
+    assert max(l.flops for l in layers) < 0.1 * sum(l.flops for l in layers)
+
+
+class ResBlock(nn.Module):
+    """Two conv-BN pairs and a shortcut: a block with wiring of its own."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        y += x if self.down is None else self.down(x)  # in place, as timm does
+        return torch.relu(y)
+
+
+class NumberedStage(nn.Module):
+    """Blocks registered as b1, b2, ... and run in a loop."""
+
+    def __init__(self, c_in, c_out, depth):
+        super().__init__()
+        for i in range(depth):
+            self.add_module(f"b{i + 1}", ResBlock(c_in if i == 0 else c_out, c_out, 2 if i == 0 else 1))
+
+    def forward(self, x):
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+class DownBlocksStage(nn.Module):
+    def __init__(self, c_in, c_out, depth):
+        super().__init__()
+        self.downsample = nn.Sequential(nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 2, 2))
+        self.blocks = nn.Sequential(*[ResBlock(c_out, c_out) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class SplitStage(nn.Module):
+    """Half the channels through the blocks, then both halves concatenated (CSP)."""
+
+    def __init__(self, c, depth):
+        super().__init__()
+        self.conv_exp = nn.Conv2d(c, 2 * c, 1)
+        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(depth)])
+        self.conv_transition = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        a, b = self.conv_exp(x).chunk(2, dim=1)
+        return self.conv_transition(torch.cat([a, self.blocks(b)], dim=1))
+
+
+class TwoInputBlock(ResBlock):
+    def forward(self, x, shortcut):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class TreeNode(nn.Module):
+    """A DLA-like node: its first child takes two tensors, the last all outputs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.tree1 = TwoInputBlock(c, c)
+        self.tree2 = ResBlock(c, c)
+        self.root = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        x1 = self.tree1(x, x)
+        return self.root(torch.cat([x1, self.tree2(x1)], dim=1))
+
+
+class Stages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.s1 = NumberedStage(8, 16, 2)
+        self.s2 = DownBlocksStage(16, 32, 2)
+        self.s3 = SplitStage(32, 3)
+        self.s4 = TreeNode(32)
+        self.head = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        return self.head(self.s4(self.s3(self.s2(self.s1(self.stem(x)))))).mean((2, 3))
+
+
+def test_user_stages_of_any_class_give_blocks():
+    layers, skipped = discover_layers(Stages(), (3, 32, 32))
+    assert [l.name for l in layers] == [
+        "s1.b1", "s1.b2",  # numbered blocks run in a loop
+        "s2.downsample.1", "s2.blocks.0", "s2.blocks.1",  # a downsample and a block list
+        "s3.conv_exp", "s3.blocks.0", "s3.blocks.1", "s3.blocks.2", "s3.conv_transition",  # large: split
+        "s4.tree1.conv1", "s4.tree1.conv2", "s4.tree2", "s4.root",  # tree1 takes two tensors
+    ]
+    assert skipped == []
+    d = by_name(layers)
+    assert (d["s1.b1"].stride, d["s1.b1"].out_shape) == (2, (16, 16, 16))
+    assert d["s4.tree1.conv1"].in_shape == (32, 8, 8)
+
+
+class Flat(nn.Module):
+    """Blocks hanging from the model itself, between a stem and a head convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        for i in range(5):
+            self.add_module(f"block{i + 1}", ResBlock(16, 16))
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        for module in self.children():
+            x = module(x)
+        return x.mean((2, 3))
+
+
+def test_blocks_of_the_model_itself_with_their_stem_but_not_the_head():
+    layers, skipped = discover_layers(Flat(), (3, 16, 16))
+    assert [l.name for l in layers] == ["stem", "block1", "block2", "block3", "block4", "block5"]
+    assert skipped == []
+
+
+def test_large_block_is_split_and_smaller_blocks_are_not():
+    # Block 4 holds over half of the FLOPs: its convolutions become the layers. Block 5 holds
+    # under a quarter and no blocks of its own: it stays whole.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), ResBlock(8, 8), ResBlock(8, 8), ResBlock(8, 8),
+                          ResBlock(8, 64), ResBlock(64, 16, stride=2))
+    layers, _ = discover_layers(model, (3, 16, 16))
+    assert [l.name for l in layers] == ["0", "1", "2", "3", "4.conv1", "4.conv2", "4.down.0", "5"]
+
+
 # ------------------------------------------------------------------------------------------
 # Globs
 
@@ -234,6 +397,25 @@ def test_bad_input_size_and_failing_forward(effnet):
         discover_layers(effnet, (32, 32))
     with pytest.raises(HantError, match="input-size"):
         discover_layers(effnet, (3, 32, 32))  # the model takes one channel
+
+
+class SizeBound(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+
+    def forward(self, x):
+        assert x.shape[-1] == 224, f"Input height ({x.shape[-1]}) doesn't match model (224).\nmore"
+        return self.conv(x)
+
+
+def test_model_rejecting_the_size_gives_one_line():
+    with pytest.raises(HantError) as info:
+        discover_layers(SizeBound(), (3, 64, 64))
+    message = str(info.value)
+    assert message.startswith("SizeBound forward failed at input size 3x64x64 "
+                              "(AssertionError: Input height (64) doesn't match model (224).); ")
+    assert "--input-size" in message and "\n" not in message
 
 
 # ------------------------------------------------------------------------------------------

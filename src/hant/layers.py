@@ -1,30 +1,51 @@
 """Find the replaceable layers of a teacher, record their shapes, and build the preflight report.
 
 A *layer* is a submodule that maps one feature map (N, C, H, W) to one feature map and runs
-once per forward pass; each layer is replaced by one candidate operation. Default discovery:
+once per forward pass; each layer is replaced by one candidate operation. A module is *usable*
+as a layer when it takes and returns one 4-D tensor, runs once, its output size is its input
+size reduced by a stride, and it contains a convolution.
 
-1. timm EfficientNet/MobileNet style: a child ``blocks`` that is an ``nn.Sequential`` -> its
-   blocks, ``blocks.i.j`` (stage Sequentials inside it are looked through).
-2. ResNet style (timm and torchvision): children ``layer1``, ``layer2``, ... that are
-   ``nn.Sequential`` -> their blocks, ``layerN.i``.
-3. Anything else: the children of the model's *main sequential stages*. Every ``nn.Sequential``
-   in the model is a container; its units are its children, looking through children whose
-   type is exactly ``nn.Sequential`` (plain stage lists; subclasses such as torchvision's
-   ``Conv2dNormActivation`` count as one unit). Containers are grouped by name with digit runs
-   replaced (``stage1``, ``stage2`` -> one group). A unit is usable when it takes and returns
-   one 4-D tensor, runs once, and contains a convolution. A group lying entirely inside
-   another group that has at least two usable units is ignored (so the ``conv`` Sequential
-   inside each torchvision MobileNetV2 block loses to ``features``); of the rest, the group
-   with the most usable units wins, ties to the shallower one.
+Default discovery finds blocks, not stages, whatever the classes or names. It walks down from
+the model; the children of a module it opens are *units*:
+
+1. Plain containers (exactly ``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) and
+   modules that were not called themselves while their parts ran are opened.
+2. A *stage* is opened: a usable unit that only runs its children one after another (each
+   takes the previous one's output, unchanged; the last one's output is its own; a residual
+   sum, a concatenation or a gate breaks this) and holds a *block* with wiring of its own.
+   A block holds two or more convolutions or linear layers and a normalisation layer, so a
+   multi-kernel or separable convolution or a squeeze-excite gate is not one. So the blocks
+   of timm's RegNet stages (``s1.b1``, ``s1.b2``) and ConvNeXt stages
+   (``stages.0.blocks.0``) are found as those of an ``nn.Sequential`` stage are.
+3. A usable unit that would hold more than 1/8 of the model's FLOPs and holds two blocks,
+   one with wiring of its own (a CSP stage, a DLA tree, a DenseNet dense block), or, in a
+   network of four layers or more, more than 1/4 of them in any case (VoVNet's first
+   block), is opened when that gives at least two layers holding 90% of its FLOPs. Any
+   other usable unit is a layer.
+4. A unit that cannot be a layer but holds two or more convolutions or linear layers is
+   opened: its parts may be layers (DLA tree nodes and DPN blocks take two tensors, DenseNet
+   layers a list; HRNet modules return one map per branch).
+5. The model's own children with at most one convolution or linear layer are its stem, head
+   and classifier and are not units (``conv1`` of a ResNet, ``conv_stem`` of an
+   EfficientNet), unless blocks (not stages: blocks of blocks) hang from the model itself
+   (Inception, Xception): then those that run before its last block are. In a model made
+   of such children only (a plain list of convolutions) every child is a unit.
+
+The skipped list gives the reason for each unit that cannot be a layer and holds a
+convolution or linear layer (in a model that is itself a plain container: for each unit
+reached through plain containers), except inside a container where nothing is usable (a
+classifier, a list of one shared module).
 
 Include globs (``fnmatch`` on the dotted module name; ``*`` also crosses dots) replace the
 default: the outermost modules that match become the layers, so ``blocks.*.*`` selects
 ``blocks.i.j`` and not their insides. Exclude globs drop layers whose name, or the name of a
 module containing them, matches. A glob that matches no module is an error.
 
-Discovery runs one forward pass in eval mode under ``torch.no_grad()`` with batch 1 and
-counts FLOPs per layer with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add is
-two FLOPs) on the input recorded for that layer.
+Discovery runs one forward pass in eval mode under ``torch.no_grad()`` with batch 1, with
+hooks on every module, and counts the FLOPs of each module (its submodules included) in that
+pass with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add is two FLOPs). A
+forward pass that fails, for example because the model does not accept the input size, is
+reported in one line.
 """
 
 from __future__ import annotations
@@ -32,9 +53,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -139,13 +159,38 @@ def replace_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Mod
 # ---------------------------------------------------------------------------------------------
 # Discovery
 
+# A layer that would hold more than this share of the model's FLOPs is split into its parts
+# when at least two of them are blocks of their own (a stage) ...
+_SPLIT_STAGE = 1 / 8
+# ... and, in a network of _SPLIT_ANY_LAYERS layers or more, one holding more than this share
+# whenever its parts can be layers ...
+_SPLIT_ANY = 1 / 4
+_SPLIT_ANY_LAYERS = 4
+# ... provided that those parts hold at least this share of its FLOPs.
+_SPLIT_COVER = 0.9
+# Containers without logic of their own: their children run one by one.
+_PLAIN = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
 
 @dataclass
 class _Record:
+    """What the forward pass showed about one module; shapes and FLOPs are of its first call."""
+
     calls: int = 0
+    order: int = 0
+    # The tensors themselves and their version counters (which in-place ops bump) tell
+    # whether a module's children ran one after another (see _Pass.is_chain).
     x: torch.Tensor | None = None
+    x_version: int = 0
+    y: torch.Tensor | None = None
+    y_version: int = 0
+    in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
     problem: str | None = None
+    flops: int = 0  # including its submodules
+    start: int = 0  # the pass's FLOP count when its first call began
 
 
 def _describe(obj: Any) -> str:
@@ -156,22 +201,35 @@ def _describe(obj: Any) -> str:
     return type(obj).__name__
 
 
-def _make_hook(rec: _Record):
-    def hook(module, args, kwargs, output):
+def _make_hooks(rec: _Record, counter, clock: list[int]):
+    """Forward pre- and post-hooks that fill ``rec``; ``clock`` numbers first calls in order."""
+
+    def pre(module, args, kwargs):
         rec.calls += 1
+        if rec.calls == 1:
+            rec.order = clock[0]
+            clock[0] += 1
+            rec.start = counter.get_total_flops()
+            if len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs:
+                rec.x, rec.x_version = args[0], args[0]._version
+        return None
+
+    def post(module, args, kwargs, output):
         if rec.calls > 1:
             return None
+        rec.flops = counter.get_total_flops() - rec.start
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             what = _describe(args) if not kwargs else f"{_describe(args)} and keyword arguments"
             rec.problem = f"input is not a single tensor ({what})"
         elif not isinstance(output, torch.Tensor):
             rec.problem = f"output is not a single tensor ({_describe(output)})"
         else:
-            rec.x = args[0].detach()
+            rec.in_shape = tuple(args[0].shape)
             rec.out_shape = tuple(output.shape)
+            rec.y, rec.y_version = output, output._version
         return None
 
-    return hook
+    return pre, post
 
 
 def _stride(in_hw: Sequence[int], out_hw: Sequence[int]) -> int | None:
@@ -200,39 +258,191 @@ def _problem(rec: _Record | None, module: nn.Module, need_conv: bool) -> str | N
         return f"called {rec.calls} times in one forward pass (a shared module is replaced once)"
     if rec.problem:
         return rec.problem
-    if rec.x.dim() != 4:
-        return f"input is not a 4-D feature map (shape {list(rec.x.shape)})"
+    if len(rec.in_shape) != 4:
+        return f"input is not a 4-D feature map (shape {list(rec.in_shape)})"
     if len(rec.out_shape) != 4:
         return f"output is not a 4-D feature map (shape {list(rec.out_shape)})"
-    if _stride(rec.x.shape[2:], rec.out_shape[2:]) is None:
+    if _stride(rec.in_shape[2:], rec.out_shape[2:]) is None:
         return (f"output size {rec.out_shape[2]}x{rec.out_shape[3]} is not its input size "
-                f"{rec.x.shape[2]}x{rec.x.shape[3]} reduced by a stride")
+                f"{rec.in_shape[2]}x{rec.in_shape[3]} reduced by a stride")
     if need_conv and not _has_conv(module):
         return "contains no convolution"
     return None
 
 
-def _units(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children of a container, looking through plain nn.Sequential stages."""
-    out = []
-    for child_name, child in container._modules.items():  # named_children() hides repeats
-        if child is None:
-            continue
-        full = f"{name}.{child_name}" if name else child_name
-        if type(child) is nn.Sequential:
-            out.extend(_units(full, child))
-        else:
-            out.append((full, child))
-    return out
+def _join(name: str, child: str) -> str:
+    return f"{name}.{child}" if name else child
 
 
-def _preferred_containers(model: nn.Module) -> list[str] | None:
-    """Containers of the named rules (timm ``blocks``, ResNet ``layerN``), or None."""
-    children = dict(model.named_children())
-    if isinstance(children.get("blocks"), nn.Sequential):
-        return ["blocks"]
-    stages = [n for n, c in children.items() if re.fullmatch(r"layer\d+", n) and isinstance(c, nn.Sequential)]
-    return stages or None
+@dataclass
+class _Pass:
+    """One recorded forward pass, as the choice of layers reads it."""
+
+    records: dict[nn.Module, _Record]
+    total_flops: int
+    split_any: bool = False  # split any layer over _SPLIT_ANY, not only stages
+    weighted: dict[nn.Module, int] = dataclasses.field(default_factory=dict)
+    normed: dict[nn.Module, bool] = dataclasses.field(default_factory=dict)
+    ran: dict[nn.Module, bool] = dataclasses.field(default_factory=dict)
+
+    def n_weighted(self, module: nn.Module) -> int:
+        """Convolutions and linear layers inside ``module`` (itself included)."""
+        if module not in self.weighted:
+            own = isinstance(module, _WEIGHTED)
+            self.weighted[module] = own + sum(self.n_weighted(c) for c in module.children())
+        return self.weighted[module]
+
+    def has_norm(self, module: nn.Module) -> bool:
+        """Whether ``module`` is or holds a normalisation layer."""
+        if module not in self.normed:
+            self.normed[module] = isinstance(module, _NORM) or any(self.has_norm(c) for c in module.children())
+        return self.normed[module]
+
+    def is_block(self, module: nn.Module) -> bool:
+        """Two or more convolutions or linear layers and a normalisation layer: a block, and
+        not one (multi-kernel or separable) convolution nor a squeeze-excite gate."""
+        return self.n_weighted(module) >= 2 and self.has_norm(module)
+
+    def holds_blocks(self, module: nn.Module, least: int) -> bool:
+        """At least ``least`` blocks among the units of ``module``, one of them with wiring of
+        its own (not ``is_chain``: a residual sum, a concatenation): what a stage holds."""
+        blocks = [u for u in _units(module) if self.is_block(u)]
+        return len(blocks) >= least and any(not self.is_chain(b) for b in blocks)
+
+    def is_chain(self, module: nn.Module) -> bool:
+        """Whether ``module`` only runs its children one after another: each called child
+        takes the previous one's output (the first the module's input), unchanged, and the
+        last one's output is the module's. A residual sum, a concatenation or a gate breaks
+        the chain."""
+        rec = self.records.get(module)
+        kids = sorted((self.records[c] for c in module.children() if self.records[c].calls),
+                      key=lambda r: r.order)
+        if rec is None or rec.y is None or not kids or any(k.calls > 1 for k in kids):
+            return False
+        x, version = rec.x, rec.x_version
+        for k in kids:
+            if k.x is not x or k.x_version != version or k.y is None:
+                return False
+            x, version = k.y, k.y_version
+        return rec.y is x and rec.y_version == version
+
+    def has_run(self, module: nn.Module) -> bool:
+        """Whether ``module`` or any module inside it was called."""
+        if module not in self.ran:
+            rec = self.records.get(module)
+            self.ran[module] = bool(rec and rec.calls) or any(self.has_run(c) for c in module.children())
+        return self.ran[module]
+
+
+def _children(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    # _modules, not named_children(): that one hides a module registered twice.
+    return [(_join(name, n), c) for n, c in module._modules.items() if c is not None]
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    """The children of ``module``, looking through plain containers."""
+    units, stack = [], [module]
+    while stack:
+        for _, c in reversed(_children(stack.pop(), "")):
+            (stack if type(c) in _PLAIN else units).append(c)
+    return units
+
+
+def _open(name: str, module: nn.Module, run: _Pass, listed: bool,
+          keep: Callable[[nn.Module], bool] | None = None) -> tuple[list[str], list[dict]]:
+    """The layers inside ``module`` (its children, or those ``keep`` accepts, taken as
+    units), and the units skipped."""
+    layers: list[str] = []
+    skipped: list[dict] = []
+    for child_name, child in _children(module, name):
+        if keep is None or keep(child):
+            found, why = _unit(child_name, child, run, listed)
+            layers += found
+            skipped += why
+    return layers, skipped
+
+
+def _unit(name: str, module: nn.Module, run: _Pass, listed: bool) -> tuple[list[str], list[dict]]:
+    """The layers a unit gives (itself, or what lies inside it) and what is skipped.
+
+    ``listed``: the model is a plain container and the unit is reached from it through plain
+    containers only, so every unit is one the user listed; there, units without
+    convolutions are reported too.
+    """
+    rec = run.records.get(module)
+    if type(module) in _PLAIN or not (rec and rec.calls) and run.has_run(module):
+        layers, skipped = _open(name, module, run, listed)
+        # A container with no layer at all (a classifier, a shared module's list) is not
+        # part of the network's body: nothing of it is reported.
+        return (layers, skipped) if layers else ([], [])
+    problem = _problem(rec, module, need_conv=True)
+    if problem is None and run.is_chain(module) and run.holds_blocks(module, 1):
+        # A stage of any class (RegNet's, ConvNeXt's): it runs its blocks one after another.
+        layers, skipped = _open(name, module, run, listed=False)
+        if layers:
+            return layers, skipped
+    if problem is None:
+        if rec.flops > _SPLIT_STAGE * run.total_flops:
+            parts = _split(name, module, run)
+            if parts is not None:
+                return parts
+        return [name], []
+    if run.n_weighted(module) >= 2 and run.has_run(module):
+        # Its parts may still be layers: DLA tree nodes and DPN blocks take two tensors,
+        # DenseNet layers a list, HRNet modules return one map per branch.
+        layers, skipped = _open(name, module, run, listed=False)
+        if layers:
+            return layers, skipped
+    report = run.n_weighted(module) > 0 or (listed and run.has_run(module))
+    return [], ([{"name": name, "reason": problem}] if report else [])
+
+
+def _split(name: str, module: nn.Module, run: _Pass) -> tuple[list[str], list[dict]] | None:
+    """The layers inside a large layer, or None when it should stay whole.
+
+    Above ``_SPLIT_STAGE`` it is split when it holds blocks (``_Pass.holds_blocks``), so
+    that the parts are blocks and not the convolutions of one block; above ``_SPLIT_ANY``
+    in any case when ``run.split_any``. Either way the parts must hold ``_SPLIT_COVER`` of
+    its FLOPs.
+    """
+    flops = run.records[module].flops
+    if (not run.split_any or flops <= _SPLIT_ANY * run.total_flops) and not run.holds_blocks(module, 2):
+        return None
+    layers, skipped = _open(name, module, run, listed=False)
+    inside = dict(module.named_modules(prefix=name, remove_duplicate=False))
+    covered = sum(run.records[inside[n]].flops for n in layers)
+    if len(layers) < 2 or covered < _SPLIT_COVER * flops:
+        return None
+    return layers, skipped
+
+
+def _default_layers(model: nn.Module, run: _Pass) -> tuple[list[str], list[dict]]:
+    """The default rules (module docstring): layers in forward order, and skipped units."""
+    children = [c for _, c in _children(model, "")]
+    if all(run.n_weighted(c) <= 1 for c in children):
+        keep = None  # a plain list of convolutions: each is a unit
+    else:
+        # The model's own children with one convolution or linear layer at most are its stem
+        # and head, not layers; but where its blocks hang from it directly (Inception,
+        # Xception), those that run before its last block are units like the rest. A stage
+        # (a block of blocks) hanging from it does not count.
+        blocks = [run.records[c].order for c in children
+                  if type(c) not in _PLAIN and run.records[c].calls and run.is_block(c)
+                  and not any(run.is_block(u) for u in _units(c))]
+        last = max(blocks, default=-1)
+
+        def keep(child: nn.Module) -> bool:
+            rec = run.records[child]
+            return run.n_weighted(child) > 1 or (rec.calls > 0 and rec.order < last)
+
+    listed = type(model) in _PLAIN
+    layers, skipped = _open("", model, run, listed, keep)
+    if len(layers) >= _SPLIT_ANY_LAYERS:
+        run.split_any = True
+        layers, skipped = _open("", model, run, listed, keep)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layers.sort(key=lambda n: run.records[modules[n]].order)
+    return layers, skipped
 
 
 def _is_inside(name: str, outer: str) -> bool:
@@ -273,37 +483,9 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() already de-duplicates
 
 
-def _flops(module: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        module(x)
-    return int(counter.get_total_flops())
-
-
-def _choose(modules: dict[str, nn.Module], records: dict[str, _Record], groups: dict[str, list[str]], watch: list[str], include: list[str]) -> tuple[list[str], bool]:
-    """The modules that become layers, and whether they must contain a convolution."""
-    if include:
-        return watch, False  # the user chose: only the shape rules apply
-    units = {k: [u for c in cs for u, _ in _units(c, modules[c])] for k, cs in groups.items()}
-    count = {k: sum(_problem(records.get(u), modules[u], True) is None for u in us) for k, us in units.items()}
-
-    def dominated(k: str) -> bool:
-        # A chain of at least two usable units outranks any Sequential nested inside it.
-        return any(count[o] >= 2 and all(any(_is_inside(c, oc) for oc in groups[o]) for c in groups[k])
-                   for o in groups if o != k)
-
-    live = [k for k in groups if not dominated(k)]
-    if not live or max(count[k] for k in live) == 0:
-        return [], True
-    best = max(live, key=lambda k: (count[k], -min(c.count(".") + bool(c) for c in groups[k])))
-    return units[best], True
-
-
-def _describe_layers(modules: dict[str, nn.Module], records: dict[str, _Record], chosen: list[str],
+def _describe_layers(modules: dict[str, nn.Module], records: dict[nn.Module, _Record], chosen: list[str],
                      need_conv: bool, exclude: list[str]) -> tuple[list[LayerInfo], list[dict]]:
-    """LayerInfo for the usable chosen modules (FLOPs counted here), reasons for the rest."""
+    """LayerInfo for the usable chosen modules, reasons for the rest."""
     layers: list[LayerInfo] = []
     skipped: list[dict] = []
     for n in chosen:
@@ -311,16 +493,15 @@ def _describe_layers(modules: dict[str, nn.Module], records: dict[str, _Record],
         if hit is not None:
             skipped.append({"name": n, "reason": f"excluded by {hit!r}"})
             continue
-        rec = records.get(n)
+        rec = records.get(modules[n])
         problem = _problem(rec, modules[n], need_conv)
         if problem:
             skipped.append({"name": n, "reason": problem})
             continue
-        c, h, w = (int(v) for v in rec.x.shape[1:])
+        c, h, w = (int(v) for v in rec.in_shape[1:])
         oc, oh, ow = (int(v) for v in rec.out_shape[1:])
         layers.append(LayerInfo(name=n, in_shape=(c, h, w), out_shape=(oc, oh, ow), stride=_stride((h, w), (oh, ow)),
-                                in_chs=c, out_chs=oc, params=_param_count(modules[n]),
-                                flops=_flops(modules[n], rec.x)))
+                                in_chs=c, out_chs=oc, params=_param_count(modules[n]), flops=int(rec.flops)))
     return layers, skipped
 
 
@@ -337,24 +518,16 @@ def _discover(model: nn.Module, input_size: Sequence[int], include: Sequence[str
     _check_globs(include, named, "--include")
     _check_globs(exclude, named, "--exclude")
 
-    # Which modules to watch: the include matches, or every unit of every Sequential
-    # (the named rules and the main-stage heuristic choose among those after the pass).
-    groups: dict[str, list[str]] = {}
-    if include:
-        watch = _outermost(n for n in named if any(fnmatch.fnmatchcase(n, g) for g in include))
-    else:
-        for n, m in modules.items():
-            if isinstance(m, nn.Sequential):
-                groups.setdefault(re.sub(r"\d+", "#", n), []).append(n)
-        preferred = _preferred_containers(model)
-        if preferred:
-            groups = {"preferred": preferred}
-        watch = list(dict.fromkeys(u for cs in groups.values() for c in cs for u, _ in _units(c, modules[c])))
-
-    records = {n: _Record() for n in watch}
-    handles = [modules[n].register_forward_hook(_make_hook(records[n]), with_kwargs=True) for n in watch]
-    modes = {m: m.training for m in model.modules()}
+    # Every module is watched: the rules need the calls, shapes and FLOPs of all of them.
     total = FlopCounterMode(display=False)
+    records = {m: _Record() for m in modules.values()}
+    clock = [0]
+    handles = []
+    for m, rec in records.items():
+        pre, post = _make_hooks(rec, total, clock)
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -366,19 +539,24 @@ def _discover(model: nn.Module, input_size: Sequence[int], include: Sequence[str
             try:
                 with total:
                     model(x)
-            except (RuntimeError, ValueError, IndexError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise HantError(f"model forward failed at input size {'x'.join(map(str, size))} "
-                                f"({first}); check --input-size (C must match the model's input channels)") from None
-            for h in handles:
-                h.remove()
-            chosen, need_conv = _choose(modules, records, groups, watch, include)
-            layers, skipped = _describe_layers(modules, records, chosen, need_conv, exclude)
+            except Exception as e:  # a model may reject a size in any way (assert, shape checks)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+                raise HantError(f"{type(model).__name__} forward failed at input size {'x'.join(map(str, size))} "
+                                f"({type(e).__name__}: {first}); check --input-size (C must match the model's "
+                                "input channels; H and W must be a size the model accepts)") from None
     finally:
         for h in handles:
             h.remove()
         for m, training in modes.items():
             m.training = training
+    if include:
+        chosen = _outermost(n for n in named if any(fnmatch.fnmatchcase(n, g) for g in include))
+        skipped: list[dict] = []
+    else:
+        run = _Pass(records, int(total.get_total_flops()))
+        chosen, skipped = _default_layers(model, run)
+    layers, unusable = _describe_layers(modules, records, chosen, not include, exclude)
+    skipped = unusable + skipped
     if not layers:
         why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:3])
         raise HantError("found no replaceable layers" + (f" ({why})" if why else "")
