@@ -76,10 +76,6 @@ SLOW = {"vgg11"}
 # skipped with that reason.
 MIN_COVER = {"inception_v3": 0.7}
 
-# These families pad their strided convolution for stride 2 and give the wrong size at a
-# stride of 4 (patchify stems, a 4x4 map reduced to 1x1), yet the spaces offer them there.
-STRIDE_2_ONLY = ("mb_", "fmb_")
-
 TORCHVISION = [
     ("regnet_x_400mf", 64),
     ("convnext_tiny", 64),
@@ -127,8 +123,6 @@ def check_model(model, name, size, tiny):
             key = (spec, layer.in_shape, layer.out_shape, layer.stride)
             if key in built and not needs_teacher(spec):
                 continue
-            if layer.stride > 2 and spec.startswith(STRIDE_2_ONLY):
-                continue  # see test_stride_4_candidates_keep_the_size
             build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer=teacher,
                   in_hw=layer.in_shape[1:], out_hw=layer.out_shape[1:])
             built.add(key)
@@ -161,10 +155,14 @@ def test_small_input_rejected_in_one_line(name, cls, error, one_thread):
     assert "--input-size" in message
 
 
-@pytest.mark.xfail(strict=True, raises=HantError, reason="mb and fmb pad a stride-4 convolution as for stride 2")
-@pytest.mark.parametrize("spec", ["mb_k3_e1_relu", "fmb_k3_e1_relu"])
-def test_stride_4_candidates_keep_the_size(spec, tiny):
-    # Offered for a stride-4 layer (hgnetv2_b0's stem, inception_v3's Mixed_7a at 96 px) ...
-    assert spec in tiny.candidates(8, 16, 4)
-    # ... they must give ceil(16 / 4) = 4, not 5. Remove STRIDE_2_ONLY once this passes.
-    build(spec, 8, 16, 4, in_hw=(16, 16), out_hw=(4, 4))
+@pytest.mark.parametrize("stride,hw", [(3, 16), (4, 16), (4, 15), (4, 47)])
+def test_large_stride_layers_get_only_candidates_that_keep_the_size(stride, hw):
+    # timm's blocks pad a strided convolution for stride 2 only: at stride 4 a 3x3 gives 5x5
+    # from 16x16. Such layers exist (hgnetv2_b0's stem, inception_v3's Mixed_7a at 96 px).
+    full = load_space("full")
+    offered = full.candidates(8, 16, stride)
+    assert not any(s.startswith(("mb_", "fmb_", "ds_", "conv_")) for s in offered)
+    out = -(-hw // stride)
+    for spec in offered:
+        if spec != "teacher":
+            build(spec, 8, 16, stride, in_hw=(hw, hw), out_hw=(out, out))

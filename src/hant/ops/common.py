@@ -31,3 +31,13 @@ def se_layer(in_chs: int, se: bool):
     if not se:
         return None
     return partial(SqueezeExcite, rd_channels=max(1, round(in_chs * 0.25)))
+
+
+def timm_stride(in_chs: int, out_chs: int, stride: int, **_) -> bool:
+    """Whether timm's blocks give the right output size at `stride`.
+
+    They pad a strided convolution with ((stride - 1) + (k - 1)) // 2, which is "same"
+    padding for strides 1 and 2 only: a 3x3 at stride 4 turns 16x16 into 5x5, not 4x4. Layers
+    with a larger stride (patchify stems, a 4x4 map reduced to 1x1) get the other families.
+    """
+    return stride <= 2

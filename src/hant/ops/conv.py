@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from timm.models._efficientnet_blocks import ConvBnAct
 
-from hant.ops.common import ACT, act_layer
+from hant.ops.common import ACT, act_layer, timm_stride
 from hant.ops.registry import Family
 from hant.ops.spec import Param
 
@@ -18,5 +18,6 @@ FAMILY = Family(
     name="conv",
     builder=build_conv,
     params=(Param("k", "int", (1, 3, 5)), ACT),
+    valid=timm_stride,
     description="conv-bn-act: one dense k x k conv (e.g. conv_k3_relu)",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 
-from hant.ops.common import ACT, SE, act_layer, se_layer
+from hant.ops.common import ACT, SE, act_layer, se_layer, timm_stride
 from hant.ops.registry import Family
 from hant.ops.spec import Param
 
@@ -25,5 +25,6 @@ FAMILY = Family(
     name="ds",
     builder=build_dsconv,
     params=(Param("k", "int", (3, 5, 7)), SE, ACT),
+    valid=timm_stride,
     description="depthwise-separable: depthwise k x k, [SE], pointwise (e.g. ds_k3_se_hswish)",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from timm.models._efficientnet_blocks import EdgeResidual
 
-from hant.ops.common import ACT, SE, act_layer, se_layer
+from hant.ops.common import ACT, SE, act_layer, se_layer, timm_stride
 from hant.ops.registry import Family
 from hant.ops.spec import Param
 
@@ -26,5 +26,6 @@ FAMILY = Family(
     name="fmb",
     builder=build_fused,
     params=(Param("k", "int", (3, 5, 7)), Param("e", "int", (1, 2, 3, 4)), SE, ACT),
+    valid=timm_stride,
     description="fused MBConv: k x k expand, [SE], project (e.g. fmb_k3_e4_relu)",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from timm.models._efficientnet_blocks import InvertedResidual
 
-from hant.ops.common import ACT, SE, act_layer, se_layer
+from hant.ops.common import ACT, SE, act_layer, se_layer, timm_stride
 from hant.ops.registry import Family
 from hant.ops.spec import Param
 
@@ -26,5 +26,6 @@ FAMILY = Family(
     name="mb",
     builder=build_mbconv,
     params=(Param("k", "int", (1, 3, 5, 7)), Param("e", "int", (1, 2, 3, 4, 6)), SE, ACT),
+    valid=timm_stride,
     description="MBConv: expand, depthwise k x k, [SE], project (e.g. mb_k5_e3_se_silu)",
 )
