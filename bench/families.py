@@ -25,11 +25,10 @@ onnxruntime-cpu at batch size 1, space `--space` (`default`), and records per te
   applicable, with the reason, when the family is not registered or the run's pool has no
   `self` candidate; when the 2x plan uses no `self` layer the plan without it is the same.
 
-Teachers (`MODELS`): ResNet-18 (timm:resnet18), RegNetX-200MF (timm:regnetx_002, its blocks
-`s[1-4].b*`: hant's default discovery finds no layer list in it), ConvNeXt-Atto
-(timm:convnext_atto, its blocks `stages.*.blocks.*`: default discovery would take whole
-stages, four layers, where the other families are replaced block by block) and MobileNetV3-
-Large (timm:mobilenetv3_large_100). Large rather than Small: at 64x64 the Small network is
+Teachers (`MODELS`), each with the layers hant's default discovery finds: ResNet-18
+(timm:resnet18, 8 blocks), RegNetX-200MF (timm:regnetx_002, 13 blocks), ConvNeXt-Atto
+(timm:convnext_atto, 12 blocks and 3 stage downsamples) and MobileNetV3-Large
+(timm:mobilenetv3_large_100, 16 blocks). Large rather than Small: at 64x64 the Small network is
 10 MFLOP, of which its 12 blocks hold 86% (the Large one: 40 MFLOP, 93% in 16 blocks), so at
 batch 1 its latency is mostly per-op overhead and the stem and head that no plan touches,
 and 2x would mostly measure that; the Large one is also the mobile block design (inverted
@@ -105,10 +104,9 @@ class Model:
 
 MODELS = {m.name: m for m in (
     Model("resnet18", "timm:resnet18", (), "ResNet-18: basic blocks layerN.i, 8 layers"),
-    Model("regnetx_002", "timm:regnetx_002", ("s[1-4].b*",),
-          "RegNetX-200MF: its 13 blocks; default discovery finds no layer list in it"),
-    Model("convnext_atto", "timm:convnext_atto", ("stages.*.blocks.*",),
-          "ConvNeXt-Atto: its 12 blocks; default discovery would take the 4 whole stages"),
+    Model("regnetx_002", "timm:regnetx_002", (), "RegNetX-200MF: its 13 blocks s1.b1 ... s4.b4"),
+    Model("convnext_atto", "timm:convnext_atto", (),
+          "ConvNeXt-Atto: its blocks stages.i.blocks.j and the stage downsamples, 15 layers"),
     Model("mobilenetv3_large_100", "timm:mobilenetv3_large_100", (),
           "MobileNetV3-Large: blocks.i.j, 16 layers (Large, not Small: see the module docstring)"),
 )}
