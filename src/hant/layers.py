@@ -608,13 +608,11 @@ def inspect_model(source: str, input_size: Sequence[int], num_classes: int = 10,
     model = load_teacher(source, in_chans=size[0], num_classes=num_classes, checkpoint=checkpoint,
                          trust_pickle=trust_pickle)
     layers, skipped, total_flops = _discover(model, size, include, exclude)
-    counts: dict[tuple[int, int, int], int] = {}
     rows = []
     for layer in layers:
-        key = (layer.in_chs, layer.out_chs, layer.stride)
-        if key not in counts:
-            counts[key] = len(pool.candidates(*key))
-        rows.append({**layer.to_dict(), "candidates": counts[key]})
+        # Per layer, not per shape: the families derived from the teacher's layer depend on it.
+        n = len(pool.candidates(layer.in_chs, layer.out_chs, layer.stride, get_layer(model, layer.name)))
+        rows.append({**layer.to_dict(), "candidates": n})
     return {
         "model": source,
         "input_size": list(size),
