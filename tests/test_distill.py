@@ -154,6 +154,23 @@ def test_teacher_init_se_removed_folds_the_mean_gate():
     assert err_fold < 0.2 * err_plain
 
 
+def test_teacher_init_with_another_se_width_copies_the_rest():
+    # MobileNetV3's SE squeezes the expanded channels (here to 16), hant's the block's input
+    # (to 4): the SE does not correspond, everything else does, at any expansion.
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    teacher = m.blocks[2][0]
+    x = torch.randn(4, teacher.conv_pw.in_channels, 8, 8)
+    for spec in ("mb_k5_e6_se_hswish", "mb_k5_e2_se_hswish"):
+        cand = ops.build(spec, teacher.conv_pw.in_channels, teacher.conv_pwl.out_channels, 2)
+        assert init_from_teacher(cand, teacher, x) == INIT_PARTIAL
+        if "e6" in spec:  # more expanded channels: the teacher's 64 come first, unchanged
+            assert torch.equal(cand.conv_dw.weight[:64], teacher.conv_dw.weight)
+        assert cand.se.conv_reduce.weight.shape != teacher.se.conv_reduce.weight.shape
+
+
 def test_teacher_init_other_block_is_random():
     cand = ops.build("conv_k3_relu", 16, 16, 1)
     before = {k: v.clone() for k, v in cand.state_dict().items()}

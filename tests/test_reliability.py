@@ -519,7 +519,7 @@ INIT_CASES = [
      "unknown config key 'distill.imagez'"),
     ("input-size-below-minimum", lambda t: {"--input-size": "4"}, "input size 4 is too small"),
     ("input-size-too-small-for-model", lambda t: {"--model": "test_reliability:unpadded_net", "--input-size": "8"},
-     "model forward failed at input size 1x8x8"),
+     "forward failed at input size 1x8x8"),
     ("layer-glob-matches-nothing", lambda t: {"--include": "nothing.*"},
      "--include glob 'nothing.*' matches no module"),
     ("empty-dataset", lambda t: {"--data": f"imagefolder:{_empty_imagefolder(t / 'images')}"}, "holds no images"),

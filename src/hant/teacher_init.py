@@ -112,12 +112,14 @@ def _fit(name: str, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor | N
     # Kernels first, so that new channels appended below already have the candidate's kernel size.
     if out.dim() == 4 and out.shape[2:] != dst.shape[2:]:
         out = _fit_kernel(out, tuple(dst.shape[2:]))
-    for dim in range(min(out.dim(), 2)):
+    dims = range(min(out.dim(), 2))
+    # Only the expanded channels may differ (an SE squeeze of another width does not correspond).
+    if any(out.shape[d] != dst.shape[d] and (keep is None or not _is_mid_dim(name, d)) for d in dims):
+        return None
+    for dim in dims:
         a, b = out.shape[dim], dst.shape[dim]
         if a == b:
             continue
-        if keep is None or not _is_mid_dim(name, dim):
-            return None
         if b < a:
             out = out.index_select(dim, keep)
         else:
