@@ -105,6 +105,34 @@ def time_in_process(run: Path, plan: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def processes_only(work: Path, base: Path, latency: dict, processes: int, result: dict, out: Path) -> int:
+    """The plan-agreement part alone: the base run's own table, its 2x plan, timed in
+    `processes` separate processes under the machine's present load (recorded)."""
+    from hant.latency import measure_table
+    from hant.select import select
+
+    run = work / "processes"
+    if not (run / "plans" / "x2.json").exists():
+        run = copy_run(base, run, latency)
+        measure_table(run, target=TARGET, batch_size=1, progress=False, log=lambda s: None)
+        select(run, target=TARGET, speedup=2.0, name="x2", log=lambda s: None)
+    load0 = os.getloadavg()
+    rows = []
+    for _ in range(processes):
+        rows.append(time_in_process(run, "x2"))
+        print(f"process {len(rows)}: {rows[-1]['speedup']:.3f}x (teacher {rows[-1]['teacher_ms']:.4f} ms, "
+              f"student {rows[-1]['student_ms']:.4f} ms)", flush=True)
+    result.update(processes=rows, loadavg_before=load0, loadavg_after=os.getloadavg())
+    for key in ("student_ms", "teacher_ms", "speedup"):
+        vals = [float(r[key]) for r in rows]
+        result.setdefault("spread_pct", {})[key] = round(100.0 * (max(vals) - min(vals)) / min(vals), 2)
+    result["goals"] = {"processes_agree_on_speedup_within_5pct": result["spread_pct"]["speedup"] <= 5.0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"spread %: {result['spread_pct']}\n-> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--k", type=int, default=10, help="random networks to validate each table on")
@@ -115,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-cap", type=float, default=120.0, help="seconds of timing rounds per measurement")
     p.add_argument("--work", default=None, help="folder for the run folders (default: a temporary one)")
     p.add_argument("--out", default=str(RESULTS / "timing.json"))
+    p.add_argument("--processes-only", action="store_true",
+                   help="skip the validation; time the base run's 2x plan in --processes processes, "
+                        "with the --latency overrides (e.g. min_time_s=30), and write only that part")
     args = p.parse_args(argv)
     command = "bench/timing.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
@@ -129,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"version": 1, "command": command, "model": MODEL, "input_size": [1, 64, 64], "space": "tiny",
                     "target": TARGET, "batch_size": 1, "repeats": args.repeats, "latency_overrides": latency,
                     "validation": {}}
+    if args.processes_only:
+        return processes_only(work, base, latency, args.processes, result, Path(args.out))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for condition in ("quiet", "loaded"):
         rows = []
