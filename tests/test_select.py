@@ -736,3 +736,41 @@ def test_select_measured_warns_once_about_the_kept_plan(tmp_path):
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "x2.5 (2.5x)" in warnings[0]
     assert read_json(RunDir(run).plan("x2.5"))["accuracy_risk"]["large"]
+
+
+def test_select_measured_loosens_a_plan_much_faster_than_asked_and_keeps_it_when_it_meets(tmp_path):
+    run, _ = _fake_run(tmp_path)
+
+    def fast_timer(r, name):
+        # The hardware runs every plan 30% faster than the table predicts; the teacher as predicted.
+        p = read_json(RunDir(r).plan(name))
+        return {"teacher_ms": 4.5, "student_ms": 0.7 * p["predicted_ms"]}
+
+    p = select_measured(run, "t1", speedup=1.5, name="x1.5", timer=fast_timer, log=_quiet)
+    rounds = p["latency_check"]["rounds"]
+    assert rounds[0]["speedup"] > 1.5 * 1.1 and "budget loosened" in rounds[0]["decision"]
+    assert rounds[0]["budget_ms"] == pytest.approx(3.0)
+    assert rounds[1]["budget_ms"] == pytest.approx(3.0 / 0.7)  # (teacher / speedup) * (predicted / measured)
+    assert rounds[-1]["decision"].startswith("met") and p["latency_check"]["met"]
+    # Closer to what was asked, and so a better score than the first plan.
+    assert rounds[-1]["speedup"] < rounds[0]["speedup"]
+    assert read_json(RunDir(run).plan("x1.5"))["layers"] == p["layers"]
+
+
+def test_select_measured_restores_the_plan_before_when_the_looser_one_falls_short(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    first: dict = {}
+
+    def timer(r, name):
+        # The first plan runs 30% faster than predicted, any other one 30% slower.
+        p = read_json(RunDir(r).plan(name))
+        first.setdefault("layers", p["layers"])
+        factor = 0.7 if p["layers"] == first["layers"] else 1.3
+        return {"teacher_ms": 4.5, "student_ms": factor * p["predicted_ms"]}
+
+    p = select_measured(run, "t1", speedup=1.5, name="x1.5", timer=timer, log=_quiet)
+    rounds = p["latency_check"]["rounds"]
+    assert [r["decision"] for r in rounds] == ["met; faster than asked, budget loosened",
+                                               "short; back to the plan before"]
+    assert p["layers"] == first["layers"] and p["latency_check"]["met"]
+    assert read_json(RunDir(run).plan("x1.5"))["layers"] == first["layers"]  # the file too
