@@ -40,9 +40,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from hant import ops  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-DERIVED = ("self", "sep", "lr", "sp", "grp")
-POOLS = {"all": (), "no-self": ("self",), "no-derived": DERIVED}
+POOLS = {"all": (), "no-self": ("self",), "no-derived": tuple(ops.derived_families())}
 # What the copy keeps of the source run: everything the stages reuse, nothing that depends on the pool.
 KEEP = ("config.yaml", "candidates", "latency", "scores.json")
 
@@ -71,12 +72,12 @@ def _prepare(source: Path, run: Path, target: str, log) -> None:
 
 
 def _evaluate(run: Path, plan: str) -> dict:
-    from hant.data import make_loader
+    from hant.data import load_data, make_loader
     from hant.run import Run
     from hant.student import assemble
 
     the_run = Run(run)
-    splits = _splits(the_run)
+    splits = load_data(the_run.config.data)
     model = assemble(run, plan, splits=splits)
     teacher = the_run.teacher().eval()
     held = splits.heldout
@@ -92,12 +93,6 @@ def _evaluate(run: Path, plan: str) -> dict:
             correct += int((s.argmax(1) == y).sum())
             n += len(y)
     return {"heldout_ce": ce / n, "heldout_kl": kl / n, "heldout_top1": 100.0 * correct / n, "heldout_images": n}
-
-
-def _splits(the_run):
-    from hant.data import load_data
-
-    return load_data(the_run.config.data)
 
 
 def main(argv: list[str] | None = None) -> int:

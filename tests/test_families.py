@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 import hant
+from hant import ops
 from hant.config import DataConfig
 from hant.data import load_data
 from hant.workspace import read_json
@@ -28,7 +29,6 @@ FAST = {"distill": {"images": 32, "batch_size": 16, "heldout_images": 16},
         "finetune": {"epochs": 0.05, "batch_size": 16, "bn_batches": 1},
         "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "min_time_s": 0.0},
         "data": {"batch_size": 16}}
-DERIVED = {"self", "sep", "lr", "sp", "grp"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def _check(r, model_layers: int | None = None) -> dict:
     if model_layers is not None:
         assert len(layers) == model_layers
     offered = {s.split("_", 1)[0] for d in layers for s in d["candidates"]}
-    assert offered & DERIVED, "the pool offers no candidate derived from the teacher's layers"
+    assert offered & set(ops.derived_families()), "the pool offers no candidate derived from the teacher's layers"
     ev = r.evals[r.plans[0]]
     assert ev["speedup"] == pytest.approx(ev["teacher"]["latency_ms"] / ev["student"]["latency_ms"])
     assert 0.0 <= ev["student"]["top1"] <= 100.0

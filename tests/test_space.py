@@ -36,7 +36,7 @@ def test_space_sizes(name, lo, hi):
 
 def test_full_space_covers_every_family_and_combination():
     specs = load_space("full").candidates(40, 40, 1)
-    derived = {f for f in ops.families() if ops.get_family(f).needs_teacher and f != "teacher"}
+    derived = set(ops.derived_families())
     assert {ops.parse(s).family for s in specs} == set(ops.families()) - derived
     # Families derived from the teacher's layer are offered on a layer they can change.
     layer = nn.Sequential(nn.Conv2d(40, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),

@@ -99,11 +99,12 @@ def compatibility(student: nn.Module, teacher: nn.Module, loader, max_images: in
     `max_images` keeps the first N images for retrieval (its cost grows as N squared).
     Raises HantError as `penultimate_features` does.
     """
-    fs, ys = penultimate_features(student, loader)
+    layer = _last_linear(student)
+    fs, ys = penultimate_features(student, loader, layer)
     ft, yt = penultimate_features(teacher, loader)
     if not torch.equal(ys, yt):
         raise HantError("the loader gave the two networks different images; use an unshuffled loader")
-    out: dict[str, Any] = {"images": len(ys), "feature": f"input of {_last_linear(student)}"}
+    out: dict[str, Any] = {"images": len(ys), "feature": f"input of {layer}"}
     if fs.shape != ft.shape:
         out["error"] = f"student features have {fs.shape[1]} dimensions, the teacher's {ft.shape[1]}"
         return out

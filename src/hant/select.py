@@ -1006,16 +1006,13 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
         return solve(pool.cost, lat, budget, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
 
     teacher_loss = (scores.get("teacher") or {}).get("loss")
-    safe_cache: list[float | None] = []
 
     def judge(plan: dict) -> None:
         """Record the plan's accuracy risk in it; warn in one line when it is large."""
         if plan.get("score_method") != "eval" or teacher_loss is None:
             return
-        if not safe_cache:
-            safe_cache.append(_largest_safe_speedup(pool, lat, fixed, extra, damage_limit(teacher_loss),
-                                                    teacher_ms, time_limit_s))
-        risk = accuracy_risk(plan, teacher_loss, safe_cache[0])
+        safe = _largest_safe_speedup(pool, lat, fixed, extra, damage_limit(teacher_loss), teacher_ms, time_limit_s)
+        risk = accuracy_risk(plan, teacher_loss, safe)
         if risk is not None:
             plan["accuracy_risk"] = risk
             if risk["large"]:

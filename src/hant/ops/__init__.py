@@ -40,6 +40,7 @@ __all__ = [
     "unregister_family",
     "get_family",
     "families",
+    "derived_families",
     "check_output_shape",
 ]
 
@@ -181,6 +182,13 @@ def unregister_family(name: str, *, registry: Registry | None = None) -> Family:
 def get_family(name: str, *, registry: Registry | None = None) -> Family:
     """The family `name`; SpecError naming it if unknown."""
     return _reg(registry).get(name)
+
+
+def derived_families(*, registry: Registry | None = None) -> list[str]:
+    """Families whose candidate is derived from the teacher's layer (`self`, `sep`, ...): those
+    that need it, other than `teacher`, the layer itself."""
+    reg = _reg(registry)
+    return [n for n in reg.names() if reg.get(n).needs_teacher and n != "teacher"]
 
 
 def families(*, registry: Registry | None = None) -> list[str]:
