@@ -24,9 +24,12 @@ runs/demo: EfficientNet-B0 on Fashion-MNIST at 64x64), for target onnxruntime-cp
    (`hant.latency.compare.time_against_teacher`): measured speedup with its interval.
 
 Recipes: `today` = the K = 1 plan, phase-1 weights, logits KD + label CE (no feature loss);
-`new` = the picked plan, re-distilled weights, KD + CE + the feature loss `--feature-loss`
-(nmse) at the plan's layers; ablations of `new`, one change each (`--ablations`):
-`no-feature` (no feature loss), `no-redistill` (phase-1 weights), `k1` (the K = 1 plan).
+`new` = the K = 1 plan, re-distilled weights, KD + CE (+ `--feature-loss`, default none).
+Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
+`--ablation-epochs` (0.5): `pick` (the picked of K plans), `feature` (with the nmse
+feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
+weights; the same as `today` when `new` has no feature loss, so then left out). `today`
+and `new` run every epoch count first, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
 a copy of the teacher; one control per distinct loss, the feature loss at all the run's
@@ -38,7 +41,7 @@ fine-tuned point, a control) is a JSON file in `--cache` (default
 ~/.cache/hant/recovery/<run-name>/units/), named by a hash of everything it depends on, so a
 rerun skips finished units and a changed setting redoes only what it changes; a
 fine-tuning in progress checkpoints under --cache/work/ and resumes there. Identical points
-of two recipes (e.g. `new` and `k1` when the pick keeps the best plan) are trained once.
+of two recipes (e.g. `new` and `pick` when the pick keeps the best plan) are trained once.
 `--out` (bench/results/recovery.json) and the plot beside it (recovery.png: top-1 against
 epochs, a panel per speedup, a line per recipe, the controls dashed) are rewritten after
 every unit, so a long run that stops leaves what it finished.
@@ -47,7 +50,7 @@ Time for the demo run on 2 CPU cores (an epoch of 55k images at 64x64 takes a ha
 ~230-460 s and the teacher ~900 s, about 30% more with the feature loss): 3 speedups x 5
 recipes x 3.75 epochs of fine-tuning (~6 h), two controls of 3.75 epochs (~2 h), ~85 test
 evaluations and timings (~1.3 h), picks, re-distillations and selections (~0.5 h): about
-10 hours; less when the pick keeps the best plan (`new` and `k1` then share their points).
+10 hours; less when the pick keeps the best plan (`new` and `pick` then share their points).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TARGET = "onnxruntime-cpu"
-ABLATIONS = ("no-feature", "no-redistill", "k1")
+ABLATIONS = ("pick", "feature", "pick-feature", "no-redistill")
 UNIT_VERSION = 1
 
 
@@ -92,6 +95,7 @@ class Recipe:
     plan: str  # "k1": the selection's best plan; "picked": the winner of the K-plan pick
     redistill: bool  # start from re-distilled weights (else phase 1's)
     feature_loss: str  # none | nmse | cosine
+    ablation: bool = False  # run only up to --ablation-epochs
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
@@ -100,12 +104,19 @@ class Recipe:
 
 
 def make_recipes(feature_loss: str, ablations: list[str]) -> list[Recipe]:
-    """`today`, `new` and the chosen ablations of `new` (each one change)."""
-    variants = {"no-feature": Recipe("no-feature", "picked", True, "none"),
-                "no-redistill": Recipe("no-redistill", "picked", False, feature_loss),
-                "k1": Recipe("k1", "k1", True, feature_loss)}
-    return [Recipe("today", "k1", False, "none"), Recipe("new", "picked", True, feature_loss),
-            *[variants[a] for a in ablations]]
+    """`today`, `new` and the chosen ablations of `new` (each one change; one equal to an
+    earlier recipe is left out, since its points are that recipe's)."""
+    other = "nmse" if feature_loss == "none" else "none"
+    variants = {"pick": Recipe("pick", "picked", True, feature_loss, True),
+                "feature": Recipe("feature", "k1", True, other, True),
+                "pick-feature": Recipe("pick-feature", "picked", True, other, True),
+                "no-redistill": Recipe("no-redistill", "k1", False, feature_loss, True)}
+    recipes = [Recipe("today", "k1", False, "none"), Recipe("new", "k1", True, feature_loss)]
+    for a in ablations:
+        r = variants[a]
+        if all((r.plan, r.redistill, r.feature_loss) != (q.plan, q.redistill, q.feature_loss) for q in recipes):
+            recipes.append(r)
+    return recipes
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -585,19 +596,27 @@ class Recovery:
         for r in self.recipes:
             loss = self.loss_of(r)
             losses[self.loss_label(loss)] = loss
-        # Epochs ascending: a run that stops early has every recipe at the smaller budgets.
-        for e in sorted(a.epochs):
-            if e > 0:
-                for loss in losses.values():
-                    self.control_unit(loss, e)
-            for s in sorted(a.speedups):
-                p = self.plans[s]
-                for r in self.recipes:
-                    layers = p["layers"][r.plan]
-                    rd = p["redistill"].get(r.plan) if r.redistill else None
-                    info = {"which": r.plan, "plan": (p["pick"] or {}).get("winner") if r.plan == "picked"
-                            else p["select"]["plan"]}
-                    self.point_unit(r, s, e, layers, rd, info)
+        # `today` and `new` over every epoch count first, then the ablations up to
+        # --ablation-epochs; each pass by epochs ascending, so a run that stops early has every
+        # recipe of the pass at the smaller budgets.
+        for ablation in (False, True):
+            for e in sorted(a.epochs):
+                recipes = [r for r in self.recipes if r.ablation == ablation]
+                if ablation:
+                    recipes = [r for r in recipes if e <= a.ablation_epochs]
+                if not recipes:
+                    continue
+                if e > 0:
+                    for label in dict.fromkeys(self.loss_label(self.loss_of(r)) for r in recipes):
+                        self.control_unit(losses[label], e)
+                for s in sorted(a.speedups):
+                    p = self.plans[s]
+                    for r in recipes:
+                        layers = p["layers"][r.plan]
+                        rd = p["redistill"].get(r.plan) if r.redistill else None
+                        info = {"which": r.plan, "plan": (p["pick"] or {}).get("winner") if r.plan == "picked"
+                                else p["select"]["plan"]}
+                        self.point_unit(r, s, e, layers, rd, info)
         self.write_outputs()
 
     # --- results ---------------------------------------------------------------------------
@@ -704,6 +723,7 @@ class Recovery:
             "speedups": sorted(a.speedups),
             "epochs": sorted(a.epochs),
             "recipes": {r.name: {"plan": r.plan, "redistill": r.redistill, "feature_loss": r.feature_loss,
+                                 "ablation": r.ablation,
                                  "loss": self.loss_of(r), "description": r.describe()} for r in self.recipes},
             "settings": {"candidates": a.candidates, "min_diff": a.min_diff, "check_rounds": a.check_rounds,
                          "pick_images": int(a.pick_images if a.pick_images is not None
@@ -712,7 +732,8 @@ class Recovery:
                                                  else self.cfg.distill.redistill_images),
                          "finetune": self.finetune_settings({}), "bn_batches": self.cfg.finetune.bn_batches,
                          "timing_protocol": self.protocol().to_dict(), "max_drop": a.max_drop,
-                         "at_epochs": a.at_epochs, "cache": str(self.cache)},
+                         "at_epochs": a.at_epochs, "ablation_epochs": a.ablation_epochs,
+                         "cache": str(self.cache)},
             "curves": curves,
             "controls": controls,
             "plans": plans,
@@ -803,9 +824,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     speedups = [f"{s:g}" for s in result["speedups"]]
     fig = Figure(figsize=(5.2 * max(1, len(speedups)), 4.4), dpi=120)
     FigureCanvasAgg(fig)
-    colors = {"today": "tab:grey", "new": "tab:blue", "no-feature": "tab:orange", "no-redistill": "tab:green",
-              "k1": "tab:purple"}
-    markers = {"today": "s", "new": "o", "no-feature": "v", "no-redistill": "^", "k1": "D"}
+    colors = {"today": "tab:grey", "new": "tab:blue", "pick": "tab:orange", "no-redistill": "tab:green",
+              "feature": "tab:purple", "pick-feature": "tab:red"}
+    markers = {"today": "s", "new": "o", "pick": "v", "no-redistill": "^", "feature": "D", "pick-feature": "P"}
     control_styles = ["--", "-."]
     for i, s in enumerate(speedups):
         ax = fig.add_subplot(1, len(speedups), i + 1)
@@ -872,8 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=list(ABLATIONS), help=f"ablations of `new` to run, of {','.join(ABLATIONS)} (default all; "
                                                  "'' for none)")
-    p.add_argument("--feature-loss", default="nmse", choices=("nmse", "cosine", "none"),
-                   help="feature loss of `new` and its ablations (default nmse)")
+    p.add_argument("--ablation-epochs", type=float, default=0.5,
+                   help="ablations run only at epoch counts up to this (default 0.5)")
+    p.add_argument("--feature-loss", default="none", choices=("nmse", "cosine", "none"),
+                   help="feature loss of `new` (default none); the `feature` ablations use nmse, or none "
+                        "when this is set")
     p.add_argument("--feature-weight", type=float, help="feature-loss weight (default: the run's finetune.feature_weight)")
     p.add_argument("--ce-weight", type=float, help="label-loss weight, every recipe (default: the run's finetune.ce_weight)")
     p.add_argument("--candidates", type=int, default=4, help="K plans selected per speedup for the pick (default 4)")

@@ -38,6 +38,7 @@ def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int 
     splits = load_data(cfg.data)
     cfg.data = splits.record(cfg.data)
     cfg.finetune.epochs = epochs
+    cfg.finetune.min_steps = 0  # the epochs as given (tests count steps)
     cfg.finetune.batch_size = 16
     cfg.finetune.bn_batches = 2
     cfg.finetune.lr = 2e-3

@@ -18,8 +18,8 @@ from hant.data import load_data, save_tensor_data
 from hant.errors import HantError
 
 # Small enough to run every stage in seconds.
-FAST = {"space": "tiny", "distill": {"images": 256, "batch_size": 32},
-        "finetune": {"epochs": 0.5, "batch_size": 32, "bn_batches": 2},
+FAST = {"space": "tiny", "distill": {"images": 256, "batch_size": 32, "redistill_images": 64},
+        "finetune": {"epochs": 0.5, "min_steps": 0, "batch_size": 32, "bn_batches": 2},
         "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "min_time_s": 0.0}, "data": {"batch_size": 32}}
 
 

@@ -575,3 +575,22 @@ def test_engine_sgd_and_prefetching_workers(tmp_path):
     with pytest.raises(HantError, match="optimizer"):
         train_pool(teacher, _seq_candidates(teacher, block), _data(), _data(64, seed=1),
                    Phase1Options(steps=1, batch_size=32, optimizer="lamb", progress=False), log=lambda m: None)
+
+
+def test_images_per_candidate_has_a_floor_under_an_epoch_budget():
+    from hant.config import RunConfig
+    from hant.distill import images_per_candidate
+
+    cfg = RunConfig()
+    # 2% of 1,200 images is 24: one optimiser step. The floor gives every candidate 4096.
+    assert images_per_candidate(cfg, None, 1200) == cfg.distill.min_images == 4096
+    assert images_per_candidate(cfg, None, 1_000_000) == 20_000  # a large set: its share of an epoch
+    cfg.distill.min_images = 0
+    assert images_per_candidate(cfg, None, 1200) == 24
+    cfg.distill.min_images = 4096
+    cfg.distill.images = 100  # a budget in images is taken as it is
+    assert images_per_candidate(cfg, None, 1200) == 100 and images_per_candidate(cfg, 7, 1200) == 7
+    with pytest.raises(HantError, match="distill.min_images"):
+        RunConfig.from_dict({"distill": {"min_images": -1}})
+    with pytest.raises(HantError, match="finetune.min_steps"):
+        RunConfig.from_dict({"finetune": {"min_steps": 1.5}})

@@ -24,9 +24,9 @@ from hant.workspace import read_json
 # candidates per layer, four times the suite's budget for these tests.
 SPACE = {"name": "families", "candidates": ["teacher", "proj", "skip", "mb_k3_e1_relu", "self_w50", "self_w100_k3",
                                              "sep", "lr_r50", "grp_g2"]}
-FAST = {"distill": {"images": 32, "batch_size": 16, "heldout_images": 16},
+FAST = {"distill": {"images": 32, "batch_size": 16, "heldout_images": 16, "redistill_images": 32},
         "score": {"images": 16},
-        "finetune": {"epochs": 0.05, "batch_size": 16, "bn_batches": 1},
+        "finetune": {"epochs": 0.05, "min_steps": 0, "batch_size": 16, "bn_batches": 1},
         "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "min_time_s": 0.0},
         "data": {"batch_size": 16}}
 

@@ -211,11 +211,12 @@ def test_a_too_slow_alternative_is_left_out(run, monkeypatch):
 
 
 def _stub_stages(monkeypatch, events):
-    from hant import distill, export, finetune, latency, measure, report, score
+    from hant import distill, export, finetune, latency, measure, redistill, report, score
 
     for mod, attr in ((distill, "distill"), (latency, "measure_table"), (score, "score"), (measure, "measure"),
                       (export, "export")):
         monkeypatch.setattr(mod, attr, lambda *a, **k: None)
+    monkeypatch.setattr(redistill, "redistill", lambda r, name, **k: events.append(("redistill", name)))
     monkeypatch.setattr(finetune, "finetune", lambda r, name, **k: events.append(("finetune", name)))
     monkeypatch.setattr(report, "write_report", lambda r: RunDir(r).report)
 
@@ -244,7 +245,9 @@ def test_accelerate_with_candidates_checks_the_alternatives_then_picks_before_fi
     opts = AccelerateOptions(target="t1", speedups=[1.2], int8=False, candidates=3)
     accelerate_run(run, opts, log=_quiet)
     name = plan_name("t1", 1, 1.2)
-    assert events == [("pick", name, {f"{name}-alt1": True, f"{name}-alt2": False}), ("finetune", name)]
+    # The picked plan is re-distilled, then fine-tuned.
+    assert events == [("pick", name, {f"{name}-alt1": True, f"{name}-alt2": False}), ("redistill", name),
+                      ("finetune", name)]
     plan = read_json(RunDir(run).plan(name))
     # The checked plan file names its alternatives, as `select` writes them.
     assert "latency_check" in plan and plan["alternatives"] == [f"{name}-alt1", f"{name}-alt2"]
@@ -275,8 +278,24 @@ def test_accelerate_with_one_candidate_selects_as_before_and_never_picks(tmp_pat
     accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False), log=_quiet)
     name = plan_name("t1", 1, 1.2)
     assert kwargs == [["log", "max_budget_ms", "name", "rounds", "speedup", "timer"]]
-    assert events == [("finetune", name)] and "alternatives" not in read_json(RunDir(run).plan(name))
+    assert events == [("redistill", name), ("finetune", name)]
+    assert "alternatives" not in read_json(RunDir(run).plan(name))
     assert not RunDir(run).plan(f"{name}-alt1").exists()
+
+
+def test_accelerate_without_redistill_fine_tunes_the_phase1_weights(tmp_path, monkeypatch):
+    from hant.cli import build_parser
+    from hant.pipeline import AccelerateOptions, accelerate_run, plan_name
+    from test_select import _fake_run, _timer as exact_timer
+
+    run, _ = _fake_run(tmp_path)
+    events = []
+    _stub_stages(monkeypatch, events)
+    monkeypatch.setattr("hant.measure.time_plan", lambda r, n, log=None: exact_timer()(r, n))
+    accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, redistill=False), log=_quiet)
+    assert events == [("finetune", plan_name("t1", 1, 1.2))]
+    assert build_parser().parse_args(["accelerate", "--run", "r", "--no-redistill"]).no_redistill
+    assert not build_parser().parse_args(["accelerate", "--run", "r"]).no_redistill
 
 
 def test_cli_pick_and_accelerate_candidates(run, monkeypatch, capsys):

@@ -41,7 +41,7 @@ CONFIG = {
     "data": {"heldout": 32, "batch_size": 32},
     "distill": {"images": 64, "batch_size": 32, "lr": 5e-3, "heldout_images": 32},
     "latency": {"threads": 1, "warmup": 1, "min_repeats": 3, "max_repeats": 5, "time_cap_s": 20.0, "min_time_s": 0.0},
-    "finetune": {"epochs": 0.25, "batch_size": 32, "bn_batches": 2},
+    "finetune": {"epochs": 0.25, "min_steps": 0, "batch_size": 32, "bn_batches": 2},
 }
 PLAN = "p"
 

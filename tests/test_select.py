@@ -485,7 +485,7 @@ def test_select_measured_caps_the_budget(tmp_path):
 
 def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget(tmp_path, monkeypatch):
 
-    from hant import distill, export, finetune, latency, measure, report, score
+    from hant import distill, export, finetune, latency, measure, redistill, report, score
     from hant import select as select_mod
     from hant.pipeline import AccelerateOptions, accelerate_run, plan_name
 
@@ -505,7 +505,7 @@ def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget
         return real(*a, **{**k, "timer": timer})
 
     for mod, attr in ((distill, "distill"), (latency, "measure_table"), (score, "score"), (finetune, "finetune"),
-                      (measure, "measure"), (export, "export")):
+                      (measure, "measure"), (export, "export"), (redistill, "redistill")):
         monkeypatch.setattr(mod, attr, lambda *a, **k: None)
     monkeypatch.setattr(report, "write_report", lambda r: RunDir(r).report)
     monkeypatch.setattr(select_mod, "select_measured", checked)

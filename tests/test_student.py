@@ -290,6 +290,20 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_finetune_floor_in_steps_applies_to_the_config_epochs_only(run):
+    from hant.config import RunConfig
+
+    plan = _plan(run)
+    cfg = RunConfig.load(RunDir(run).config)
+    cfg.finetune.min_steps = 12  # 2 epochs of 80 images at batch 16 are 10 steps
+    cfg.save(RunDir(run).config)
+    logs = []
+    res = finetune(run, plan, log=logs.append)
+    assert res["steps"] == 12 and res["epochs"] == pytest.approx(12 / 5)
+    assert any("under finetune.min_steps 12" in line for line in logs)
+    assert finetune(run, plan, epochs=1.0)["steps"] == 5  # asked for: taken as it is
+
+
 def test_finetune_restarts_when_settings_change(run):
     plan = _plan(run)
     finetune(run, plan, epochs=0.5)

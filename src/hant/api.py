@@ -81,7 +81,8 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
                target: str = "onnxruntime-cpu", speedup: float | list[float] = 2.0, batch_size: int = 1,
                run: str | Path | None = None, space: str = "default", input_size: int | None = None,
                source: str | None = None, config: str | Path | None = None, int8: bool = False,
-               finetune_epochs: float | None = None, log: Callable[[str], None] = print) -> AccelerateResult:
+               finetune_epochs: float | None = None, redistill: bool = True,
+               log: Callable[[str], None] = print) -> AccelerateResult:
     """Accelerate a trained `model` for `target`: every stage of `hant accelerate`, from Python.
 
     `model` is an nn.Module (left untouched) or a source string. `train_data`, `heldout_data`
@@ -96,7 +97,9 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     process that passes the model again can resume the run).
 
     `speedup` is one factor or a list; `config` a YAML file for everything else (space,
-    phase-1 budget, fine-tuning); `input_size` defaults to the images' side. Returns an
+    phase-1 budget, fine-tuning); `input_size` defaults to the images' side; `redistill=False`
+    fine-tunes from the phase-1 weights instead of re-distilling the chosen candidates on the
+    student's own inputs first. Returns an
     AccelerateResult with one student per speedup. Raises HantError for bad input and from
     every stage (an infeasible speedup names the fastest latency the pool reaches).
     """
@@ -153,14 +156,11 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     cfg.data.num_classes = num_classes
     if config is None:
         cfg.space = space
-        # 2% of an epoch is plenty for a large set but starves a small one; give every
-        # candidate at least a few thousand images (repeating the set when it is smaller).
-        cfg.distill.images = max(4096, int(round(cfg.distill.epochs * len(train[0]))))
     cfg_path = run / "accelerate-config.yaml"
     cfg.save(cfg_path)
     speedups = [float(s) for s in (speedup if isinstance(speedup, (list, tuple)) else [speedup])]
     opts = AccelerateOptions(target=target, batch_size=batch_size, speedups=speedups, int8=int8,
-                             finetune_epochs=finetune_epochs)
+                             finetune_epochs=finetune_epochs, redistill=redistill)
     out = accelerate_run(run, opts, init_kwargs={"config": str(cfg_path)}, log=log)
     rd = RunDir(run)
     students = {p: load_student(rd.student_dir(p)) for p in out["plans"]}

@@ -160,7 +160,8 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
 
     opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
                              validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs,
-                             check_rounds=args.check_rounds, candidates=args.candidates)
+                             check_rounds=args.check_rounds, candidates=args.candidates,
+                             redistill=not args.no_redistill)
     init_kwargs = None
     if args.model or args.config or args.data:
         init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidates", type=int, default=1, metavar="K",
                    help="select K plans per speedup, distil each briefly and fine-tune the best on "
                         "held-out images (default 1: the selection's best)")
+    s.add_argument("--no-redistill", action="store_true",
+                   help="fine-tune from the phase-1 weights of the chosen candidates instead of re-distilling "
+                        "them first on the student's own inputs")
     s.set_defaults(func=cmd_accelerate)
 
     s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")

@@ -1079,11 +1079,12 @@ def train_pool(
 
 
 def images_per_candidate(cfg, images: int | None, n_train: int) -> int:
-    """Training images per candidate: `images`, else `distill.images`, else `distill.epochs` epochs."""
+    """Training images per candidate: `images`, else `distill.images`, else `distill.epochs`
+    epochs but at least `distill.min_images`."""
     if images is None:
         images = cfg.distill.images
     if images is None:
-        images = int(round(cfg.distill.epochs * n_train))
+        images = max(int(round(cfg.distill.epochs * n_train)), int(cfg.distill.min_images))
     if images < 1:
         raise HantError(f"images per candidate must be at least 1, got {images}; pass --images N")
     return int(images)
@@ -1341,7 +1342,9 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         summary = {
             "world_size": world,
             "device": device.type,
-            "images_per_candidate": n_img,
+            # What each candidate trained on: the budget rounded up to whole batches.
+            "images_per_candidate": steps * plan.batch_size,
+            "images_asked": n_img,
             "heldout_images": len(heldout),
             "batch_size": plan.batch_size,
             "steps": steps,

@@ -278,6 +278,9 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
                                    ("ce_weight", ce_weight)) if v is not None}
     if overrides:
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
+    # Epochs from the config get the floor finetune.min_steps (a small set's 2 epochs are a
+    # handful of steps); epochs passed in are taken as they are.
+    min_steps = int(cfg.finetune.min_steps) if epochs is None else 0
     epochs = float(cfg.finetune.epochs if epochs is None else epochs)
     if not epochs > 0:
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
@@ -289,10 +292,10 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
             except HantError as e:
                 error = str(e)
         dist_.agree(error)
-        return _finetune(run, plan, cfg, epochs, dist_, log)
+        return _finetune(run, plan, cfg, epochs, dist_, log, min_steps)
 
 
-def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str, Any]:
+def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: int = 0) -> dict[str, Any]:
     from hant.data import load_data
 
     ft = cfg.finetune
@@ -308,7 +311,13 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log) -> dict[str,
         # given the plan other starting weights (nor the other way round); without an index
         # the key is what it always was, so older checkpoints still resume.
         extra["redistilled_index_sha256"] = sha256_file(redistilled)
-    loop = _Loop(name=plan, train=train, cfg=cfg, epochs=epochs, sched=_schedule(train, ft, epochs, cfg.seed, dist_),
+    sched = _schedule(train, ft, epochs, cfg.seed, dist_)
+    if sched.total < min_steps:
+        say(f"fine-tune {plan}: {epochs:g} epochs of {len(train)} train images are {sched.total} steps, under "
+            f"finetune.min_steps {min_steps}; training {min_steps / sched.steps_per_epoch:.3g} epochs")
+        epochs = min_steps / sched.steps_per_epoch
+        sched = _schedule(train, ft, epochs, cfg.seed, dist_)
+    loop = _Loop(name=plan, train=train, cfg=cfg, epochs=epochs, sched=sched,
                  dist=dist_, out=out, meta={"plan": plan}, extra=extra,
                  fill=[-m / s for m, s in zip(splits.mean, splits.std)],  # normalised black: the padding colour
                  pad=max(1, splits.input_size // 16), say=say, feature_layers=tuple(plan_d["layers"]))
