@@ -123,6 +123,32 @@ def test_init_records_paths_absolute_and_checks_the_checkpoint(tmp_path, monkeyp
     assert not (tmp_path / "run3" / "layers.json").exists()
 
 
+def test_init_refuses_a_teacher_that_trained_on_the_held_out_images(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    save_file(mini_net().state_dict(), "teacher.safetensors")
+
+    def trained_with(seed, heldout, data="synthetic:200"):  # what `hant train-teacher` writes beside F
+        (tmp_path / "teacher.json").write_text(json.dumps({"data": data, "data_seed": seed, "heldout": heldout}))
+
+    # synthetic:200 holds out 32 images (a fifth of its 160-image train pool).
+    for i, (seed, heldout) in enumerate([(1, 32), (0, 31)]):
+        trained_with(seed, heldout)
+        with pytest.raises(HantError, match=f"holding out {heldout} images with data seed {seed}") as e:
+            _init(tmp_path / f"bad{i}", checkpoint="teacher.safetensors")
+        assert "\n" not in str(e.value) and not (tmp_path / f"bad{i}" / "layers.json").exists()
+    # The same permutation's first 32 are among the teacher's first 50; other data is not compared.
+    for i, (seed, heldout, data) in enumerate([(0, 50, "synthetic:200"), (1, 32, "synthetic:300")]):
+        trained_with(seed, heldout, data)
+        _init(tmp_path / f"ok{i}", checkpoint="teacher.safetensors")
+    # `hant train-teacher` splits as a run does by default, whatever its --seed.
+    from hant.cli import build_parser
+
+    args = build_parser().parse_args(["train-teacher", "--out", "t.safetensors", "--seed", "3"])
+    assert (args.data_seed, args.heldout, args.seed) == (0, 5000, 3)
+
+
 def test_init_bad_inputs_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(HantError, match="unknown space"):
         _init(tmp_path / "a", space="nope")

@@ -44,8 +44,10 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from hant.teacher_train import TeacherRecipe, train_teacher
 
     recipe = TeacherRecipe.from_flags(args)
+    # The split is the one a run makes with the same data settings, so the images a run holds
+    # out to rank candidates are never the teacher's training images.
     data = DataConfig(spec=args.data, data_dir=args.data_dir, input_size=args.input_size,
-                      batch_size=args.batch_size, seed=recipe.seed)
+                      batch_size=args.batch_size, seed=args.data_seed, heldout=args.heldout)
     result = train_teacher(args.model, data, recipe, out=args.out)
     print(f"teacher: test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs "
           f"in {result['train_time_s']:.0f} s -> {args.out}")
@@ -184,6 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hant.config import DataConfig  # no torch either: the split's defaults
     from hant.teacher_train import TeacherRecipe  # no torch: the recipe's flags only
 
     p = argparse.ArgumentParser(prog="hant", description="Hardware-aware network transformation.")
@@ -209,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=64, help="image side in pixels")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
+    s.add_argument("--data-seed", type=int, default=DataConfig.seed,
+                   help=f"seed of the held-out split, as a run's data.seed (default {DataConfig.seed})")
+    s.add_argument("--heldout", type=int, default=DataConfig.heldout,
+                   help=f"images held out of training, as a run's data.heldout (default {DataConfig.heldout})")
     TeacherRecipe.add_flags(s)  # --epochs, --lr, --seed, ...: one per field of the recipe
     s.set_defaults(func=cmd_train_teacher)
 

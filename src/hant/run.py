@@ -12,6 +12,7 @@ with a different teacher, dataset or space.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,6 +101,32 @@ def _random_teacher_checkpoint(rd, cfg: RunConfig, in_chans: int, num_classes: i
     log(f"{rd.root}: {cfg.model.source} has no trained weights; seeded it (seed {cfg.seed}) and saved {path}")
 
 
+def _check_teacher_split(cfg: RunConfig, splits) -> None:
+    """Refuse a run whose held-out images the teacher may have trained on.
+
+    `hant train-teacher` writes F.json beside its checkpoint F with the dataset, the split's
+    seed and the number of images it held out. The run holds out the first `n` of the same
+    seeded permutation, so with the same dataset and seed, and `n` no more than the
+    teacher's, its held-out images are among those the teacher never saw.
+    """
+    if not cfg.model.checkpoint or splits.spec.startswith("tensors:"):
+        return  # a tensors file names its held-out images itself
+    info = Path(cfg.model.checkpoint).expanduser().with_suffix(".json")
+    try:
+        t = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return  # not a teacher hant trained: nothing recorded to compare
+    if not isinstance(t, dict) or t.get("data") != splits.spec or "data_seed" not in t or "heldout" not in t:
+        return
+    n = len(splits.heldout)
+    if t["data_seed"] != cfg.data.seed or int(t["heldout"]) < n:
+        raise HantError(
+            f"the teacher {cfg.model.checkpoint} was trained on {splits.spec} holding out {t['heldout']} images "
+            f"with data seed {t['data_seed']}, and this run holds out {n} with seed {cfg.data.seed}, some of which "
+            f"the teacher trained on; set data.seed: {t['data_seed']} and data.heldout of at most {t['heldout']} "
+            f"in --config, or train the teacher with --data-seed {cfg.data.seed} --heldout {n}")
+
+
 def _checkpoint_sha(path: str | None) -> str | None:
     from hant.workspace import sha256_file
 
@@ -165,6 +192,7 @@ def init_run(
     space_obj = load_space(cfg.space)  # fail on a bad space before loading anything heavy
     splits = load_data(cfg.data)
     cfg.data = splits.record(cfg.data)
+    _check_teacher_split(cfg, splits)
     new = cfg.to_dict()
 
     if rd.config.exists():

@@ -53,7 +53,7 @@ class TeacherRecipe:
 
     epochs: float = _flag(10.0, "--epochs", "passes over the train split; may be fractional")
     lr: float = _flag(3e-3, "--lr", "peak learning rate")
-    seed: int = _flag(0, "--seed", "seed of the weights, batch order, augmentation and data split")
+    seed: int = _flag(0, "--seed", "seed of the weights, batch order and augmentation")
     max_train_images: int | None = _flag(None, "--max-images", "cap train images (for quick runs)", int)
     weight_decay: float = _flag(0.05, "--weight-decay", "AdamW weight decay on weights (not norms, biases)")
     label_smoothing: float = _flag(0.1, "--label-smoothing", "label smoothing of the cross-entropy")
