@@ -220,14 +220,18 @@ class Recovery:
         return d
 
     def unit(self, unit: str, settings: dict[str, Any], make: Callable[[], dict],
-             valid: Callable[[dict], bool] | None = None) -> dict:
+             valid: Callable[[dict], bool] | None = None, only_cached: bool = False) -> dict | None:
         """The cached record of `unit` made with `settings`, else make() timed, saved and the
-        results rewritten. `valid(record)` may reject a cached record whose artifacts are gone."""
+        results rewritten (with `only_cached`, None instead). `valid(record)` may reject a
+        cached record whose artifacts are gone."""
         key = digest(settings)
-        self.used_units.add(unit)
-        d = self.cached(unit, key)
+        d = self.cached(unit, key) if not only_cached or self._path(unit).exists() else None
         if d is not None and (valid is None or valid(d)):
+            self.used_units.add(unit)
             return d
+        if only_cached:
+            return None
+        self.used_units.add(unit)
         self.log(f"[recovery] {unit} ...")
         t0 = time.perf_counter()
         d = make()
@@ -500,8 +504,9 @@ class Recovery:
         return copy.deepcopy(self._starts[key])
 
     def point_unit(self, recipe: Recipe, s: float, epochs: float, layers: dict[str, str], rd: dict | None,
-                   plan_info: dict) -> dict:
-        """One point of a curve: the start (epochs 0) or its own fine-tuning of `epochs` epochs."""
+                   plan_info: dict, only_cached: bool = False) -> dict | None:
+        """One point of a curve: the start (epochs 0) or its own fine-tuning of `epochs` epochs
+        (with `only_cached`, the point if it is cached, else None)."""
         from hant.finetune import finetune_module
         from hant.student import count_params_flops, save_student
 
@@ -536,13 +541,14 @@ class Recovery:
                 shutil.rmtree(self.work_dir / unit, ignore_errors=True)  # the checkpoint (weights + optimiser)
             return out
 
-        d = self.unit(unit, settings, make)
-        self.points[(recipe.name, s, epochs)] = {**d, "plan_info": plan_info}
+        d = self.unit(unit, settings, make, only_cached=only_cached)
+        if d is not None:
+            self.points[(recipe.name, s, epochs)] = {**d, "plan_info": plan_info}
         return d
 
-    def control_unit(self, loss: dict[str, Any], epochs: float) -> dict:
+    def control_unit(self, loss: dict[str, Any], epochs: float, only_cached: bool = False) -> dict | None:
         """The teacher fine-tuned with `loss` for `epochs` (the feature loss, when on, at every
-        replaceable layer of the run)."""
+        replaceable layer of the run); with `only_cached`, None unless it is cached."""
         from hant.finetune import finetune_module
 
         label = self.loss_label(loss)
@@ -560,8 +566,9 @@ class Recovery:
             return {"loss": loss, "epochs": epochs, "top1": top1,
                     "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s", "history")}}
 
-        d = self.unit(unit, settings, make)
-        self.controls[(label, epochs)] = d
+        d = self.unit(unit, settings, make, only_cached=only_cached)
+        if d is not None:
+            self.controls[(label, epochs)] = d
         return d
 
     # --- the flow --------------------------------------------------------------------------
@@ -596,6 +603,15 @@ class Recovery:
         for r in self.recipes:
             loss = self.loss_of(r)
             losses[self.loss_label(loss)] = loss
+        # Every point and control already cached, so that the results show them from the start.
+        for e in sorted(a.epochs):
+            for label, loss in losses.items():
+                if e > 0:
+                    self.control_unit(loss, e, only_cached=True)
+            for s in sorted(a.speedups):
+                for r in self.recipes:
+                    self.point(r, s, e, only_cached=True)
+        self.write_outputs()
         # `today` and `new` over every epoch count first, then the ablations up to
         # --ablation-epochs; each pass by epochs ascending, so a run that stops early has every
         # recipe of the pass at the smaller budgets.
@@ -610,14 +626,17 @@ class Recovery:
                     for label in dict.fromkeys(self.loss_label(self.loss_of(r)) for r in recipes):
                         self.control_unit(losses[label], e)
                 for s in sorted(a.speedups):
-                    p = self.plans[s]
                     for r in recipes:
-                        layers = p["layers"][r.plan]
-                        rd = p["redistill"].get(r.plan) if r.redistill else None
-                        info = {"which": r.plan, "plan": (p["pick"] or {}).get("winner") if r.plan == "picked"
-                                else p["select"]["plan"]}
-                        self.point_unit(r, s, e, layers, rd, info)
+                        self.point(r, s, e)
         self.write_outputs()
+
+    def point(self, r: Recipe, s: float, e: float, only_cached: bool = False) -> dict | None:
+        """Recipe r's point at speedup s after e epochs (see point_unit)."""
+        p = self.plans[s]
+        rd = p["redistill"].get(r.plan) if r.redistill else None
+        info = {"which": r.plan, "plan": (p["pick"] or {}).get("winner") if r.plan == "picked"
+                else p["select"]["plan"]}
+        return self.point_unit(r, s, e, p["layers"][r.plan], rd, info, only_cached=only_cached)
 
     # --- results ---------------------------------------------------------------------------
 
