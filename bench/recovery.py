@@ -28,8 +28,10 @@ Recipes: `today` = the K = 1 plan, phase-1 weights, logits KD + label CE (no fea
 Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
 `--ablation-epochs` (0.5): `pick` (the picked of K plans), `feature` (with the nmse
 feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
-weights; the same as `today` when `new` has no feature loss, so then left out). `today`
-and `new` run every epoch count first, then the ablations.
+weights; the same as `today` when `new` has no feature loss, so then left out). The
+sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
+weight (ce=W) or the peak LR (lr=X) changed, each with its own control. `today` and
+`new` run every epoch count first, then the sweep, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
 a copy of the teacher; one control per distinct loss, the feature loss at all the run's
@@ -96,11 +98,29 @@ class Recipe:
     redistill: bool  # start from re-distilled weights (else phase 1's)
     feature_loss: str  # none | nmse | cosine
     ablation: bool = False  # run only up to --ablation-epochs
+    sweep: bool = False  # run only at --sweep-epochs and --sweep-speedups
+    ce_weight: float | None = None  # label-loss weight; None: --ce-weight or the run's
+    lr: float | None = None  # peak fine-tuning LR; None: the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
                 f"{'re-distilled' if self.redistill else 'phase-1'} weights, KD + CE"
-                + (f" + {self.feature_loss} feature loss" if self.feature_loss != "none" else ""))
+                + (f" + {self.feature_loss} feature loss" if self.feature_loss != "none" else "")
+                + (f", label-loss weight {self.ce_weight:g}" if self.ce_weight is not None else "")
+                + (f", LR {self.lr:g}" if self.lr is not None else ""))
+
+
+def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
+    """`new` with one fine-tuning setting changed per entry of `sweep` ("ce=0", "lr=2e-3")."""
+    out = []
+    for item in sweep:
+        key, _, value = item.partition("=")
+        if key not in ("ce", "lr") or not value:
+            raise ValueError(f"--sweep entries are ce=W or lr=X, got {item!r}")
+        v = float(value)
+        out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True,
+                                       **({"ce_weight": v} if key == "ce" else {"lr": v})))
+    return out
 
 
 def make_recipes(feature_loss: str, ablations: list[str]) -> list[Recipe]:
@@ -150,6 +170,7 @@ class Recovery:
         self.layer_names = [info.name for info in self.the_run.layers]
         self.table_id = table_id(TARGET, args.batch_size)
         self.recipes = make_recipes(args.feature_loss, args.ablations)
+        self.recipes += sweep_recipes(self.recipes[1], args.sweep)
         self.t0 = time.perf_counter()
         self.test = self.splits.test
         if args.test_images is not None:
@@ -182,10 +203,13 @@ class Recovery:
     def loss_of(self, recipe: Recipe) -> dict[str, Any]:
         """The fine-tuning loss of a recipe: what its cfg.finetune overrides."""
         a, ft = self.args, self.cfg.finetune
-        loss = {"feature_loss": recipe.feature_loss,
-                "ce_weight": float(a.ce_weight if a.ce_weight is not None else ft.ce_weight)}
+        ce = recipe.ce_weight if recipe.ce_weight is not None else a.ce_weight if a.ce_weight is not None \
+            else ft.ce_weight
+        loss = {"feature_loss": recipe.feature_loss, "ce_weight": float(ce)}
         if recipe.feature_loss != "none":
             loss["feature_weight"] = float(a.feature_weight if a.feature_weight is not None else ft.feature_weight)
+        if recipe.lr is not None:
+            loss["lr"] = float(recipe.lr)  # overrides the run's LR in the settings (finetune_settings)
         return loss
 
     @staticmethod
@@ -193,11 +217,13 @@ class Recovery:
         label = f"kd+ce{loss['ce_weight']:g}"
         if loss["feature_loss"] != "none":
             label += f"+{loss['feature_loss']}{loss['feature_weight']:g}"
+        if "lr" in loss:
+            label += f"-lr{loss['lr']:g}"
         return label
 
     def cfg_with(self, loss: dict[str, Any]):
         ft = dataclasses.replace(self.cfg.finetune, feature_loss=loss["feature_loss"], ce_weight=loss["ce_weight"],
-                                 **({"feature_weight": loss["feature_weight"]} if "feature_weight" in loss else {}))
+                                 **{k: loss[k] for k in ("feature_weight", "lr") if k in loss})
         return dataclasses.replace(self.cfg, finetune=ft)
 
     # --- the cache of units ----------------------------------------------------------------
@@ -615,11 +641,14 @@ class Recovery:
         # `today` and `new` over every epoch count first, then the ablations up to
         # --ablation-epochs; each pass by epochs ascending, so a run that stops early has every
         # recipe of the pass at the smaller budgets.
-        for ablation in (False, True):
+        for which in ("main", "sweep", "ablation"):
             for e in sorted(a.epochs):
-                recipes = [r for r in self.recipes if r.ablation == ablation]
-                if ablation:
+                recipes = [r for r in self.recipes if which == ("ablation" if r.ablation else "sweep" if r.sweep
+                                                                else "main")]
+                if which == "ablation":
                     recipes = [r for r in recipes if e <= a.ablation_epochs]
+                if which == "sweep" and e not in a.sweep_epochs:
+                    recipes = []
                 if not recipes:
                     continue
                 if e > 0:
@@ -627,7 +656,8 @@ class Recovery:
                         self.control_unit(losses[label], e)
                 for s in sorted(a.speedups):
                     for r in recipes:
-                        self.point(r, s, e)
+                        if which != "sweep" or s in a.sweep_speedups:
+                            self.point(r, s, e)
         self.write_outputs()
 
     def point(self, r: Recipe, s: float, e: float, only_cached: bool = False) -> dict | None:
@@ -742,7 +772,7 @@ class Recovery:
             "speedups": sorted(a.speedups),
             "epochs": sorted(a.epochs),
             "recipes": {r.name: {"plan": r.plan, "redistill": r.redistill, "feature_loss": r.feature_loss,
-                                 "ablation": r.ablation,
+                                 "ablation": r.ablation, "sweep": r.sweep,
                                  "loss": self.loss_of(r), "description": r.describe()} for r in self.recipes},
             "settings": {"candidates": a.candidates, "min_diff": a.min_diff, "check_rounds": a.check_rounds,
                          "pick_images": int(a.pick_images if a.pick_images is not None
@@ -912,6 +942,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=list(ABLATIONS), help=f"ablations of `new` to run, of {','.join(ABLATIONS)} (default all; "
                                                  "'' for none)")
+    p.add_argument("--sweep", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3"],
+                   help="variants of `new` with one fine-tuning setting changed: ce=W (label-loss weight) or lr=X "
+                        "(default ce=0,ce=1,lr=5e-4,lr=2e-3; '' for none), run after `today` and `new`")
+    p.add_argument("--sweep-epochs", type=_floats, default=[0.25, 0.5], help="epochs of the sweep (0.25,0.5)")
+    p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
     p.add_argument("--ablation-epochs", type=float, default=0.5,
                    help="ablations run only at epoch counts up to this (default 0.5)")
     p.add_argument("--feature-loss", default="none", choices=("nmse", "cosine", "none"),
@@ -937,6 +973,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results JSON (default bench/results/recovery.json); the plot goes beside it")
     p.add_argument("--note", help="a note stored in the results under `note`")
     args = p.parse_args(argv)
+    try:
+        sweep_recipes(Recipe("new", "k1", True, "none"), args.sweep)
+    except ValueError as e:
+        p.error(str(e))
     bad = [x for x in args.ablations if x not in ABLATIONS]
     if bad:
         p.error(f"unknown ablation {bad[0]}; choose from {', '.join(ABLATIONS)}")
