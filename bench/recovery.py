@@ -30,7 +30,8 @@ Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
 feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
 weights; the same as `today` when `new` has no feature loss, so then left out). The
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
-weight (ce=W) or the peak LR (lr=X) changed, each with its own control. `today` and
+weight (ce=W), the peak LR (lr=X, each with its own control) or the images per
+re-distilled layer (rd=N) changed. `today` and
 `new` run every epoch count first, then the sweep, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
@@ -101,25 +102,32 @@ class Recipe:
     sweep: bool = False  # run only at --sweep-epochs and --sweep-speedups
     ce_weight: float | None = None  # label-loss weight; None: --ce-weight or the run's
     lr: float | None = None  # peak fine-tuning LR; None: the run's
+    redistill_images: int | None = None  # images per re-distilled layer; None: --redistill-images or the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
                 f"{'re-distilled' if self.redistill else 'phase-1'} weights, KD + CE"
                 + (f" + {self.feature_loss} feature loss" if self.feature_loss != "none" else "")
                 + (f", label-loss weight {self.ce_weight:g}" if self.ce_weight is not None else "")
-                + (f", LR {self.lr:g}" if self.lr is not None else ""))
+                + (f", LR {self.lr:g}" if self.lr is not None else "")
+                + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
 
 
 def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
-    """`new` with one fine-tuning setting changed per entry of `sweep` ("ce=0", "lr=2e-3")."""
+    """`new` with one setting changed per entry of `sweep`: "ce=0" (label-loss weight),
+    "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer)."""
     out = []
+    fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images"}
     for item in sweep:
         key, _, value = item.partition("=")
-        if key not in ("ce", "lr") or not value:
-            raise ValueError(f"--sweep entries are ce=W or lr=X, got {item!r}")
-        v = float(value)
+        try:
+            v = float(value)
+        except ValueError:
+            v = None
+        if key not in fields or v is None or (key == "rd" and (v != int(v) or v < 1)):
+            raise ValueError(f"--sweep entries are ce=W, lr=X or rd=N (images), got {item!r}")
         out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True,
-                                       **({"ce_weight": v} if key == "ce" else {"lr": v})))
+                                       **{fields[key]: int(v) if key == "rd" else v}))
     return out
 
 
@@ -453,17 +461,27 @@ class Recovery:
 
         return self.unit(f"pick-b{a.batch_size}-x{s:g}", settings, make)
 
-    def redistill_unit(self, s: float, layers: dict[str, str]) -> dict:
-        """Re-distillation of a plan's layers, once per distinct set of layers, under the plan
-        name <base>-rd-<hash of the layers> (so `assemble` finds the weights by that name)."""
+    def default_redistill_images(self) -> int:
+        a = self.args
+        return int(a.redistill_images if a.redistill_images is not None else self.cfg.distill.redistill_images)
+
+    def redistill_key(self, r: Recipe) -> str:
+        """Where a recipe's re-distillation sits in a speedup's plans entry."""
+        images = r.redistill_images or self.default_redistill_images()
+        return r.plan if images == self.default_redistill_images() else f"{r.plan}@{images}"
+
+    def redistill_unit(self, s: float, layers: dict[str, str], images: int | None = None) -> dict:
+        """Re-distillation of a plan's layers, once per distinct set of layers and image count,
+        under the plan name <base>-rd-<hash of the layers> (-rd<images>- when not the default),
+        so `assemble` finds the weights by that name."""
         from hant.redistill import redistill
         from hant.student import TEACHER_SPEC
 
-        a = self.args
-        images = int(a.redistill_images if a.redistill_images is not None else self.cfg.distill.redistill_images)
+        default = self.default_redistill_images()
+        images = int(images or default)
         index = self.the_run.candidate_index()
         phase1 = {n: (index.get((n, sp)) or {}).get("sha256") for n, sp in layers.items() if sp != TEACHER_SPEC}
-        name = f"{self.base_name(s)}-rd-{digest(layers, 8)}"
+        name = f"{self.base_name(s)}-rd{'' if images == default else images}-{digest(layers, 8)}"
         dc = self.cfg.distill
         settings = {**self.base_settings(), "plan": name, "layers": layers, "phase1": phase1, "images": images,
                     "distill": {"lr": dc.lr, "batch_size": dc.batch_size, "optimizer": dc.optimizer,
@@ -610,9 +628,12 @@ class Recovery:
             entry["pick"] = self.pick_unit(s, sel)
             picked = entry["pick"]["layers"]
         entry["layers"] = {"k1": sel["layers"], "picked": picked}
-        for which in ("k1", "picked"):
-            if any(r.plan == which and r.redistill for r in self.recipes):
-                entry["redistill"][which] = self.redistill_unit(s, entry["layers"][which])
+        for r in self.recipes:
+            key = self.redistill_key(r)
+            if r.sweep and s not in self.args.sweep_speedups:
+                continue
+            if r.redistill and key not in entry["redistill"]:
+                entry["redistill"][key] = self.redistill_unit(s, entry["layers"][r.plan], r.redistill_images)
         self.write_outputs()
         return sel["budget_ms"]
 
@@ -663,7 +684,7 @@ class Recovery:
     def point(self, r: Recipe, s: float, e: float, only_cached: bool = False) -> dict | None:
         """Recipe r's point at speedup s after e epochs (see point_unit)."""
         p = self.plans[s]
-        rd = p["redistill"].get(r.plan) if r.redistill else None
+        rd = p["redistill"].get(self.redistill_key(r)) if r.redistill else None
         info = {"which": r.plan, "plan": (p["pick"] or {}).get("winner") if r.plan == "picked"
                 else p["select"]["plan"]}
         return self.point_unit(r, s, e, p["layers"][r.plan], rd, info, only_cached=only_cached)
@@ -943,10 +964,11 @@ def main(argv: list[str] | None = None) -> int:
                    default=list(ABLATIONS), help=f"ablations of `new` to run, of {','.join(ABLATIONS)} (default all; "
                                                  "'' for none)")
     p.add_argument("--sweep", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3"],
-                   help="variants of `new` with one fine-tuning setting changed: ce=W (label-loss weight) or lr=X "
-                        "(default ce=0,ce=1,lr=5e-4,lr=2e-3; '' for none), run after `today` and `new`")
-    p.add_argument("--sweep-epochs", type=_floats, default=[0.25, 0.5], help="epochs of the sweep (0.25,0.5)")
+                   default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192"],
+                   help="variants of `new` with one setting changed: ce=W (label-loss weight), lr=X (fine-tuning "
+                        "LR) or rd=N (images per re-distilled layer) (default ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192; "
+                        "'' for none), run after `today` and `new`")
+    p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25, 0.5], help="epochs of the sweep (0,0.25,0.5)")
     p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
     p.add_argument("--ablation-epochs", type=float, default=0.5,
                    help="ablations run only at epoch counts up to this (default 0.5)")
