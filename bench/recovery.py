@@ -32,7 +32,7 @@ weights; the same as `today` when `new` has no feature loss, so then left out). 
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
 weight (ce=W), the peak LR (lr=X, each with its own control) or the images per
 re-distilled layer (rd=N) changed. `today` and
-`new` run every epoch count first, then the sweep, then the ablations.
+`new` (with the sweep at its epochs) run every epoch count first, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
 a copy of the teacher; one control per distinct loss, the feature loss at all the run's
@@ -630,7 +630,7 @@ class Recovery:
         entry["layers"] = {"k1": sel["layers"], "picked": picked}
         for r in self.recipes:
             key = self.redistill_key(r)
-            if r.sweep and s not in self.args.sweep_speedups:
+            if not any(self.runs_at(r, s, e) for e in self.args.epochs):
                 continue
             if r.redistill and key not in entry["redistill"]:
                 entry["redistill"][key] = self.redistill_unit(s, entry["layers"][r.plan], r.redistill_images)
@@ -657,19 +657,16 @@ class Recovery:
                     self.control_unit(loss, e, only_cached=True)
             for s in sorted(a.speedups):
                 for r in self.recipes:
-                    self.point(r, s, e, only_cached=True)
+                    if self.runs_at(r, s, e):
+                        self.point(r, s, e, only_cached=True)
         self.write_outputs()
-        # `today` and `new` over every epoch count first, then the ablations up to
-        # --ablation-epochs; each pass by epochs ascending, so a run that stops early has every
-        # recipe of the pass at the smaller budgets.
-        for which in ("main", "sweep", "ablation"):
+        # `today`, `new` and the sweep (at its epochs and speedups) over every epoch count first,
+        # then the ablations up to --ablation-epochs; each pass by epochs ascending, so a run
+        # that stops early has every recipe of the pass at the smaller budgets.
+        for ablation in (False, True):
             for e in sorted(a.epochs):
-                recipes = [r for r in self.recipes if which == ("ablation" if r.ablation else "sweep" if r.sweep
-                                                                else "main")]
-                if which == "ablation":
-                    recipes = [r for r in recipes if e <= a.ablation_epochs]
-                if which == "sweep" and e not in a.sweep_epochs:
-                    recipes = []
+                recipes = [r for r in self.recipes if r.ablation == ablation
+                           and any(self.runs_at(r, s, e) for s in a.speedups)]
                 if not recipes:
                     continue
                 if e > 0:
@@ -677,9 +674,18 @@ class Recovery:
                         self.control_unit(losses[label], e)
                 for s in sorted(a.speedups):
                     for r in recipes:
-                        if which != "sweep" or s in a.sweep_speedups:
+                        if self.runs_at(r, s, e):
                             self.point(r, s, e)
         self.write_outputs()
+
+    def runs_at(self, r: Recipe, s: float, e: float) -> bool:
+        """Whether recipe r has a point at speedup s after e epochs."""
+        a = self.args
+        if r.ablation:
+            return e <= a.ablation_epochs
+        if r.sweep:
+            return e in a.sweep_epochs and s in a.sweep_speedups
+        return True
 
     def point(self, r: Recipe, s: float, e: float, only_cached: bool = False) -> dict | None:
         """Recipe r's point at speedup s after e epochs (see point_unit)."""
@@ -967,8 +973,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192"],
                    help="variants of `new` with one setting changed: ce=W (label-loss weight), lr=X (fine-tuning "
                         "LR) or rd=N (images per re-distilled layer) (default ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192; "
-                        "'' for none), run after `today` and `new`")
-    p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25, 0.5], help="epochs of the sweep (0,0.25,0.5)")
+                        "'' for none)")
+    p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25], help="epochs of the sweep (0,0.25)")
     p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
     p.add_argument("--ablation-epochs", type=float, default=0.5,
                    help="ablations run only at epoch counts up to this (default 0.5)")
