@@ -582,12 +582,12 @@ def test_images_per_candidate_has_a_floor_under_an_epoch_budget():
     from hant.distill import images_per_candidate
 
     cfg = RunConfig()
-    # 2% of 1,200 images is 24: one optimiser step. The floor gives every candidate 4096.
-    assert images_per_candidate(cfg, None, 1200) == cfg.distill.min_images == 4096
-    assert images_per_candidate(cfg, None, 1_000_000) == 20_000  # a large set: its share of an epoch
+    # 2% of 1,200 images is 24: one optimiser step. The floor gives every candidate 1024.
+    assert images_per_candidate(cfg, None, 1200) == cfg.distill.min_images == 1024
+    assert images_per_candidate(cfg, None, 55_000) == 1100  # Fashion-MNIST: its share of an epoch, as before
     cfg.distill.min_images = 0
     assert images_per_candidate(cfg, None, 1200) == 24
-    cfg.distill.min_images = 4096
+    cfg.distill.min_images = 1024
     cfg.distill.images = 100  # a budget in images is taken as it is
     assert images_per_candidate(cfg, None, 1200) == 100 and images_per_candidate(cfg, 7, 1200) == 7
     with pytest.raises(HantError, match="distill.min_images"):

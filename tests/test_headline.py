@@ -1,7 +1,11 @@
-"""The headline benchmark's latency matching (bench/headline.py), with FLOPs standing in for latency."""
+"""The headline benchmark (bench/headline.py): its latency matching, with FLOPs standing in for
+latency; the caps and names of hant's hardware-checked plans; and a --quick run end to end."""
 
 import importlib.util
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from hant.student import count_params_flops  # noqa: E402
 from hant.teacher import create_model  # noqa: E402
 
 SHAPE = (1, 32, 32)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _headline():
@@ -104,3 +109,100 @@ def test_alternatives_timed_at_another_batch_are_not_matched_comparisons():
     comps = hl.comparisons(rows)
     assert len(comps) == 1 and comps[0]["batch_size"] == 64
     assert math.isclose(comps[0]["hant_minus_method"], 1.5) and comps[0]["hant_leads_by_1_point"]
+
+
+def test_a_speedup_is_capped_by_the_tightest_smaller_one_at_its_batch():
+    hl = _headline()
+    assert hl.budget_cap({}, 2.0) is None
+    # 2x's hardware check tightened its budget to 9.0 ms; 3x then ended at 6.5 ms.
+    budgets = {2.0: 9.0, 3.0: 6.5}
+    assert hl.budget_cap(budgets, 2.0) is None  # nothing smaller
+    assert hl.budget_cap(budgets, 3.0) == 9.0
+    assert hl.budget_cap(budgets, 4.0) == 6.5
+    # The bisection tries 2.5x between them: capped by 2x, never by the larger 3x.
+    assert hl.budget_cap(budgets, 2.5) == 9.0
+    # Had 2.5x's check ended tighter than 3x's, a later 3.5x is capped by the tightest smaller one.
+    budgets[2.5] = 6.0
+    assert hl.budget_cap(budgets, 3.5) == 6.0
+
+
+def test_names_say_the_recipe_and_alternatives_are_named_after_their_hant_student():
+    hl = _headline()
+    assert hl.recipe_tag({"check_rounds": 3, "redistill": True}) == "hw"
+    assert hl.recipe_tag({"check_rounds": 1, "redistill": False}) == "hw-nord"
+    assert hl.recipe_tag({"check_rounds": 0, "redistill": True}) == "rd"
+    # The recipe before hardware checks keeps the names its cached units have.
+    assert hl.recipe_tag(hl.LEGACY_RECIPE) == ""
+    assert hl.Bench.alt_name("pruned", {"unit": "hant-hw-b64-x2"}) == "pruned-hw-b64-x2"
+    assert hl.Bench.alt_name("hant-int8", {"unit": "hant-b1-x3"}) == "hant-int8-b1-x3"
+    check = hl.Bench.same_ref({"unit": "hant-hw-b64-x2", "sha256": "aa"})
+    assert check({"ref_sha256": "aa"}) is None and "hant-hw-b64-x2" in check({"ref_sha256": "bb"})
+
+
+def test_hardware_check_summary_reports_the_plan_that_was_kept():
+    hl = _headline()
+    check = {"met": True, "goal_speedup": 1.96, "budget_cap_ms": None, "rounds": [
+        {"budget_ms": 10.0, "speedup": 1.80, "speedup_ci_lo": 1.78, "speedup_ci_hi": 1.82,
+         "decision": "short; budget tightened"},
+        {"budget_ms": 9.0, "speedup": 2.30, "speedup_ci_lo": 2.25, "speedup_ci_hi": 2.35,
+         "decision": "met; faster than asked, budget loosened"},
+        {"budget_ms": 9.6, "speedup": 1.90, "speedup_ci_lo": 1.88, "speedup_ci_hi": 1.92,
+         "decision": "short; back to the plan before"}]}
+    hc = hl.hardware_check(check, 9.0)
+    assert hc["timings"] == 3 and hc["met"] and hc["speedup"] == 2.30 and hc["speedup_ci"] == [2.25, 2.35]
+    assert hc["decisions"][0].startswith("short")
+
+
+def _quick(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["--quick", "--out", str(out), "--batch-sizes", "64", "--speedups", "1.5", "--sweep-steps", "0",
+            "--methods", "random,int8", "--finetune-epochs", "0.25", "--validate", "0", *extra]
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "headline.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path):
+    out = tmp_path / "hl"
+    _quick(out)
+    d = json.loads((out / "headline.json").read_text())
+    assert d["hant_recipe"]["check_rounds"] == 3 and d["hant_recipe"]["redistill"] is True
+    rows = {r["unit"]: r for r in d["rows"]}
+    assert {"teacher", "teacher-ft", "teacher-int8", "hant-hw-b64-x1.5", "hant-int8-hw-b64-x1.5",
+            "random-hw-b64-x1.5"} <= set(rows)
+    hant = rows["hant-hw-b64-x1.5"]
+    assert hant["plan"] == "headline-hw-b64-x1.5" and hant["recipe"] == {"check_rounds": 3, "redistill": True}
+    # The hardware check: at least one timing against the teacher, at most 1 + 3 re-selections
+    # and one loosening; its speedup is a measured ratio with an interval around it.
+    hc = hant["hardware_check"]
+    assert 1 <= hc["timings"] <= 5 and isinstance(hc["met"], bool) and len(hc["decisions"]) == hc["timings"]
+    lo, hi = hc["speedup_ci"]
+    assert 0 < lo <= hc["speedup"] <= hi and math.isfinite(hi)
+    assert hc["budget_ms"] == hant["budget_ms"] and hc["budget_cap_ms"] is None  # the smallest speedup
+    unit = json.loads((out / "headline_rows" / "hant-hw-b64-x1.5.json").read_text())
+    plan = json.loads((out / "quick" / "run" / "plans" / "headline-hw-b64-x1.5.json").read_text())
+    assert unit["latency_check"] == plan["latency_check"] and plan["budget_ms"] == unit["budget_ms"]
+    assert plan["headline_recipe"] == unit["recipe"]
+    # Re-distilled before fine-tuning, and fine-tuning started from the re-distilled weights.
+    for r in (hant, rows["random-hw-b64-x1.5"]):
+        rd = r["redistill"]
+        assert rd["done"] and rd["layers"] >= 1 and Path(rd["index"]).exists()
+        assert rd["mean_heldout_nmse_before"] >= 0 and math.isfinite(rd["mean_heldout_nmse_before"])
+        assert rd["mean_heldout_nmse_after"] >= 0 and math.isfinite(rd["mean_heldout_nmse_after"])
+        assert r["init"] == "re-distilled candidates"
+    assert rows["teacher-ft"].get("redistill") is None
+    # The alternatives are named after, and tied to, the student they were matched to.
+    rnd = json.loads((out / "headline_rows" / "random-hw-b64-x1.5.json").read_text())
+    assert rnd["matched_to"] == "hant-hw-b64-x1.5" and rnd["ref_sha256"] == unit["sha256"] is not None
+    assert rnd["plan"] == "headline-hw-b64-x1.5-random" and rnd["budget_ms"] == unit["budget_ms"]
+    assert any("timed against the teacher" in n and "re-distilled" in n for n in d["notes"])
+    md = (out / "headline.md").read_text()
+    assert "plan checked" in md and "re-distilled" in md
+
+    # Again: every network is read back, none is made or selected again.
+    p = _quick(out)
+    assert "[headline] hant-hw-b64-x1.5 ..." not in p.stdout and "redoing" not in p.stdout
+    assert "measure headline-hw" not in p.stdout  # no hardware check ran
+    assert json.loads((out / "headline_rows" / "hant-hw-b64-x1.5.json").read_text())["cost_s"] == unit["cost_s"]
