@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "families": dict(Counter(s.split("_", 1)[0] for s in plan["layers"].values())), "layers": plan["layers"],
         "predicted_d_loss": plan["predicted"]["d_loss"], "accuracy_risk": plan.get("accuracy_risk"),
         "warnings": [str(w.message) for w in caught if "accuracy" in str(w.message)],
-        "embedding": ev.get("embedding"), "phase1_images_per_candidate": cfg.distill.images,
+        "embedding": ev.get("embedding"), "phase1_images_per_candidate": json.loads((r.run / "candidates" / "index.json").read_text())
+        .get("phase1", {}).get("images_per_candidate"),
         "fingerprint": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
