@@ -8,21 +8,33 @@ runs/demo: EfficientNet-B0 on Fashion-MNIST at 64x64), and on ONNX Runtime (CPU)
 every batch size (64 and 1):
 
 1. builds the latency table with hant's latency stage (kept when it is there);
-2. selects hant students at each speedup (`--speedups`, 2x 3x 4x) and fine-tunes them with
-   hant's own stage (`hant.finetune.finetune`); at batch 64 it then bisects the speedup for
-   the largest one whose top-1 drop is at most `--max-drop` points (0.4);
+2. makes hant students at each speedup (`--speedups`, 2x 3x 4x) exactly as `hant accelerate`
+   does (`hant.pipeline.accelerate_run`): in ascending order, each plan is selected with
+   `hant.select.select_measured`, which times the assembled plan against the teacher
+   (`hant.measure.time_plan`) and tightens its budget until the measured speedup is met, at
+   most `--check-rounds` times (3; 0: the table's prediction alone, plain `select`), its
+   budget capped by the tightest final budget of a smaller speedup at the same batch size;
+   the plan's layers are then re-distilled on the student's own inputs
+   (`hant.redistill.redistill`; `--no-redistill` skips it) and the student is fine-tuned
+   with hant's own stage (`hant.finetune.finetune`). At batch 64 it then bisects the speedup
+   for the largest one whose top-1 drop is at most `--max-drop` points (0.4); each speedup
+   the bisection tries is capped the same way by the smaller speedups already selected;
 3. at each student's *measured* latency (at the first batch size, `--alternatives-at`; at the
-   others these networks are timed as they are), trains what a user would otherwise reach for, each
-   with the same distillation loss, epochs and images (`hant.finetune.finetune_module` runs
-   the very loop that fine-tunes hant's students):
+   others these networks are timed as they are), trains what a user would otherwise reach
+   for, each with the best recipe that applies to it and the same epochs and images:
    - `pruned`: Torch-Pruning, DepGraph with L2 magnitude importance, one pruning ratio for
      every layer (channels rounded to `--prune-round-to`), the ratio searched until the
-     measured latency matches the hant student's;
+     measured latency matches the hant student's; fine-tuned with logit distillation (KD on
+     the teacher's logits + CE, `hant.finetune.kd_loss`) by `hant.finetune.finetune_module`,
+     the very loop that fine-tunes hant's students (feature distillation does not apply: no
+     layer of it has the teacher's shape);
    - `smaller`: the teacher's timm EfficientNet family scaled down by its own compound rule
      (width 1.1^phi, depth 1.2^phi, phi < 0; the resolution is the data's), phi searched the
-     same way; from random weights, as no pretrained ones can be downloaded here;
-   - `random`: a random feasible plan from hant's pool under the same latency budget
-     (`hant.select.random_feasible`), fine-tuned by hant's own stage;
+     same way; from random weights, as no pretrained ones can be downloaded here; the same
+     logit distillation through `finetune_module`;
+   - `random`: a random feasible plan from hant's pool under the hant plan's final budget
+     (`hant.select.random_feasible`), re-distilled (unless `--no-redistill`) and fine-tuned
+     by hant's own stages, as hant's plan is;
    - `hant-int8` (at every batch size): the hant student quantised with ONNX Runtime's static INT8;
 4. adds the teacher, the teacher in static INT8, and the control: the teacher fine-tuned
    with the same recipe (so that nothing extra training alone gives is credited to hant);
@@ -31,8 +43,23 @@ every batch size (64 and 1):
    OUT/headline.json, OUT/headline.md (table) and OUT/headline.png (top-1 vs latency).
 
 Every finished network is a JSON file in OUT/headline_rows/ (its weights under
-RUN/headline/); a killed benchmark resumes without redoing them, and fine-tuning resumes
-inside a network from its last checkpoint.
+RUN/headline/ and RUN/students/); a killed benchmark resumes without redoing them, and
+fine-tuning resumes inside a network from its last checkpoint. hant's units and plans are
+named after the recipe that made them: `hant-hw-b64-x2` and plan `headline-hw-b64-x2`
+(hardware-checked and re-distilled), `hw-nord` (checked, not re-distilled), `rd`
+(re-distilled, the table's plan), no tag (neither: the recipe before hardware checks, whose
+units keep their old names `hant-b64-x2`); a unit records its recipe and is made again when
+`--check-rounds` changes. An alternative is named after the hant unit it was matched to
+(`pruned-hw-b64-x2`, `random-hw-b64-x2`, `hant-int8-hw-b64-x2`) and is made again when that
+student's weights change; the teacher, its INT8 copy and the control do not depend on hant's
+recipe and are kept.
+
+Time: on the 2-core development machine the full benchmark's networks took about 1 h 45 min
+to make with the recipe before hardware checks (0.5 epochs each; the alternatives dominate).
+The hardware checks add one to four interleaved timings per plan (about half a minute each
+at batch 64, seconds at batch 1) and re-distillation about a minute per hant and random plan
+on the demo run: an estimated 2 h to 2 h 15 min in all (not yet measured). `--quick` takes a
+few minutes (`tests/test_headline.py` runs a reduced one, twice, in about 80 s).
 """
 
 from __future__ import annotations
@@ -70,6 +97,37 @@ LABELS = {"teacher": "teacher", "teacher-int8": "teacher, ORT static INT8",
           "teacher-ft": "teacher + same fine-tuning (control)", "hant": "hant", "hant-int8": "hant + ORT static INT8",
           "random": "random plan from hant's pool", "pruned": "Torch-Pruning (DepGraph, L2 magnitude)",
           "smaller": "smaller EfficientNet (compound scaling)"}
+# How hant's students were made before plans were checked on the hardware and re-distilled: a
+# unit without a "recipe" field was made so.
+LEGACY_RECIPE = {"check_rounds": 0, "redistill": False}
+
+
+def recipe_tag(recipe: dict) -> str:
+    """The part of hant's unit and plan names that says how the student was made.
+
+    "hw": plan checked on the hardware and re-distilled (`hant accelerate`'s default);
+    "hw-nord": checked, not re-distilled; "rd": the table's plan, re-distilled; "": neither
+    (the names units had before hardware checks, so that their cache stays valid).
+    """
+    if recipe["check_rounds"] > 0:
+        return "hw" if recipe["redistill"] else "hw-nord"
+    return "rd" if recipe["redistill"] else ""
+
+
+def budget_cap(budgets: dict[float, float], speedup: float) -> float | None:
+    """The budget a plan for `speedup` may not exceed: the tightest final budget of the smaller
+    speedups already selected at its batch size (`budgets`: speedup -> budget_ms), None
+    when there is none.
+
+    `hant accelerate` selects its speedups in ascending order, each capped by the budget the
+    one before it ended with, so that a hardware check that tightened a small speedup's
+    budget never leaves a larger speedup with a looser one. The benchmark's bisection also
+    tries speedups between known ones; the minimum over every smaller speedup is then the
+    cap (with ascending, capped selections it is the largest smaller speedup's budget). A cap
+    only ever lowers a budget, and plans already made for larger speedups are left as they are.
+    """
+    smaller = [float(v) for s, v in budgets.items() if s < speedup and v is not None]
+    return min(smaller) if smaller else None
 
 
 # ----------------------------------------------------------------------------- models of the alternatives
@@ -211,16 +269,27 @@ class Bench:
         self.settings = {"finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
                          "prune_round_to": args.prune_round_to, "match_tol": args.match_tol,
                          "random_draws": args.random_draws}
+        # How hant's students are made; part of their names (`recipe_tag`) and checked in their units.
+        self.recipe = {"check_rounds": int(args.check_rounds), "redistill": bool(args.redistill)}
+        self.tag = recipe_tag(self.recipe)
+        # Final plan budgets, {batch: {speedup: budget_ms}}, for the caps of larger speedups.
+        self.budgets: dict[int, dict[float, float]] = {}
 
     # --- cache ---------------------------------------------------------------------------
 
-    def cached(self, unit: str) -> dict | None:
+    def cached(self, unit: str, check: Callable[[dict], str | None] | None = None) -> dict | None:
+        """The saved unit, or None when there is none or it must be made again: made with other
+        settings, its files gone, or `check(unit)` gives a reason (logged)."""
         path = self.rows_dir / f"{unit}.json"
         if not path.exists():
             return None
         d = json.loads(path.read_text())
         if d.get("settings") != self.settings and d.get("status") != "unreachable":
             self.log(f"[headline] {unit}: cached with other settings ({d.get('settings')}); redoing it")
+            return None
+        why = check(d) if check is not None else None
+        if why:
+            self.log(f"[headline] {unit}: {why}; redoing it")
             return None
         for key in ("weights", "onnx"):
             f = d.get(key)
@@ -236,11 +305,13 @@ class Bench:
         atomic_write_text(self.rows_dir / f"{unit}.json", json.dumps(d, indent=1) + "\n")
         return d
 
-    def unit(self, unit: str, make: Callable[[], dict]) -> dict:
-        """The cached result of `unit`, else make() timed and saved."""
-        d = self.cached(unit)
-        if d is not None:
-            return d
+    def unit(self, unit: str, make: Callable[[], dict], check: Callable[[dict], str | None] | None = None) -> dict:
+        """The cached result of `unit` (see `cached`), else make() timed and saved."""
+        d = self.cached(unit, check)
+        return d if d is not None else self.make_unit(unit, make)
+
+    def make_unit(self, unit: str, make: Callable[[], dict]) -> dict:
+        """make() timed and saved as `unit`."""
         self.log(f"[headline] {unit} ...")
         t0 = time.perf_counter()
         d = make()
@@ -347,31 +418,132 @@ class Bench:
         from hant.student import load_student
 
         p, f = self.params_flops(load_student(folder))
+        arch = json.loads((folder / "arch.json").read_text())
+        start = arch.get("candidate_weights")
         return {"method": method, "kind": "student", "plan": plan, "dir": str(folder),
-                "weights": str(folder / "student.safetensors"), "top1": res["student_top1"],
-                "top1_before_finetune": res["assembled_top1"], "params": p, "flops": f,
-                "init": "teacher" if method == "teacher-ft" else "phase-1 candidates",
+                "weights": str(folder / "student.safetensors"), "sha256": arch.get("sha256"),
+                "top1": res["student_top1"], "top1_before_finetune": res["assembled_top1"], "params": p, "flops": f,
+                "init": ("teacher" if method == "teacher-ft" else
+                         "re-distilled candidates" if start == "redistilled" else "phase-1 candidates"),
                 "finetune": {"epochs": res["epochs"], "steps": res["steps"], "time_s": round(res["time_s"], 1),
-                             "train_images": len(self.splits.train), "via": "hant.student.finetune"}}
+                             "train_images": len(self.splits.train), "via": "hant.finetune.finetune"}}
+
+    def redistill_plan(self, plan: str) -> dict:
+        """Re-distil the plan's layers on the student's own inputs (`hant.redistill.redistill`,
+        resumable); returns what the unit records of it."""
+        from hant.redistill import redistill
+
+        doc = redistill(self.run, plan, log=self.log)
+        held = doc.get("heldout") or {}
+
+        def mean(v: dict) -> float | None:
+            return sum(v.values()) / len(v) if v else None
+
+        return {"done": True, "index": str(self.rd.redistilled_dir(plan) / "index.json"),
+                "layers": len(doc.get("layers") or {}), "trained_layers": len(doc.get("trained") or []),
+                "reused_layers": len(doc.get("reused") or []),
+                "images_per_layer": (doc.get("settings") or {}).get("images"), "heldout_images": held.get("images"),
+                "mean_heldout_nmse_before": mean(held.get("before") or {}),
+                "mean_heldout_nmse_after": mean(held.get("after") or {}),
+                "time_s": round(float(doc.get("wall_s", 0)), 1)}
+
+    def hant_names(self, b: int, s: float) -> tuple[str, str]:
+        """(unit, plan) names of the hant student of speedup s at batch b under this recipe."""
+        t = f"-{self.tag}" if self.tag else ""
+        return f"hant{t}-b{b}-x{s:g}", f"headline{t}-b{b}-x{s:g}"
 
     def hant_unit(self, b: int, s: float) -> dict | None:
-        """The hant student of speedup s at batch b (None when the pool cannot reach s)."""
-        from hant.select import InfeasibleError, select
+        """The hant student of speedup s at batch b, made as `hant accelerate` makes it (None
+        when the pool cannot reach s).
 
-        unit = f"hant-b{b}-x{s:g}"
-        d = self.cached(unit)
+        With `--check-rounds` N > 0 the plan is selected by `hant.select.select_measured`
+        (timed against the teacher by `hant.measure.time_plan`, its budget tightened up to N
+        times), its budget capped by `budget_cap` of the speedups already selected at batch
+        b; else by plain `select`. Then re-distilled (unless `--no-redistill`) and fine-tuned.
+        A cached student made with another recipe, or whose budget is looser than the cap, is
+        made again (and with it every alternative matched to it).
+        """
+        from hant.measure import time_plan
+        from hant.select import InfeasibleError, select, select_measured
+        from hant.workspace import read_json, write_json
+
+        unit, plan = self.hant_names(b, s)
+        rounds = self.recipe["check_rounds"]
+        known = self.budgets.setdefault(b, {})
+        cap = budget_cap(known, s) if rounds > 0 else None
+
+        def looser(budget: float | None) -> bool:
+            return cap is not None and budget is not None and budget > cap * (1 + 1e-9)
+
+        def check(d: dict) -> str | None:
+            if d.get("recipe", LEGACY_RECIPE) != self.recipe:
+                return f"made with recipe {d.get('recipe', LEGACY_RECIPE)}, not {self.recipe}"
+            if d.get("status") != "unreachable" and looser(d.get("budget_ms")):
+                return f"its budget {d['budget_ms']:.4g} ms is looser than a smaller speedup's {cap:.4g} ms"
+            return None
+
+        d = self.cached(unit, check)
         if d is not None:
-            return d if d.get("status") != "unreachable" else None
-        plan = f"headline-b{b}-x{s:g}"
-        try:
-            if not self.rd.plan(plan).exists():
-                select(self.run, target=self.table_id(b), speedup=s, name=plan, log=self.log)
+            if d.get("status") == "unreachable":
+                return None
+            budget = d.get("budget_ms")
+            if budget is None and self.rd.plan(plan).exists():  # a unit of the recipe before checks
+                budget = read_json(self.rd.plan(plan)).get("budget_ms")
+            if budget is not None:
+                known[s] = float(budget)
+            return d
+        path = self.rd.plan(plan)
+
+        def make() -> dict:
+            plan_d = read_json(path) if path.exists() else {}
+            # A plan left by an interrupted run is used when this recipe made it and the cap
+            # allows it: selecting again could choose another plan and restart its fine-tuning.
+            settled = (plan_d.get("headline_recipe") == self.recipe and (rounds <= 0 or "latency_check" in plan_d)
+                       and not looser(plan_d.get("budget_ms")))
+            if not settled:
+                if rounds > 0:
+                    select_measured(self.run, self.table_id(b), speedup=s, name=plan,
+                                    timer=lambda r, n: time_plan(r, n, log=self.log), rounds=rounds,
+                                    max_budget_ms=cap, log=self.log)
+                else:
+                    select(self.run, target=self.table_id(b), speedup=s, name=plan, log=self.log)
+                write_json(path, {**read_json(path), "headline_recipe": self.recipe})
+            plan_d = read_json(path)
+            rd = self.redistill_plan(plan) if self.recipe["redistill"] else {"done": False}
+            return {**self.finetune_plan(plan, "hant"), "batch_size": b, "speedup_target": s, "recipe": self.recipe,
+                    "budget_ms": float(plan_d["budget_ms"]), "budget_cap_ms": cap,
+                    "predicted_ms": plan_d.get("predicted_ms"), "latency_check": plan_d.get("latency_check"),
+                    "redistill": rd}
+
+        try:  # the unit's cost counts the selection and its hardware check
+            d = self.make_unit(unit, make)
         except InfeasibleError as e:
             self.log(f"[headline] {unit}: {e}")
             self.save(unit, {"method": "hant", "status": "unreachable", "batch_size": b, "speedup_target": s,
-                             "reason": str(e)})
+                             "recipe": self.recipe, "reason": str(e)})
             return None
-        return self.unit(unit, lambda: {**self.finetune_plan(plan, "hant"), "batch_size": b, "speedup_target": s})
+        budget = known[s] = d["budget_ms"]
+        tighter_than = sorted(t for t, v in known.items() if t > s and v > budget * (1 + 1e-9))
+        if tighter_than:
+            # Plans of larger speedups made earlier are kept; say so rather than hide it.
+            self.log(f"[headline] {unit}: its check ended at {budget:.4g} ms, tighter than the budgets of "
+                     f"{', '.join(f'{t:g}x' for t in tighter_than)} selected before it (kept as they are)")
+        return d
+
+    @staticmethod
+    def alt_name(method: str, ref: dict) -> str:
+        """An alternative's unit name, after the hant unit it is matched to: `pruned-hw-b64-x2`
+        for `hant-hw-b64-x2`."""
+        return method + ref["unit"][len("hant"):]
+
+    @staticmethod
+    def same_ref(ref: dict) -> Callable[[dict], str | None]:
+        """A `cached` check: the alternative was made against this very hant student."""
+        def check(d: dict) -> str | None:
+            if d.get("ref_sha256") != ref.get("sha256"):
+                return f"matched to another {ref['unit']} (its weights changed)"
+            return None
+        return check
 
     def plan_of(self, d: dict) -> dict:
         from hant.workspace import read_json
@@ -379,10 +551,14 @@ class Bench:
         return read_json(self.rd.plan(d["plan"]))
 
     def random_unit(self, b: int, s: float, ref: dict) -> dict:
+        """A random feasible plan under the budget of the hant student `ref`'s plan, made as
+        that student was after its selection: re-distilled when it was, then fine-tuned."""
+        redistilled = ref.get("recipe", LEGACY_RECIPE)["redistill"]
+
         def make():
             from hant.latency import load_table, predict_ms
             from hant.select import build_pool, plan_totals, predicted_latency, random_feasible
-            from hant.workspace import read_json
+            from hant.workspace import read_json, write_json
 
             plan_h = self.plan_of(ref)
             table = load_table(self.run, self.table_id(b))
@@ -395,39 +571,55 @@ class Bench:
                      for _ in range(max(1, self.args.random_draws))]
             sol = max(draws, key=lambda d: plan_totals(d.choice, lat, fixed))
             layers = pool.plan_layers(sol.choice)
-            plan = f"headline-b{b}-x{s:g}-random"
-            d = self.finetune_plan(plan, "random", {
-                "target": self.table_id(b), "batch_size": b, "budget_ms": plan_h["budget_ms"], "layers": layers,
-                "predicted_ms": float(predict_ms(table, layers)), "predicted_score": float(sol.objective),
-                "status": "random", "seed": self.cfg.seed, "draws": self.args.random_draws})
-            return {**d, "batch_size": b, "speedup_target": s, "matched_to": ref["unit"], "budget_ms": plan_h["budget_ms"]}
+            plan = f"{ref['plan']}-random"
+            plan_d = {"target": self.table_id(b), "batch_size": b, "budget_ms": plan_h["budget_ms"], "layers": layers,
+                      "predicted_ms": float(predict_ms(table, layers)), "predicted_score": float(sol.objective),
+                      "status": "random", "seed": self.cfg.seed, "draws": self.args.random_draws}
+            if redistilled:
+                # The plan file first: re-distillation reads it.
+                write_json(self.rd.plan(plan), {"version": 1, "name": plan, **plan_d})
+                rd = self.redistill_plan(plan)
+            else:
+                rd = {"done": False}
+            d = self.finetune_plan(plan, "random", plan_d)
+            return {**d, "batch_size": b, "speedup_target": s, "matched_to": ref["unit"],
+                    "ref_sha256": ref.get("sha256"), "budget_ms": plan_h["budget_ms"], "redistill": rd}
 
-        return self.unit(f"random-b{b}-x{s:g}", make)
+        return self.unit(self.alt_name("random", ref), make, self.same_ref(ref))
 
     def hant_int8_unit(self, b: int, s: float, ref: dict) -> dict:
+        unit = self.alt_name("hant-int8", ref)
+
         def make():
             from hant.export import onnx_top1, quantize_int8
             from hant.onnx_io import export_onnx
             from hant.student import load_student
 
-            folder = self.work / f"hant-int8-b{b}-x{s:g}"
+            folder = self.work / unit
             fp32 = folder / "model.onnx"
             export_onnx(load_student(ref["dir"]), self.in_shape, fp32)
             n = min(256, len(self.splits.train))
             int8 = quantize_int8(fp32, folder / "model.int8.onnx", self.splits.train, images=n)
             return {"method": "hant-int8", "kind": "onnx", "onnx": str(int8), "batch_size": b, "speedup_target": s,
                     "top1": onnx_top1(int8, self.splits.test, threads=self.target(b).threads),
-                    "init": f"hant student {ref['unit']}", "calibration_images": n, "of": ref["unit"]}
+                    "init": f"hant student {ref['unit']}", "calibration_images": n, "of": ref["unit"],
+                    "ref_sha256": ref.get("sha256")}
 
-        return self.unit(f"hant-int8-b{b}-x{s:g}", make)
+        return self.unit(unit, make, self.same_ref(ref))
 
     def matched_unit(self, method: str, b: int, s: float, ref: dict) -> dict:
-        """A pruned or smaller network whose measured latency matches the hant student `ref`, fine-tuned."""
+        """A pruned or smaller network whose measured latency matches the hant student `ref`,
+        fine-tuned with logit distillation (the KD + CE loss of `hant.finetune.kd_loss`, through
+        `finetune_module`, the loop that fine-tunes hant's students) for the same epochs (the
+        smaller network: `--small-epochs`, by default the same). Feature distillation is off
+        for them whatever the run's config says: no layer of theirs has the teacher's shape."""
+        import dataclasses
+
         from hant.finetune import finetune_module
         from hant.student import load_student
         from hant.workspace import save_safetensors
 
-        unit = f"{method}-b{b}-x{s:g}"
+        unit = self.alt_name(method, ref)
         d = self.cfg.data
 
         def build(p: float) -> nn.Module:
@@ -438,7 +630,7 @@ class Bench:
         def make():
             search_file = self.work / unit / "match.json"
             match = json.loads(search_file.read_text()) if search_file.exists() else None
-            if match is None or match.get("settings") != self.settings:
+            if match is None or match.get("settings") != self.settings or match.get("ref_sha256") != ref.get("sha256"):
                 target = self.target(b)
                 proto = self.probe_protocol()
                 ref_item = target.prepare(load_student(ref["dir"]), self.in_shape)
@@ -458,14 +650,19 @@ class Bench:
                     match = match_latency(ratio_at, 0.0, 4.0, self.args.match_tol, self.args.match_steps,
                                           grow=lambda h: None if h >= 24 else h * 1.6)
                 match["settings"] = self.settings
+                match["ref_sha256"] = ref.get("sha256")
                 search_file.parent.mkdir(parents=True, exist_ok=True)
                 search_file.write_text(json.dumps(match, indent=1))
             model = build(match["param"])
             # A random network's accuracy before training says nothing; a pruned one's does.
             init_top1 = self.top1(model) if method == "pruned" else None
             epochs = self.epochs if method == "pruned" else self.small_epochs
-            ft = finetune_module(model, self.teacher, self.cfg, self.splits.train, epochs=epochs,
-                                 out_dir=self.work / unit, key=unit, log=self.log)
+            cfg = dataclasses.replace(self.cfg, finetune=dataclasses.replace(self.cfg.finetune, feature_loss="none"))
+            # The key names the network searched, so that a checkpoint of another one (an earlier
+            # match, another hant student) is never resumed into it.
+            key = f"{unit}:{(ref.get('sha256') or '')[:12]}:{match['param']:.6g}"
+            ft = finetune_module(model, self.teacher, cfg, self.splits.train, epochs=epochs,
+                                 out_dir=self.work / unit, key=key, log=self.log)
             sha = save_safetensors(self.work / unit / "model.safetensors",
                                    {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
             p, f = self.params_flops(model)
@@ -477,15 +674,16 @@ class Bench:
                 w0, d0 = EFFICIENTNET_BASE[self.cfg.model.source.split(":", 1)[-1]]
                 detail = {"phi": phi, "channel_multiplier": w0 * BETA ** phi, "depth_multiplier": d0 * ALPHA ** phi}
             return {"method": method, "kind": method, "batch_size": b, "speedup_target": s, "matched_to": ref["unit"],
+                    "ref_sha256": ref.get("sha256"),
                     "match": {"ratio_at_search": match["ratio"], "reached": match["reached"],
                               "tolerance": self.args.match_tol, "probes": match["probes"]},
                     "param": match["param"], "detail": detail, "weights": str(self.work / unit / "model.safetensors"),
                     "sha256": sha, "top1": self.top1(model), "top1_before_finetune": init_top1,
                     "params": p, "flops": f,
                     "init": "teacher weights, pruned" if method == "pruned" else "random (no pretrained weights here)",
-                    "finetune": {**ft, "via": "hant.student.finetune_module"}}
+                    "finetune": {**ft, "via": "hant.finetune.finetune_module", "loss": "logits (KD + CE)"}}
 
-        return self.unit(unit, make)
+        return self.unit(unit, make, self.same_ref(ref))
 
     def load_module(self, d: dict) -> nn.Module:
         """Rebuild a finished network for timing."""
@@ -592,11 +790,27 @@ def build_rows(bench: Bench, units_by_batch: dict[int, list[dict]]) -> list[dict
                 "top1_before_finetune": u.get("top1_before_finetune"), "params": u.get("params"),
                 "flops": u.get("flops"), "finetune": u.get("finetune"), "cost_s": u.get("cost_s"),
             }
-            for k in ("plan", "detail", "match", "budget_ms", "calibration_images", "sweep", "matched_at_batch"):
+            for k in ("plan", "detail", "match", "budget_ms", "calibration_images", "sweep", "matched_at_batch",
+                      "recipe", "redistill"):
                 if u.get(k) is not None:
                     row[k] = u[k]
+            if u.get("latency_check"):
+                row["hardware_check"] = hardware_check(u["latency_check"], u.get("budget_ms"))
             rows.append(row)
     return rows
+
+
+def hardware_check(check: dict, budget_ms: float | None) -> dict:
+    """What a row shows of a plan's `latency_check` (written by `hant.select.select_measured`):
+    the timing of the plan that was kept (the last at its final budget), how many timings were
+    made, whether the speedup was met, and the cap."""
+    rounds = check.get("rounds") or []
+    kept = [r for r in rounds if budget_ms is not None and math.isclose(r["budget_ms"], budget_ms, rel_tol=1e-9)]
+    last = (kept or rounds or [{}])[-1]
+    return {"met": check.get("met"), "timings": len(rounds), "speedup": last.get("speedup"),
+            "speedup_ci": [last.get("speedup_ci_lo"), last.get("speedup_ci_hi")],
+            "goal_speedup": check.get("goal_speedup"), "budget_ms": last.get("budget_ms"),
+            "budget_cap_ms": check.get("budget_cap_ms"), "decisions": [r.get("decision") for r in rounds]}
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -677,7 +891,11 @@ def write_outputs(bench: Bench, rows: list[dict], best: float | None, command: s
         "best_speedup_within_0_4_by_batch": {str(b): best_within(rows, hant_methods, b, max_drop)
                                              for b in args.batch_sizes},
         "sweep_best_speedup_target": best,
+        "hant_recipe": {**bench.recipe, "tag": bench.tag, "selection": "hant.select.select_measured"
+                        if bench.recipe["check_rounds"] > 0 else "hant.select.select",
+                        "as": "hant.pipeline.accelerate_run"},
         "finetune": {"epochs": bench.epochs, "smaller_network_epochs": bench.small_epochs,
+                     "feature_loss_hant": cfg.finetune.feature_loss, "feature_loss_pruned_smaller": "none",
                      "train_images": len(bench.splits.train), "batch_size": cfg.finetune.batch_size,
                      "lr": cfg.finetune.lr, "kd_weight": cfg.finetune.kd_weight, "ce_weight": cfg.finetune.ce_weight,
                      "temperature": cfg.finetune.temperature, "augment": cfg.finetune.augment},
@@ -719,9 +937,13 @@ def notes(bench: Bench, rows: list[dict]) -> list[str]:
     n = [
         "top1_drop is the teacher's test top-1 minus the row's, in points; speedup is the teacher's median "
         "latency over the row's, both from the same interleaved timing run of that batch size.",
-        "Every trained row used the same distillation loss (KD + CE), epochs, batch, learning-rate schedule, "
-        "augmentation and train images; hant and random plans and the control through hant.student.finetune, "
-        "pruned and smaller networks through hant.student.finetune_module (the same loop).",
+        "Every trained row used the same epochs, batch, learning-rate schedule, augmentation and train images, "
+        "and logit distillation from the teacher (KD + CE"
+        + (f", plus the run's {bench.cfg.finetune.feature_loss} feature loss for hant's, the random plans' and "
+           "the control's, which pruned and smaller networks cannot have" if bench.cfg.finetune.feature_loss != "none"
+           else "") + "); hant and random plans and the control through hant.finetune.finetune, pruned and "
+        "smaller networks through hant.finetune.finetune_module (the same loop).",
+        hant_recipe_note(bench.recipe),
         "The smaller networks start from random weights (nothing pretrained can be downloaded here); with "
         f"{bench.small_epochs:g} epochs they are far from converged, so their row says what the same training "
         "budget buys, not what the architecture can reach.",
@@ -738,6 +960,24 @@ def notes(bench: Bench, rows: list[dict]) -> list[str]:
     return n
 
 
+def hant_recipe_note(recipe: dict) -> str:
+    """One sentence on how hant's students (and the random plans) were made."""
+    if recipe["check_rounds"] > 0:
+        sel = ("hant's plans were made as `hant accelerate` makes them: each selected from the latency table, then "
+               "assembled and timed against the teacher on the target (hant.select.select_measured with "
+               f"hant.measure.time_plan), its budget tightened up to {recipe['check_rounds']} times until the "
+               "measured speedup met the request (within 2%, or within the timing's interval), and capped by the "
+               "final budget of every smaller speedup at the same batch size")
+    else:
+        sel = "hant's plans were chosen from the latency table's prediction alone (no hardware check)"
+    if recipe["redistill"]:
+        rd = ("; each plan's layers (and each random plan's) were re-distilled on the student's own inputs "
+              "(hant.redistill) before fine-tuning")
+    else:
+        rd = "; no plan was re-distilled before fine-tuning"
+    return sel + rd + ". Random plans are drawn under the hant plan's final budget by the table's prediction."
+
+
 def _f(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
@@ -747,7 +987,10 @@ def markdown(result: dict) -> str:
              f"({'x'.join(map(str, result['input_size']))}), {result['target']}", "",
              f"Teacher test top-1: {result['teacher_top1']:.2f}% on {result['test_images']} images. "
              f"Fine-tuning of every trained row: {result['finetune']['epochs']:g} epochs of "
-             f"{result['finetune']['train_images']} images, the same distillation loss.", ""]
+             f"{result['finetune']['train_images']} images, logit distillation from the teacher.", ""]
+    recipe = result.get("hant_recipe")
+    if recipe:
+        lines += [f"hant's students: {hant_recipe_note(recipe)}", ""]
     best = result.get("best_speedup_within_0_4")
     if best:
         lines += [f"Largest measured speedup at batch 64 with at most {result['max_drop']:g} points top-1 drop: "
@@ -765,6 +1008,11 @@ def markdown(result: dict) -> str:
             parts.append(f"width {r['detail']['channel_multiplier']:.2f}, depth {r['detail']['depth_multiplier']:.2f}")
         elif r.get("sweep"):
             parts.append("found by the sweep")
+        hc = r.get("hardware_check")
+        if hc and hc.get("speedup") is not None:
+            parts.append(f"plan checked {hc['speedup']:.2f}x" + ("" if hc.get("met") else " (short)"))
+        if (r.get("redistill") or {}).get("done"):
+            parts.append("re-distilled")
         note = "; ".join(parts)
         lines.append(f"| {r['batch_size']} | {r['label']} | {_f(r['speedup_target'], 'g') if r['speedup_target'] else ''}"
                      f"{'x' if r['speedup_target'] else ''} | {r['latency_ms']:.3f} ({r['latency_p10_ms']:.3f}–"
@@ -913,6 +1161,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="random feasible plans drawn; the one closest to the budget is trained")
     p.add_argument("--prune-round-to", type=int, default=8, help="channel multiple after pruning (0: none)")
     p.add_argument("--time-cap", type=float, help="seconds of interleaved timing per batch size (default: the run's)")
+    p.add_argument("--check-rounds", type=int, default=3,
+                   help="times each hant plan's budget may be tightened after timing it against the teacher, as "
+                        "`hant accelerate --check-rounds` (0: the latency table's prediction, no hardware check)")
+    p.add_argument("--no-redistill", dest="redistill", action="store_false",
+                   help="fine-tune hant's (and the random) plans from their phase-1 weights, without re-distilling "
+                        "them on the student's own inputs first")
     p.add_argument("--quick", action="store_true", help="build and use a tiny run; a few minutes end to end")
     args = p.parse_args(argv)
     q = args.quick
@@ -921,6 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     args.validate = args.validate if args.validate is not None else (3 if q else 10)
     args.match_steps = args.match_steps if args.match_steps is not None else (4 if q else 7)
     args.alternatives_at = args.alternatives_at or args.batch_sizes[:1]
+    if args.check_rounds < 0:
+        p.error("--check-rounds must be 0 or more")
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method {bad[0]}; choose from {', '.join(METHODS)}")
@@ -949,7 +1205,8 @@ def main(argv: list[str] | None = None) -> int:
         units_by_batch: dict[int, list[dict]] = {}
         best = None
         for b in args.batch_sizes:
-            found = {s: bench.hant_unit(b, s) for s in args.speedups}
+            # Ascending, as `hant accelerate` selects them: each is capped by the smaller ones' budgets.
+            found = {s: bench.hant_unit(b, s) for s in sorted(set(args.speedups))}
             if b == 64:
                 best = sweep(bench, b, found, args.max_drop, args.sweep_steps)
                 bench.log(f"[headline] sweep: largest speedup asked with drop <= {args.max_drop:g}: "
