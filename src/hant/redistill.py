@@ -31,8 +31,9 @@ layer up to it, with its phase-1 sha256) matches and its file matches its sha256
 skips done layers and redoes the rest.
 
 `hant.student.assemble(run, plan)` uses the re-distilled weights once the plan's index is
-complete and current (`redistilled_states`). `hant accelerate` and `hant demo` do not run
-this stage yet: whether they should is for the recovery benchmark to say.
+complete and current (`redistilled_states`). `hant accelerate`, `hant demo` and
+`hant.accelerate` run this stage on every plan before fine-tuning (`--no-redistill` to skip),
+as the recovery benchmark found it worth the minute it takes (bench/results/recovery.json).
 """
 
 from __future__ import annotations
