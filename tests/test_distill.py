@@ -465,9 +465,19 @@ def _hant(*args, env, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=str(TESTS))
 
 
+def _sigint_default() -> None:
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then never turns it into KeyboardInterrupt; the child must see Ctrl-C as a
+    # terminal would deliver it.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fault_run(fault: str, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from hant.workspace import fault_point\n" + code],
-                          env=_env(HANT_FAULT=fault), capture_output=True, text=True, timeout=60)
+                          env=_env(HANT_FAULT=fault), capture_output=True, text=True, timeout=60,
+                          preexec_fn=_sigint_default)
 
 
 def test_fault_point_acts_at_the_named_passage_with_the_chosen_action(monkeypatch):
