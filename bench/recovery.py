@@ -903,6 +903,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     colors = {"today": "tab:grey", "new": "tab:blue", "pick": "tab:orange", "no-redistill": "tab:green",
               "feature": "tab:purple", "pick-feature": "tab:red"}
     markers = {"today": "s", "new": "o", "pick": "v", "no-redistill": "^", "feature": "D", "pick-feature": "P"}
+    sweep_colors = iter(["tab:cyan", "tab:olive", "tab:brown", "tab:pink", "black", "tab:green", "gold"])
+    for name, r in result["recipes"].items():
+        if name not in colors:
+            colors[name] = next(sweep_colors, None)
+            markers.setdefault(name, "x" if r.get("sweep") else "o")
+    # The controls of the recipes on every panel (the sweep's own controls are in the JSON).
+    shown = {label: c for label, c in result["controls"].items()
+             if any(not result["recipes"][n].get("sweep") for n in c["used_by"] if n in result["recipes"])}
     control_styles = ["--", "-."]
     for i, s in enumerate(speedups):
         ax = fig.add_subplot(1, len(speedups), i + 1)
@@ -914,7 +922,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             label = f"{name} ({min(sp):.2f}-{max(sp):.2f}x)" if sp else name
             ax.plot([r["epochs"] for r in rows], [r["top1"] for r in rows], marker=markers.get(name, "o"), ms=5,
                     lw=1.3, color=colors.get(name), label=label)
-        for j, (label, c) in enumerate(result["controls"].items()):
+        for j, (label, c) in enumerate(shown.items()):
             pts = sorted(c["points"], key=lambda p: p["epochs"])
             ax.plot([p["epochs"] for p in pts], [p["top1"] for p in pts], control_styles[j % 2], color="black",
                     lw=1, label=f"control: teacher + {label}")
