@@ -248,8 +248,11 @@ def test_compare_top1_and_the_command_line(redistilled, capsys):
 def test_a_finetuning_started_from_phase1_weights_is_not_resumed_after_redistill(run):
     from hant.finetune import finetune
 
+    from hant.report import start_lines
+
     logs = []
     finetune(run, "p", epochs=0.2, log=logs.append)
+    assert read_json(RunDir(run).student_dir("p") / "eval.json")["start"] == {"candidate_weights": "phase1"}
     finetune(run, "p", epochs=0.2, log=logs.append)  # the same settings: nothing to redo
     assert not any("starting over" in m for m in logs)
     redistill(run, "p", images=160, log=lambda m: None)
@@ -258,3 +261,10 @@ def test_a_finetuning_started_from_phase1_weights_is_not_resumed_after_redistill
     assert any("other settings" in m and "starting over" in m for m in logs)
     arch = read_json(RunDir(run).student_dir("p") / "arch.json")
     assert arch.get("candidate_weights") == "redistilled"
+    # eval.json and the report say what fine-tuning started from.
+    ev = read_json(RunDir(run).student_dir("p") / "eval.json")
+    rd = ev["start"]["redistill"]
+    assert ev["start"]["candidate_weights"] == "redistilled" and rd["images"] == 160
+    assert rd["mean_heldout_nmse_after"] < rd["mean_heldout_nmse_before"]
+    row, = start_lines({"evals": {"p": ev}})
+    assert row.startswith("| p | re-distilled (160 images per layer; NMSE ") and "0.2 epochs" in row

@@ -372,6 +372,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
             "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
                         "params": params, "flops": flops},
             "embedding": info.get("embedding"),
+            "start": _start_record(run, plan, arch),
             "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
             "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
             "finetune": {"epochs": epochs, "steps": total, "batch_size": global_batch,
@@ -388,6 +389,21 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
                   "assembled_top1": info["assembled_top1"], "steps": total, "epochs": epochs,
                   "time_s": info["train_time_s"], "dir": str(out), "history": info.get("history", [])}
     return dist_.from_main(result)
+
+
+def _start_record(run, plan: str, arch: dict[str, Any]) -> dict[str, Any]:
+    """What fine-tuning started from: the candidates' weights ("phase1" or "redistilled") and,
+    when re-distilled, the plan's mean held-out NMSE at its replaced layers before and after."""
+    out: dict[str, Any] = {"candidate_weights": arch.get("candidate_weights", "phase1")}
+    if out["candidate_weights"] == "redistilled":
+        index = RunDir(run).redistilled_dir(plan) / "index.json"
+        held = (read_json(index).get("heldout") or {}) if index.exists() else {}
+        before, after = held.get("before") or {}, held.get("after") or {}
+        if before and after:
+            out["redistill"] = {"images": (read_json(index).get("settings") or {}).get("images"),
+                                "mean_heldout_nmse_before": sum(before.values()) / len(before),
+                                "mean_heldout_nmse_after": sum(after.values()) / len(after)}
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop

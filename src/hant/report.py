@@ -313,6 +313,13 @@ def write_report(run: str | Path) -> Path:
         md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, "
                "the machine's speed changed between them; neither number is the network's latency alone:", "",
                *disagree, ""]
+    starts = start_lines(info)
+    if starts:
+        md += ["How each student was made: the weights its replaced layers started from (phase 1's, or "
+               "re-distilled on the student's own inputs, with the mean held-out NMSE at those layers before "
+               "and after), its top-1 as assembled, and its fine-tuning.", "",
+               "| student | started from | assembled top-1 | fine-tuning | top-1 |", "|---|---|---:|---|---:|",
+               *starts, ""]
     embed = embedding_lines(info)
     if embed:
         md += ["Embedding compatibility on the test split: the mean cosine similarity of each student's "
@@ -404,6 +411,24 @@ def timing_disagreements(info: dict[str, Any]) -> list[str]:
             lines.append(f"- {name}, {who}: {_span(*check)} ms at the plan's hardware check, {_span(*final)} ms "
                          f"in the final measurement; the two disagree beyond their intervals.")
     return lines
+
+
+def start_lines(info: dict[str, Any]) -> list[str]:
+    """One markdown table row per fine-tuned student: its starting weights and its fine-tuning."""
+    rows = []
+    for name, ev in info["evals"].items():
+        st, ft, stu = ev.get("start") or {}, ev.get("finetune") or {}, ev.get("student") or {}
+        if not st or stu.get("top1") is None:
+            continue
+        rd = st.get("redistill")
+        start = (f"re-distilled ({rd['images']} images per layer; NMSE {rd['mean_heldout_nmse_before']:.3f} -> "
+                 f"{rd['mean_heldout_nmse_after']:.3f})" if rd else
+                 "re-distilled" if st.get("candidate_weights") == "redistilled" else "phase-1 weights")
+        tune = (f"{ft['epochs']:.3g} epochs, {ft['steps']} steps, LR {ft['lr']:g}" if "steps" in ft else "")
+        assembled = stu.get("top1_assembled")
+        rows.append(f"| {name} | {start} | {'' if assembled is None else f'{assembled:.2f}%'} | {tune} | "
+                    f"{stu['top1']:.2f}% |")
+    return rows
 
 
 def embedding_lines(info: dict[str, Any]) -> list[str]:
