@@ -397,10 +397,11 @@ def _start_record(run, plan: str, arch: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"candidate_weights": arch.get("candidate_weights", "phase1")}
     if out["candidate_weights"] == "redistilled":
         index = RunDir(run).redistilled_dir(plan) / "index.json"
-        held = (read_json(index).get("heldout") or {}) if index.exists() else {}
+        doc = read_json(index) if index.exists() else {}
+        held = doc.get("heldout") or {}
         before, after = held.get("before") or {}, held.get("after") or {}
         if before and after:
-            out["redistill"] = {"images": (read_json(index).get("settings") or {}).get("images"),
+            out["redistill"] = {"images": (doc.get("settings") or {}).get("images"),
                                 "mean_heldout_nmse_before": sum(before.values()) / len(before),
                                 "mean_heldout_nmse_after": sum(after.values()) / len(after)}
     return out
