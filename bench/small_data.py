@@ -417,6 +417,63 @@ class SmallData:
             })
         return rows
 
+    def control(self, variant: str) -> dict[str, Any]:
+        """The teacher fine-tuned as the variant's students were: the run's fine-tuning recipe
+        (`hant.finetune.finetune_module` on a copy of the teacher) for the epochs the first
+        student's eval.json records, the finetune.min_steps floor included. Its test top-1 is
+        the reference beside the teacher's, so that what extra training does for the teacher
+        itself is not counted as recovery. Cached in CACHE/units/; checkpoints resume."""
+        import copy
+
+        from hant.data import load_data
+        from hant.finetune import finetune_module
+        from hant.run import Run
+
+        run = self.run_dir(variant)
+        the_run = Run(run)
+        ev = read_doc(the_run.dir.student_dir(self.plans()[0]) / "eval.json") or {}
+        epochs = (ev.get("finetune") or {}).get("epochs")
+        if epochs is None:
+            raise KeyError(f"no fine-tuning epochs in {run}'s first eval.json")
+        cfg = the_run.config
+        settings = {"version": UNIT_VERSION, "teacher_sha256": (self.teacher_meta or {}).get("sha256"),
+                    "finetune": dataclasses.asdict(cfg.finetune), "epochs": epochs, "seed": cfg.seed,
+                    "data": {"spec": cfg.data.spec, "input_size": cfg.data.input_size, "heldout": cfg.data.heldout,
+                             "seed": cfg.data.seed}}
+        # One per teacher and recipe: the variants differ only in phase 1, so they share it.
+        name = f"{self.teacher_file().stem}-control-{digest(settings, 12)}"
+        path = self.cache / "units" / f"{name}.json"
+        d = read_doc(path)
+        if d is not None and d.get("key") == digest(settings):
+            return d
+        self.log(f"[small-data] {variant}: control, the teacher fine-tuned for {epochs:.3g} epochs ...")
+        t0 = time.perf_counter()
+        splits = load_data(cfg.data)
+        teacher = the_run.teacher().eval()
+        model = copy.deepcopy(teacher)
+        work = self.cache / "work" / name
+        res = finetune_module(model, teacher, cfg, splits.train, epochs=epochs, out_dir=work,
+                              key=digest(settings, 12), log=self.log)
+        from families import Families
+
+        top1 = Families.evaluate(model, splits.test, cfg)["top1"]
+        shutil.rmtree(work, ignore_errors=True)
+        d = {"key": digest(settings), "settings": settings, "epochs": epochs, "top1": top1,
+             "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s")},
+             "wall_s": round(time.perf_counter() - t0, 1)}
+        write_doc(path, d)
+        self.log(f"[small-data] {variant}: control top-1 {top1:.2f}% in {d['wall_s']:.0f} s")
+        return d
+
+    @staticmethod
+    def set_reference(rows: list[dict[str, Any]], control: dict[str, Any]) -> None:
+        """drop = the better of teacher and control minus the student (rows changed in place)."""
+        for r in rows:
+            t, c = r["teacher_top1"], control["top1"]
+            r.update(control_top1=c, control_epochs=control["epochs"], reference_top1=max(t, c),
+                     reference="control" if c > t else "teacher", drop=max(t, c) - r["top1"],
+                     drop_vs_teacher=t - r["top1"])
+
     # --- the whole benchmark -----------------------------------------------------------------
 
     def run_all(self) -> int:
@@ -430,6 +487,8 @@ class SmallData:
             try:
                 unit = self.accelerate(variant, n)
                 rows = self.variant_rows(variant, n, unit)
+                if self.args.control if self.args.control is not None else not self.setting.quick:
+                    self.set_reference(rows, self.control(variant))
             except (RuntimeError, OSError, KeyError, ValueError) as e:
                 failed += 1
                 self.status[variant] = f"failed: {e}"
@@ -496,8 +555,11 @@ class SmallData:
         notes += [
             "measured_speedup: eval.json's speedup of the fine-tuned student over the teacher, timed interleaved "
             f"by hant measure on {TARGET} at batch {self.args.batch_size} (speedup_ci: its bootstrap 95% interval).",
-            "top1, teacher_top1: test top-1 (%) on the test/ folder; drop = teacher_top1 - top1 in points, both "
-            "from the same eval.json. small_data.teacher_top1 is hant train-teacher's own test top-1 of the same "
+            "top1, teacher_top1: test top-1 (%) on the test/ folder, both from the same eval.json. control_top1: "
+            "the teacher fine-tuned with the run's recipe for the students' epochs (the finetune.min_steps floor "
+            "included), so that what extra training does for the teacher is not counted as recovery; drop = "
+            "max(teacher_top1, control_top1) - top1 in points (drop_vs_teacher: teacher_top1 - top1). "
+            "small_data.teacher_top1 is hant train-teacher's own test top-1 of the same "
             "weights on the same images.",
             "wall_s: the hant accelerate calls of the variant, summed (both speedups of a variant share it; a call "
             "stopped before it returned is not counted); stages: RUN/timings.json, the shared stages (init, "
@@ -555,13 +617,15 @@ def table_text(result: dict[str, Any]) -> str:
 
     sd = result["small_data"]
     lines = [f"teacher top-1 {f(sd['teacher_top1'])}%",
-             "| variant | phase-1 images/candidate (trained) | speedup | measured [95% CI] | top-1 | drop | wall s |",
-             "|---|---|---:|---|---:|---:|---:|"]
+             "| variant | phase-1 images/candidate (trained) | speedup | measured [95% CI] | top-1 | control | drop "
+             "| wall s |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in sd["rows"]:
         ci = r["speedup_ci"]
         lines.append(f"| {r['variant']} | {r['images_per_candidate']} ({r['phase1_images_trained']}) | "
                      f"{r['speedup_asked']:g}x | {f(r['measured_speedup'])}x [{f(ci[0])}, {f(ci[1])}] | "
-                     f"{f(r['top1'])} | {f(r['drop'], '+.2f')} | {f(r['wall_s'], '.0f')} |")
+                     f"{f(r['top1'])} | {f(r.get('control_top1'))} | {f(r['drop'], '+.2f')} | "
+                     f"{f(r['wall_s'], '.0f')} |")
     g = result["goal"]
     lines.append(f"goal ({g['text']}): {'met' if g['met'] else 'not met' if g['met'] is False else 'n/a'}")
     return "\n".join(lines)
@@ -588,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra variants with distill.images N (phase-1 images per candidate), one run each")
     p.add_argument("--redistill", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-redistill is passed to hant accelerate (only when it has that flag)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                   help="fine-tune the teacher as the students were, the drop's reference (default: on; "
+                        "off with --quick)")
     p.add_argument("--cache", help="dataset, teacher, runs and units (default ~/.cache/hant/small-data; "
                                    "--quick /tmp/hant-small-data-quick)")
     p.add_argument("--out", help="results JSON (default bench/results/small_data.json; --quick CACHE/small_data.json)")

@@ -24,7 +24,7 @@ def _run(*args: str, timeout: int = 280) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(400)
 def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     out, cache = tmp_path / "small_data.json", tmp_path / "cache"
-    _run("--out", str(out), "--cache", str(cache))
+    _run("--out", str(out), "--cache", str(cache), "--control")
     d = json.loads(out.read_text())
     assert set(d) >= {"small_data", "dataset", "teacher_recipe", "command", "fingerprint", "notes", "goal"}
     assert d["command"].startswith("bench/small_data.py") and "--quick" in d["command"]
@@ -47,15 +47,21 @@ def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     assert isinstance(row["measured_speedup"], float) and math.isfinite(row["measured_speedup"])
     assert row["measured_speedup"] > 0
     assert 0.0 <= row["top1"] <= 100.0
-    assert row["drop"] == pytest.approx(row["teacher_top1"] - row["top1"])
+    # The drop is taken from the better of the teacher and the control (the teacher fine-tuned as
+    # the student was, for the same epochs).
+    assert 0.0 <= row["control_top1"] <= 100.0 and row["control_epochs"] > 0
+    ref = max(row["teacher_top1"], row["control_top1"])
+    assert row["reference_top1"] == ref and row["drop"] == pytest.approx(ref - row["top1"])
+    assert row["drop_vs_teacher"] == pytest.approx(row["teacher_top1"] - row["top1"])
     assert row["wall_s"] > 0 and row["accelerate_calls"] == 1
     assert {"distill", "latency", "score", "select", "finetune", "measure"} <= set(row["stages"])
     assert row["images_per_candidate"] == 32 and row["phase1_images_trained"] == 32
     assert d["status"] == {"defaults": "done"}
 
     # The same command again: dataset, teacher and run are read back, nothing is run.
-    p = _run("--out", str(out), "--cache", str(cache))
+    p = _run("--out", str(out), "--cache", str(cache), "--control")
+    assert "control, the teacher" not in p.stdout
     assert "dataset: cached" in p.stdout and "teacher: cached" in p.stdout and "accelerate skipped" in p.stdout
     (row2,) = json.loads(out.read_text())["small_data"]["rows"]
     assert row2["top1"] == row["top1"] and row2["measured_speedup"] == row["measured_speedup"]
-    assert row2["wall_s"] == row["wall_s"]
+    assert row2["wall_s"] == row["wall_s"] and row2["control_top1"] == row["control_top1"]
