@@ -30,8 +30,9 @@ Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
 feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
 weights; the same as `today` when `new` has no feature loss, so then left out). The
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
-weight (ce=W), the peak LR (lr=X, each with its own control) or the images per
-re-distilled layer (rd=N) changed. `today` and
+weight (ce=W), the peak LR (lr=X), the feature loss at the plan's layers (fl=cosine;
+each of these with its own control) or the images per re-distilled layer (rd=N)
+changed. `today` and
 `new` (with the sweep at its epochs) run every epoch count first, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
@@ -115,17 +116,24 @@ class Recipe:
 
 def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     """`new` with one setting changed per entry of `sweep`: "ce=0" (label-loss weight),
-    "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer)."""
+    "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer), "fl=cosine"
+    (feature loss at the plan's layers, at the feature weight)."""
     out = []
     fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images"}
     for item in sweep:
         key, _, value = item.partition("=")
+        if key == "fl":
+            if value not in ("nmse", "cosine") or value == new.feature_loss:
+                raise ValueError(f"--sweep fl= takes nmse or cosine, other than new's {new.feature_loss}; "
+                                 f"got {item!r}")
+            out.append(dataclasses.replace(new, name=f"fl-{value}", sweep=True, feature_loss=value))
+            continue
         try:
             v = float(value)
         except ValueError:
             v = None
         if key not in fields or v is None or (key == "rd" and (v != int(v) or v < 1)):
-            raise ValueError(f"--sweep entries are ce=W, lr=X or rd=N (images), got {item!r}")
+            raise ValueError(f"--sweep entries are ce=W, lr=X, rd=N (images) or fl=nmse|cosine, got {item!r}")
         out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True,
                                        **{fields[key]: int(v) if key == "rd" else v}))
     return out
@@ -978,10 +986,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=list(ABLATIONS), help=f"ablations of `new` to run, of {','.join(ABLATIONS)} (default all; "
                                                  "'' for none)")
     p.add_argument("--sweep", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192"],
+                   default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192", "fl=cosine"],
                    help="variants of `new` with one setting changed: ce=W (label-loss weight), lr=X (fine-tuning "
-                        "LR) or rd=N (images per re-distilled layer) (default ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192; "
-                        "'' for none)")
+                        "LR), rd=N (images per re-distilled layer) or fl=nmse|cosine (feature loss) (default "
+                        "ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192,fl=cosine; '' for none)")
     p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25], help="epochs of the sweep (0,0.25)")
     p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
     p.add_argument("--ablation-epochs", type=float, default=0.5,

@@ -1,7 +1,7 @@
 """The small-data case: a ResNet-18 trained on a 1,500-image ImageFolder, `hant accelerate` at the defaults.
 
     .venv/bin/python bench/small_data.py                           # -> bench/results/small_data.json
-    .venv/bin/python bench/small_data.py --distill-images 512,2048  # + a curve over phase-1 images
+    .venv/bin/python bench/small_data.py --distill-images 128,4096  # + a curve over phase-1 images
     .venv/bin/python bench/small_data.py --quick                    # smoke run, under a minute
 
 What it measures. A user with a small dataset of their own, typing the commands of the CLI:
@@ -22,18 +22,22 @@ What it measures. A user with a small dataset of their own, typing the commands 
    label smoothing 0.1, dropout 0.2, drop-path 0.1, random crop and flip, seed 0): on
    1,200 images a long schedule with its regularisation, not a short one. Its test top-1
    is `teacher_top1`.
-3. `hant accelerate --speedup 2 --speedup 3` with every default (space `default`, phase 1
-   at `distill.epochs` 0.02 of an epoch per candidate: 24 of the 1,200 images, which phase 1
-   rounds up to one batch of 128; fine-tuning 2 epochs, 18 steps of 128; target
-   onnxruntime-cpu at `--batch-size` 1, three hardware checks, INT8 export), in a run
-   folder of its own. Per speedup a row: `measured_speedup` (eval.json: the fine-tuned
-   student timed against the teacher, interleaved, by `hant measure`) with its 95%
-   interval, `top1` (student, test), `drop` (the teacher's test top-1 in the same
-   eval.json minus the student's, in points), `wall_s` (the `hant accelerate` call that
-   made both rows), `stages` (RUN/timings.json: the shared stages and this plan's own),
-   and what phase 1 used per candidate: `images_per_candidate` (as hant resolves the
-   budget) and `phase1_images_trained` (its steps times the batch: whole batches, so at
-   least one batch).
+3. `hant accelerate --speedup 2 --speedup 3` with every default (space `default`; phase 1
+   at `distill.epochs` 0.02 of an epoch per candidate, 24 of the 1,200 images, raised to
+   the floor `distill.min_images` 1024, 8 steps of 128; the plan's layers re-distilled on
+   the student's inputs; fine-tuning 2 epochs, 18 steps of 128, raised to the floor
+   `finetune.min_steps` 200, about 22 epochs; target onnxruntime-cpu at `--batch-size` 1,
+   three hardware checks, INT8 export), in a run folder of its own. Per speedup a row:
+   `measured_speedup` (eval.json: the fine-tuned student timed against the teacher,
+   interleaved, by `hant measure`) with its 95% interval, `top1` (student, test),
+   `control_top1` (the teacher fine-tuned with the run's recipe for the students' epochs,
+   floor included: `hant.finetune.finetune_module` on a copy, once per teacher and recipe),
+   `drop` (the better of teacher and control minus the student, in points, so that what
+   extra training does for the teacher is not counted as recovery; `drop_vs_teacher` beside
+   it), `wall_s` (the `hant accelerate` call that made both rows), `stages`
+   (RUN/timings.json: the shared stages and this plan's own), and what phase 1 used per
+   candidate: `images_per_candidate` (as hant resolves the budget) and
+   `phase1_images_trained` (its steps times the batch: whole batches, so at least one batch).
 4. `--distill-images N[,N...]`: the same with `distill.images: N` (a config YAML passed
    with --config, nothing else changed), each in its own run folder, for a curve of drop
    and wall time against phase-1 images per candidate; rows carry `distill_images` (None
@@ -51,13 +55,12 @@ measured is read back, not run; an unfinished one is given to `hant accelerate` 
 which skips finished stages. Calls and their wall times are kept in CACHE/units/. `--out`
 is rewritten after every step, so a stopped run keeps what finished.
 
-Time on 2 idle CPU cores (estimated from the stage costs of other runs, not measured at
-these settings): dataset ~10 s, teacher ~10-15 min (48,000 images at 64 px, ~80 images/s),
-accelerate at the defaults ~20-30 min (phase 1 of 285 candidates at one batch each ~5,
-latency table ~5, scores on 300 held-out images ~5, per speedup selection with checks,
-re-distillation, 2 epochs of fine-tuning, measurement and INT8 export ~3-5), so about
-35-45 min in all; each --distill-images variant ~20-30 min more (its phase 1 grows with N).
-Roughly double on a machine shared with another benchmark. --quick: ~45 s measured here
+Time on 2 idle CPU cores, measured here: dataset ~10 s, teacher 480 s (46,000 images at
+64 px, ~100 images/s), accelerate at the defaults 1,053 s (phase 1 of 285 candidates at
+1,024 images each 261 s, latency table 133, scores on 300 held-out images 149, per speedup
+selection with checks ~5, re-distillation 50-75, fine-tuning 200 steps ~190, measurement and
+INT8 export ~30), the control 258 s: about 30 min in all. Each --distill-images variant
+repeats the whole run (~13 min besides phase 1, whose cost grows with N). --quick: ~50 s
 (a rerun that reuses everything ~10 s).
 """
 

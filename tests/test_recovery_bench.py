@@ -1,0 +1,38 @@
+"""bench/recovery.py's recipe grammar: the one-change variants of `new` that --sweep asks for."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    spec = importlib.util.spec_from_file_location("recovery_bench", ROOT / "bench" / "recovery.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recovery_bench"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_changes_one_setting_of_new(recovery):
+    new = recovery.make_recipes("none", [])[1]
+    assert new.name == "new" and new.redistill and new.feature_loss == "none"
+    got = {r.name: r for r in recovery.sweep_recipes(new, ["ce=0", "lr=2e-3", "rd=8192", "fl=cosine"])}
+    assert set(got) == {"ce0", "lr0.002", "rd8192", "fl-cosine"}
+    assert all(r.sweep and r.plan == new.plan and r.redistill for r in got.values())
+    assert got["ce0"].ce_weight == 0.0 and got["ce0"].feature_loss == "none"
+    assert got["lr0.002"].lr == 0.002 and got["lr0.002"].ce_weight is None
+    assert got["rd8192"].redistill_images == 8192 and isinstance(got["rd8192"].redistill_images, int)
+    assert got["fl-cosine"].feature_loss == "cosine" and got["fl-cosine"].lr is None
+    assert "cosine feature loss" in got["fl-cosine"].describe()
+
+
+@pytest.mark.parametrize("item", ["fl=none", "fl=l1", "rd=0", "rd=1.5", "lr=x", "wd=0.1"])
+def test_sweep_refuses_what_it_cannot_run(recovery, item):
+    new = recovery.make_recipes("none", [])[1]
+    with pytest.raises(ValueError, match="--sweep"):
+        recovery.sweep_recipes(new, [item])
