@@ -822,14 +822,29 @@ class Recovery:
             "controls": controls,
             "plans": plans,
             "best_speedup_within_0_4_at_2_epochs": best,
-            "small_data": {},
-            "small_data_note": "not measured: the small-data curves (--small-data) are optional in the issue and "
-                               "not implemented here",
+            **self.small_data(),
             "notes": self.notes(),
             "wall_time_s": round(time.perf_counter() - self.t0, 1),
             "units_cost_s": round(sum(costs.values()), 1),
             "fingerprint": fingerprint(self),
         }
+
+    def small_data(self) -> dict[str, Any]:
+        """The small-data case, as bench/small_data.py last wrote it beside --out (its own
+        benchmark: a ResNet-18 on a 1,500-image ImageFolder, `hant accelerate` at the defaults)."""
+        src = self.out.parent / "small_data.json"
+        try:
+            d = json.loads(src.read_text())
+        except (OSError, ValueError):
+            return {"small_data": {}, "small_data_note": f"not measured: run bench/small_data.py (no {src.name} "
+                                                         f"beside the results)"}
+        keep = ("variant", "distill_images", "speedup_asked", "measured_speedup", "speedup_ci", "top1",
+                "top1_assembled", "teacher_top1", "control_top1", "reference_top1", "drop", "wall_s",
+                "images_per_candidate")
+        return {"small_data": {"teacher_top1": d["small_data"].get("teacher_top1"),
+                               "rows": [{k: r.get(k) for k in keep} for r in d["small_data"].get("rows", [])],
+                               "goal": d.get("goal"), "command": d.get("command"), "source": src.name},
+                "small_data_note": f"copied from {src.name}, written by its own command (bench/small_data.py)"}
 
     def notes(self) -> list[str]:
         a = self.args
