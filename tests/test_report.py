@@ -92,6 +92,21 @@ def test_report_does_not_flag_timings_whose_intervals_overlap(tmp_path):
     assert timing_disagreements(collect(tmp_path)) == []
 
 
+def test_report_says_when_the_final_measurement_was_timed_again(tmp_path):
+    _check_and_eval(tmp_path, teacher_check=(2.05, 2.01, 2.09), teacher_final=(2.0, 1.98, 2.02))
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["timing_attempts"] = [{"teacher_ms": 3.4, "student_ms": 1.0, "speedup": 3.4},
+                             {"teacher_ms": 2.0, "student_ms": 1.0, "speedup": 2.0}]
+    write_json(path, ev)
+    (line,) = timing_disagreements(collect(tmp_path))
+    assert "p2:" in line and "timed 2 times (teacher 3.400, 2.000 ms)" in line and "kept (2.000 ms)" in line
+    assert line in write_report(tmp_path).read_text()
+    ev["timing_attempts"] = ev["timing_attempts"][1:]  # timed once: nothing to say
+    write_json(path, ev)
+    assert timing_disagreements(collect(tmp_path)) == []
+
+
 def test_report_flags_plans_with_large_predicted_damage(tmp_path):
     _fake_run(tmp_path)
     assert "predicted damage is large" not in write_report(tmp_path).read_text()

@@ -310,8 +310,9 @@ def write_report(run: str | Path) -> Path:
           results_table(info)]
     disagree = timing_disagreements(info)
     if disagree:
-        md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, "
-               "the machine's speed changed between them; neither number is the network's latency alone:", "",
+        md += ["Where a plan's hardware check and its final measurement disagree beyond their intervals, or the "
+               "final measurement had to be timed again, the machine's speed changed between timings; such a "
+               "number is not the network's latency alone:", "",
                *disagree, ""]
     starts = start_lines(info)
     if starts:
@@ -394,10 +395,17 @@ def timing_disagreements(info: dict[str, Any]) -> list[str]:
     measurement (eval.json), the teacher and the student are compared separately: the
     check's last round against the final measurement. They disagree when their confidence
     intervals do not overlap. Timings without an interval (older artifacts) are not
-    compared. Returns the lines (empty when everything agrees).
+    compared. A final measurement timed more than once (`timing_attempts`, the teacher
+    drifted) gets a line too. Returns the lines (empty when everything agrees).
     """
     lines = []
     for name, ev in info["evals"].items():
+        attempts = ev.get("timing_attempts") or []
+        if len(attempts) > 1:
+            lines.append(f"- {name}: the teacher's latency in the final measurement drifted from the run's earlier "
+                         f"timings, so it was timed {len(attempts)} times (teacher "
+                         + ", ".join(f"{a['teacher_ms']:.3f}" for a in attempts)
+                         + f" ms) and the one nearest the earlier timings kept ({ev['teacher']['latency_ms']:.3f} ms).")
         rounds = ((info["plans"].get(name) or {}).get("latency_check") or {}).get("rounds") or []
         if not rounds:
             continue
