@@ -1,6 +1,7 @@
 """Export: ONNX matches PyTorch, BN is folded, INT8 runs and is evaluated."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -137,6 +138,24 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     assert corr > 0.9
     assert any("INT8 test top-1" in line for line in logs)
+
+
+def test_export_flags_an_int8_model_that_loses_accuracy(tuned, tmp_path, monkeypatch):
+    import hant.export as ex
+
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run)
+    real = ex.onnx_top1
+    # The fp32 model is passed as bytes, the INT8 one as its file: make the INT8 one collapse.
+    monkeypatch.setattr(ex, "onnx_top1", lambda m, *a, **k: 18.0 if isinstance(m, (str, Path)) else 92.0)
+    logs = []
+    res = export(run, "p", int8=True, calib_images=32, log=logs.append)
+    assert res["int8"]["top1"] == 18.0 and res["int8"]["accuracy_kept"] is False
+    (warn,) = [x for x in logs if x.startswith("warning: export p:")]
+    assert "74.0 points below" in warn and "deploy model.onnx, not model.int8.onnx" in warn
+    monkeypatch.setattr(ex, "onnx_top1", real)
+    res = export(run, "p", int8=True, calib_images=32, log=logs.append)
+    assert res["int8"]["accuracy_kept"] is (res["int8"]["top1"] >= res["onnx"]["top1"] - 1.0)
 
 
 @pytest.mark.slow

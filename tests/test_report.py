@@ -107,6 +107,20 @@ def test_report_says_when_the_final_measurement_was_timed_again(tmp_path):
     assert timing_disagreements(collect(tmp_path)) == []
 
 
+def test_report_flags_an_int8_model_that_loses_accuracy(tmp_path):
+    _fake_run(tmp_path)
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["onnx"] = {"top1": 92.0}
+    ev["int8"] = {"top1": 18.0, "accuracy_kept": False}
+    write_json(path, ev)
+    assert ("The INT8 model of p2 does not keep accuracy:** test top-1 18.00% against fp32's 92.00%"
+            in write_report(tmp_path).read_text())
+    ev["int8"] = {"top1": 91.5, "accuracy_kept": True}
+    write_json(path, ev)
+    assert "does not keep accuracy" not in write_report(tmp_path).read_text()
+
+
 def test_report_flags_plans_with_large_predicted_damage(tmp_path):
     _fake_run(tmp_path)
     assert "predicted damage is large" not in write_report(tmp_path).read_text()

@@ -282,6 +282,11 @@ def _int8_scheme_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"INT8 scheme `{scheme}` ({act} activations, {wts} weights, "
                      f"{'7-bit' if reduced else 'full'} range) for {', '.join(plans)}: "
                      f"{reason or 'no reason recorded'}{slower}.")
+    for name, ev in info["evals"].items():
+        q, o = ev.get("int8") or {}, ev.get("onnx") or {}
+        if q.get("accuracy_kept") is False:
+            lines.append(f"**The INT8 model of {name} does not keep accuracy:** test top-1 {q['top1']:.2f}% against "
+                         f"fp32's {o.get('top1', float('nan')):.2f}%; deploy its model.onnx, not model.int8.onnx.")
     if len(lines) > 1:  # several batch sizes or machines: a list, so that markdown keeps them apart
         lines = [f"- {line}" for line in lines]
     return lines + [""] if lines else []
