@@ -334,8 +334,6 @@ class Families:
     def control(self, run: Path, the_run, splits, epochs: float) -> dict[str, Any]:
         """The teacher fine-tuned with the run's fine-tuning recipe for `epochs` (the feature
         loss, when on, at every replaceable layer of the run), and its test top-1."""
-        from hant.finetune import finetune_module
-
         cfg = the_run.config
         ft = dataclasses.asdict(cfg.finetune)
         layers = [info.name for info in the_run.layers]
@@ -344,15 +342,8 @@ class Families:
         unit = f"control-e{epochs:g}-{digest(settings, 12)}"
 
         def make():
-            teacher = the_run.teacher().eval()
-            model = copy.deepcopy(teacher)
-            work = self.cache / "work" / run.name / unit
-            res = finetune_module(model, teacher, cfg, splits.train, epochs=epochs, out_dir=work, key=unit,
-                                  log=self.log, feature_layers=layers if cfg.finetune.feature_loss != "none" else None)
-            top1 = self.evaluate(model, splits.test, cfg)["top1"]
-            shutil.rmtree(work, ignore_errors=True)
-            return {"epochs": epochs, "top1": top1,
-                    "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s")}}
+            return {"epochs": epochs, **teacher_control(the_run, splits, epochs, self.cache / "work" / run.name / unit,
+                                                        unit, self.log)}
 
         return self.unit(run, unit, settings, make)
 
@@ -637,6 +628,26 @@ def cpu_flags() -> dict[str, bool]:
         pass
     return {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")} | {
         "vnni": "avx512_vnni" in flags or "avx_vnni" in flags}
+
+
+def teacher_control(the_run, splits, epochs: float, work: Path, key: str, log: Callable[[str], None] = print
+                    ) -> dict[str, Any]:
+    """The control of every benchmark here: a copy of the run's teacher fine-tuned with the
+    run's fine-tuning recipe for `epochs` (`hant.finetune.finetune_module`, the loop of hant's
+    students; the feature loss, when on, at every replaceable layer), its checkpoints under
+    `work` resuming by `key` and removed once done. Returns {"top1" (test), "finetune":
+    {steps, batch_size, final_loss, time_s}}."""
+    from hant.finetune import finetune_module
+
+    cfg = the_run.config
+    layers = [info.name for info in the_run.layers] if cfg.finetune.feature_loss != "none" else None
+    teacher = the_run.teacher().eval()
+    model = copy.deepcopy(teacher)
+    res = finetune_module(model, teacher, cfg, splits.train, epochs=epochs, out_dir=work, key=key, log=log,
+                          feature_layers=layers)
+    top1 = Families.evaluate(model, splits.test, cfg)["top1"]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"top1": top1, "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s")}}
 
 
 def fingerprint() -> dict[str, Any]:

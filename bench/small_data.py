@@ -426,10 +426,7 @@ class SmallData:
         student's eval.json records, the finetune.min_steps floor included. Its test top-1 is
         the reference beside the teacher's, so that what extra training does for the teacher
         itself is not counted as recovery. Cached in CACHE/units/; checkpoints resume."""
-        import copy
-
         from hant.data import load_data
-        from hant.finetune import finetune_module
         from hant.run import Run
 
         run = self.run_dir(variant)
@@ -451,21 +448,14 @@ class SmallData:
             return d
         self.log(f"[small-data] {variant}: control, the teacher fine-tuned for {epochs:.3g} epochs ...")
         t0 = time.perf_counter()
-        splits = load_data(cfg.data)
-        teacher = the_run.teacher().eval()
-        model = copy.deepcopy(teacher)
-        work = self.cache / "work" / name
-        res = finetune_module(model, teacher, cfg, splits.train, epochs=epochs, out_dir=work,
-                              key=digest(settings, 12), log=self.log)
-        from families import Families
+        from families import teacher_control
 
-        top1 = Families.evaluate(model, splits.test, cfg)["top1"]
-        shutil.rmtree(work, ignore_errors=True)
-        d = {"key": digest(settings), "settings": settings, "epochs": epochs, "top1": top1,
-             "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s")},
-             "wall_s": round(time.perf_counter() - t0, 1)}
+        c = teacher_control(the_run, load_data(cfg.data), epochs, self.cache / "work" / name, digest(settings, 12),
+                            self.log)
+        d = {"key": digest(settings), "settings": settings, "epochs": epochs, "top1": c["top1"],
+             "finetune": c["finetune"], "wall_s": round(time.perf_counter() - t0, 1)}
         write_doc(path, d)
-        self.log(f"[small-data] {variant}: control top-1 {top1:.2f}% in {d['wall_s']:.0f} s")
+        self.log(f"[small-data] {variant}: control top-1 {d['top1']:.2f}% in {d['wall_s']:.0f} s")
         return d
 
     @staticmethod

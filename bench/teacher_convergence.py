@@ -36,12 +36,10 @@ if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -62,38 +60,23 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
-def evaluate(model, dataset, cfg) -> float:
-    import torch
-
-    from hant.data import make_loader
-    from hant.teacher_train import evaluate as top1_of
-
-    model.eval().to(memory_format=torch.channels_last)
-    try:
-        return float(top1_of(model, make_loader(dataset, cfg.finetune.batch_size,
-                                                 num_workers=cfg.data.workers))["top1"])
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
 def measure(run: Path, epochs_list: list[float], cache: Path, max_gain: float, log=print) -> dict[str, Any]:
     """The teacher's test top-1, and after each count of fine-tuning epochs (see the module doc)."""
+    from families import Families, teacher_control
     from hant.data import load_data
-    from hant.finetune import finetune_module
     from hant.run import Run
 
     the_run = Run(run)
     cfg = the_run.config
     sha = the_run.layers_doc.get("checkpoint_sha256")
     splits = load_data(cfg.data)
-    teacher = the_run.teacher().eval()
     base = {"teacher_sha256": sha, "seed": cfg.seed, "finetune": dataclasses.asdict(cfg.finetune),
             "data": {"spec": cfg.data.spec, "input_size": cfg.data.input_size, "heldout": cfg.data.heldout,
                      "seed": cfg.data.seed}}
     t_path = cache / f"teacher-{digest(base, 12)}.json"
     t_doc = json.loads(t_path.read_text()) if t_path.exists() else None
     if t_doc is None:
-        t_doc = {"top1": evaluate(copy.deepcopy(teacher), splits.test, cfg)}
+        t_doc = {"top1": Families.evaluate(the_run.teacher().eval(), splits.test, cfg)["top1"]}
         _write(t_path, t_doc)
     t1 = t_doc["top1"]
     log(f"[convergence] teacher: test top-1 {t1:.2f}%")
@@ -106,15 +89,10 @@ def measure(run: Path, epochs_list: list[float], cache: Path, max_gain: float, l
         if d is None:
             log(f"[convergence] the teacher fine-tuned for {e:g} epochs ...")
             t0 = time.perf_counter()
-            model = copy.deepcopy(teacher)
-            work = cache / "work" / unit
-            res = finetune_module(model, teacher, cfg, splits.train, epochs=e, out_dir=work, key=unit, log=log,
-                                  feature_layers=[i.name for i in the_run.layers]
-                                  if cfg.finetune.feature_loss != "none" else None)
-            d = {"epochs": e, "top1": evaluate(model, splits.test, cfg), "steps": res.get("steps"),
+            c = teacher_control(the_run, splits, e, cache / "work" / unit, unit, log)
+            d = {"epochs": e, "top1": c["top1"], "steps": c["finetune"]["steps"],
                  "time_s": round(time.perf_counter() - t0, 1)}
             _write(path, d)
-            shutil.rmtree(work, ignore_errors=True)
         d = {**d, "gain": d["top1"] - t1}
         log(f"[convergence] after {e:g} epochs: {d['top1']:.2f}% ({d['gain']:+.2f} points)")
         points.append(d)

@@ -246,7 +246,7 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
     int8_sec: dict[str, Any] | None = None
     int8_path = out / INT8_FILE
     if int8:
-        from hant.latency.int8 import describe_scheme, run_int8_scheme
+        from hant.latency.int8 import MAX_TOP1_DROP, describe_scheme, run_int8_scheme
 
         n_cal = min(calib_images, len(splits.train))
         choice = run_int8_scheme(run, batch_size, threads, log=log)
@@ -272,8 +272,6 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
         # The scheme was chosen on the teacher with few calibration images; this model, with
         # its own calibration, can still lose far more (a per-tensor range that INT8 cannot
         # hold collapsed one EfficientNet to 18% top-1). Judge it by the scheme's own rule.
-        from hant.latency.int8 import MAX_TOP1_DROP
-
         int8_sec["accuracy_kept"] = bool(int8_sec["top1"] >= onnx_sec["top1"] - MAX_TOP1_DROP)
         if not int8_sec["accuracy_kept"]:
             log(f"warning: export {plan}: the INT8 model's test top-1 {int8_sec['top1']:.2f}% is "

@@ -120,32 +120,30 @@ def measure(run: str | os.PathLike, plan: str, log: Callable[[str], None] = prin
 
 
 def _earlier_teacher_ms(run, plan: str, timing: Mapping[str, Any]) -> list[float]:
-    """The teacher medians of the run's earlier timings with the same target, batch size and
-    threads: every plan's hardware-check rounds and the other students' eval.json."""
-    import json
-
-    rd = RunDir(run)
-    same = ("target_id", "batch_size", "threads", "clock")
-    out: list[float] = []
+    """The teacher medians of the run's earlier timings with the same target, batch size,
+    threads and clock: every plan's hardware-check rounds and the other students' eval.json."""
+    from hant.errors import HantError
+    from hant.workspace import read_json
 
     def read(path):
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            return read_json(path)
+        except HantError:  # a file being rewritten or corrupt: not an earlier timing
             return {}
 
+    def same(t: Mapping[str, Any] | None) -> bool:
+        return all((t or {}).get(k) == timing.get(k) for k in ("target_id", "batch_size", "threads", "clock"))
+
+    rd = RunDir(run)
+    out: list[float] = []
     for path in sorted((rd.root / "plans").glob("*.json")):
         check = read(path).get("latency_check") or {}
-        if all((check.get("timing") or {}).get(k) == timing.get(k) for k in same):
+        if same(check.get("timing")):
             out += [r["teacher_ms"] for r in check.get("rounds") or [] if r.get("teacher_ms")]
     for path in sorted((rd.root / "students").glob("*/eval.json")):
-        if path.parent.name == plan:
-            continue
-        ev = read(path)
-        if all((ev.get("timing") or {}).get(k) == timing.get(k) for k in same):
-            t = (ev.get("teacher") or {}).get("latency_ms")
-            if t:
-                out.append(t)
+        ev = read(path) if path.parent.name != plan else {}
+        if same(ev.get("timing")) and (ev.get("teacher") or {}).get("latency_ms"):
+            out.append(ev["teacher"]["latency_ms"])
     return out
 
 
