@@ -334,6 +334,34 @@ class Bench:
         tid, _, threads = resolve_target(self.run, {"target": self.table_id(batch)})
         return get_target(tid, batch_size=batch, threads=threads)
 
+    def quantize(self, fp32: Path, batch: int) -> dict:
+        """Static INT8 of `fp32` beside it, as `hant export --int8` makes it: in the scheme
+        measured for the run on this machine at `batch`, with the calibration that agrees
+        most with fp32 on held-out images."""
+        from hant.export import calibration_check, quantize_int8
+        from hant.latency.int8 import run_int8_scheme
+        from hant.workspace import run_lock
+
+        n = min(256, len(self.splits.train))
+        threads = self.target(batch).threads
+        with run_lock(self.run, log=self.log):
+            scheme = run_int8_scheme(self.run, batch, threads, log=self.log)["scheme"]
+        check, split = calibration_check(self.splits, n)
+        q = quantize_int8(fp32, fp32.parent / "model.int8.onnx", self.splits.train, images=n, scheme=scheme,
+                          check=check, threads=threads)
+        return {**q, "scheme": scheme, "calibration_images": n, "check_split": split}
+
+    @staticmethod
+    def calibrated(d: dict) -> str | None:
+        """A `cached` check of an INT8 row: made in the run's scheme with a chosen calibration."""
+        return None if "calibration" in d else "quantised before the calibration was chosen on held-out images"
+
+    @staticmethod
+    def int8_fields(q: dict) -> dict:
+        """What a row records of its INT8 model's making."""
+        return {"calibration_images": q["calibration_images"], "scheme": q["scheme"]["name"],
+                "calibration": q["calibration"], "calibrations": q["calibrations"]}
+
     @staticmethod
     def table_id(batch: int) -> str:
         from hant.latency import table_path
@@ -373,7 +401,7 @@ class Bench:
                           progress=sys.stderr.isatty(), log=self.log)
 
     def teacher_units(self) -> None:
-        from hant.export import onnx_top1, quantize_int8
+        from hant.export import onnx_top1
         from hant.onnx_io import export_onnx
 
         def teacher():
@@ -387,14 +415,14 @@ class Bench:
             folder = self.work / "teacher-int8"
             fp32 = folder / "model.onnx"
             export_onnx(self.teacher, self.in_shape, fp32)
-            int8 = quantize_int8(fp32, folder / "model.int8.onnx", self.splits.train,
-                                 images=min(256, len(self.splits.train)))
-            return {"method": "teacher-int8", "kind": "onnx", "onnx": str(int8),
-                    "top1": onnx_top1(int8, self.splits.test, threads=self.target(self.args.batch_sizes[0]).threads),
-                    "init": "trained teacher", "calibration_images": min(256, len(self.splits.train))}
+            b = self.args.batch_sizes[0]
+            q = self.quantize(fp32, b)
+            return {"method": "teacher-int8", "kind": "onnx", "onnx": str(q["file"]),
+                    "top1": onnx_top1(q["file"], self.splits.test, threads=self.target(b).threads),
+                    "init": "trained teacher", **self.int8_fields(q)}
 
         if "int8" in self.args.methods:
-            self.unit("teacher-int8", teacher_int8)
+            self.unit("teacher-int8", teacher_int8, self.calibrated)
         all_teacher = {d["name"]: "teacher" for d in self.layers()}
         self.unit("teacher-ft", lambda: self.finetune_plan("headline-teacher-ft", "teacher-ft",
                                                            {"layers": all_teacher}))
@@ -591,21 +619,21 @@ class Bench:
         unit = self.alt_name("hant-int8", ref)
 
         def make():
-            from hant.export import onnx_top1, quantize_int8
+            from hant.export import onnx_top1
             from hant.onnx_io import export_onnx
             from hant.student import load_student
 
             folder = self.work / unit
             fp32 = folder / "model.onnx"
             export_onnx(load_student(ref["dir"]), self.in_shape, fp32)
-            n = min(256, len(self.splits.train))
-            int8 = quantize_int8(fp32, folder / "model.int8.onnx", self.splits.train, images=n)
-            return {"method": "hant-int8", "kind": "onnx", "onnx": str(int8), "batch_size": b, "speedup_target": s,
-                    "top1": onnx_top1(int8, self.splits.test, threads=self.target(b).threads),
-                    "init": f"hant student {ref['unit']}", "calibration_images": n, "of": ref["unit"],
+            q = self.quantize(fp32, b)
+            return {"method": "hant-int8", "kind": "onnx", "onnx": str(q["file"]), "batch_size": b,
+                    "speedup_target": s, "top1": onnx_top1(q["file"], self.splits.test, threads=self.target(b).threads),
+                    "init": f"hant student {ref['unit']}", **self.int8_fields(q), "of": ref["unit"],
                     "ref_sha256": ref.get("sha256")}
 
-        return self.unit(unit, make, self.same_ref(ref))
+        same = self.same_ref(ref)
+        return self.unit(unit, make, lambda d: same(d) or self.calibrated(d))
 
     def matched_unit(self, method: str, b: int, s: float, ref: dict) -> dict:
         """A pruned or smaller network whose measured latency matches the hant student `ref`,

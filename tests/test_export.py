@@ -115,6 +115,9 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     # fp32 ONNX classifies the test split as PyTorch does (tiny float differences may flip a tie).
     assert abs(o["top1"] - ev["student"]["top1"]) <= 100.0 / 24 + 1e-9
     assert 0.0 <= q["top1"] <= 100.0 and q["calibration_images"] == 32
+    # The calibration kept is the one that agreed most with fp32 on held-out images.
+    assert set(q["calibrations"]) == {"MinMax", "Percentile99.9"} and q["calibration_check"]["split"] == "heldout"
+    assert q["calibrations"][q["calibration"]]["agreement"] == max(r["agreement"] for r in q["calibrations"].values())
     # The scheme is the one measured for this machine (which one depends on the CPU).
     choice = read_json(run / q["scheme_file"])
     assert q["scheme"] == choice["scheme"] and q["scheme"]["name"] in SCHEMES
@@ -138,6 +141,42 @@ def test_export_onnx_and_int8_into_eval_json(tuned, tmp_path):
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     assert corr > 0.9
     assert any("INT8 test top-1" in line for line in logs)
+
+
+def _images(n: int, seed: int, hot: int | None = None) -> list:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    if hot is not None:
+        x[hot, 0, 4, 4] = 1e3  # one image with one extreme pixel
+    return [(x[i], 0) for i in range(n)]
+
+
+def test_int8_calibration_is_the_one_that_keeps_fp32_predictions(tmp_path):
+    from hant.export import quantize_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    fp32 = tmp_path / "m.onnx"
+    export_onnx(model, (1, 8, 8), fp32)
+    check = _images(200, seed=1)
+    # One calibration image of 256 with a pixel 1000 times the rest: MinMax stretches every
+    # range over it and ordinary images quantise to nothing; the percentile clips it.
+    cal = _images(256, seed=2, hot=100)
+    q = quantize_int8(fp32, tmp_path / "q.onnx", cal, images=256, scheme="u8s8", check=check)
+    tried = q["calibrations"]
+    assert set(tried) == {"MinMax", "Percentile99.9"} and q["check_images"] == 200
+    assert tried["MinMax"]["agreement"] < 70.0 < tried["Percentile99.9"]["agreement"]
+    assert q["calibration"] == "Percentile99.9" and q["file"].exists()
+    # The kept file is that calibration's: it agrees with fp32 as measured.
+    from hant.export import onnx_predictions
+    ref, _ = onnx_predictions(fp32, check)
+    assert len(set(ref.tolist())) == 4  # fp32 tells the images apart: agreement means something
+    got, _ = onnx_predictions(q["file"], check)
+    assert 100.0 * float(np.mean(got == ref)) == pytest.approx(tried["Percentile99.9"]["agreement"])
+    # Without held-out images the scheme's own calibration is applied, nothing is compared.
+    plain = quantize_int8(fp32, tmp_path / "p.onnx", cal, images=256, scheme="u8s8")
+    assert plain["calibration"] == "MinMax" and plain["calibrations"] == {} and plain["check_images"] == 0
 
 
 def test_export_flags_an_int8_model_that_loses_accuracy(tuned, tmp_path, monkeypatch):

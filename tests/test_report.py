@@ -116,9 +116,15 @@ def test_report_flags_an_int8_model_that_loses_accuracy(tmp_path):
     write_json(path, ev)
     assert ("The INT8 model of p2 does not keep accuracy:** test top-1 18.00% against fp32's 92.00%"
             in write_report(tmp_path).read_text())
-    ev["int8"] = {"top1": 91.5, "accuracy_kept": True}
+    ev["int8"] = {"top1": 91.5, "accuracy_kept": True, "calibration": "Percentile99.9",
+                  "calibrations": {"MinMax": {"agreement": 17.0, "top1": 17.0},
+                                   "Percentile99.9": {"agreement": 96.0, "top1": 91.0}},
+                  "calibration_check": {"images": 500, "split": "heldout"}}
     write_json(path, ev)
-    assert "does not keep accuracy" not in write_report(tmp_path).read_text()
+    text = write_report(tmp_path).read_text()
+    assert "does not keep accuracy" not in text
+    assert ("INT8 calibration of p2: Percentile99.9, the one that agrees most with fp32 on 500 heldout images "
+            "(MinMax 17.0%, Percentile99.9 96.0%)") in text
 
 
 def test_report_flags_plans_with_large_predicted_damage(tmp_path):

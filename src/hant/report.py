@@ -284,6 +284,11 @@ def _int8_scheme_lines(info: dict[str, Any]) -> list[str]:
                      f"{reason or 'no reason recorded'}{slower}.")
     for name, ev in info["evals"].items():
         q, o = ev.get("int8") or {}, ev.get("onnx") or {}
+        if q.get("calibrations"):
+            check = q.get("calibration_check") or {}
+            lines.append(f"INT8 calibration of {name}: {q.get('calibration')}, the one that agrees most with fp32 on "
+                         f"{check.get('images', '?')} {check.get('split', 'held-out')} images ("
+                         + ", ".join(f"{c} {r['agreement']:.1f}%" for c, r in q["calibrations"].items()) + ").")
         if q.get("accuracy_kept") is False:
             lines.append(f"**The INT8 model of {name} does not keep accuracy:** test top-1 {q['top1']:.2f}% against "
                          f"fp32's {o.get('top1', float('nan')):.2f}%; deploy its model.onnx, not model.int8.onnx.")

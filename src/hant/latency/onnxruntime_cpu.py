@@ -33,7 +33,7 @@ from hant.errors import HantError
 from hant.latency.base import Target
 from hant.onnx_io import OPSET, export_onnx
 
-__all__ = ["OnnxRuntimeCPU", "SCHEMES", "int8_scheme", "quantize_onnx", "cpu_has_vnni"]
+__all__ = ["OnnxRuntimeCPU", "SCHEMES", "CALIBRATIONS", "int8_scheme", "quantize_onnx", "cpu_has_vnni"]
 
 
 @contextlib.contextmanager
@@ -112,11 +112,25 @@ SCHEMES: dict[str, dict[str, Any]] = {
 }
 
 
+# How the quantiser reads each activation's range off the calibration images, by name.
+# MinMax keeps every value seen. A few images whose activations run 100x past the rest (6 of
+# 256 Fashion-MNIST train images did so in an EfficientNet-B0 teacher) then stretch the ranges
+# of the late layers until ordinary images quantise to nothing: that teacher fell from 92.6%
+# to 18% top-1. The 99.9th percentile of each tensor's histogram clips such images (92.4%),
+# at some cost where no image is extreme; the export measures which one keeps a model's
+# predictions (hant.export.quantize_int8). Timing does not depend on the ranges, so the
+# latency table calibrates with MinMax, the cheapest.
+CALIBRATIONS: dict[str, dict[str, Any]] = {
+    "MinMax": {"method": "MinMax", "options": {}},
+    "Percentile99.9": {"method": "Percentile", "options": {"CalibPercentile": 99.9}},
+}
+
+
 def int8_scheme(name: str | None = None) -> dict[str, Any]:
     """The INT8 scheme `name` (a key of SCHEMES) as the quantiser's settings.
 
     Returns {"name", "activations", "weights", "per_channel", "reduce_range", "format",
-    "calibration"}. Without a name, the guess for this CPU where nothing was measured
+    "calibration"} (a key of CALIBRATIONS, MinMax). Without a name, the guess for this CPU where nothing was measured
     (a target used outside a run): full-range weights with VNNI, 7-bit without, as ONNX
     Runtime advises. Raises HantError for an unknown name.
     """
@@ -148,15 +162,19 @@ def quantize_onnx(model: bytes, examples: np.ndarray, scheme: str | Mapping[str,
                   batch_size: int = 1, batches: int | None = 8) -> bytes:
     """Static INT8 (QDQ) of an fp32 ONNX model: hant's one INT8 quantiser.
 
-    `examples` (N, C, H, W) calibrate (MinMax), fed `batch_size` at a time, at most
-    `batches` batches (None: all); `scheme` is a name of SCHEMES, a scheme dict
-    (`int8_scheme()`), or None for the guess for this CPU. ONNX Runtime's pre-processing
+    `examples` (N, C, H, W) calibrate, fed `batch_size` at a time, at most `batches`
+    batches (None: all), with the scheme's "calibration" (a key of CALIBRATIONS); `scheme`
+    is a name of SCHEMES, a scheme dict (`int8_scheme()`), or None for the guess for this
+    CPU. ONNX Runtime's pre-processing
     (shape inference, graph clean-up) runs first. Returns the quantised model's bytes;
     lets the quantiser's exceptions through (callers decide what a failure means).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     scheme = _scheme(scheme)
+    calibration = CALIBRATIONS.get(scheme.get("calibration") or "MinMax")
+    if calibration is None:
+        raise HantError(f"unknown INT8 calibration {scheme['calibration']!r}; known: {', '.join(CALIBRATIONS)}")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     reader = _Reader(_input_name(model), examples, batch_size, batches)
     with tempfile.TemporaryDirectory(prefix="hant-int8-") as d:
@@ -176,12 +194,14 @@ def quantize_onnx(model: bytes, examples: np.ndarray, scheme: str | Mapping[str,
             src = pre
         except Exception:  # an optimisation only: quantise the plain export without it
             pass
-        with warnings.catch_warnings(), _quiet_root_logger():
+        # The histogram calibrators print their progress; the caller logs what matters.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,
                             per_channel=scheme["per_channel"], reduce_range=scheme["reduce_range"],
                             activation_type=types[scheme["activations"]], weight_type=types[scheme["weights"]],
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=getattr(CalibrationMethod, calibration["method"]),
+                            extra_options=dict(calibration["options"]))
         with open(dst, "rb") as f:
             return f.read()
 
