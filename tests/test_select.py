@@ -735,7 +735,14 @@ def test_select_measured_warns_once_about_the_kept_plan(tmp_path):
     assert len(p["latency_check"]["rounds"]) >= 2
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "x2.5 (2.5x)" in warnings[0]
-    assert read_json(RunDir(run).plan("x2.5"))["accuracy_risk"]["large"]
+    risk = read_json(RunDir(run).plan("x2.5"))["accuracy_risk"]
+    assert risk["large"]
+    # The safe speedup is put on the measured scale by how the kept plan's timing compared
+    # with its prediction, so that it reads on the same scale as the speedup asked.
+    last = p["latency_check"]["rounds"][-1]
+    ratio = last["speedup"] / p["predicted_speedup"]
+    assert ratio < 1.0 and risk["safe_speedup_measured"] == pytest.approx(risk["safe_speedup"] * ratio)
+    assert f"about {risk['safe_speedup_measured']:.2f}x as measured here" in warnings[0]
 
 
 def test_select_measured_loosens_a_plan_much_faster_than_asked_and_keeps_it_when_it_meets(tmp_path):

@@ -470,10 +470,11 @@ def accuracy_risk_lines(info: dict[str, Any]) -> list[str]:
     for name, plan in info["plans"].items():
         risk = plan.get("accuracy_risk") or {}
         if risk.get("large"):
-            safe = risk.get("safe_speedup")
+            safe, measured = risk.get("safe_speedup"), risk.get("safe_speedup_measured")
+            upto = (f"; up to about {measured:.2f}x as measured ({safe:.2f}x as the table predicts) the damage is small"
+                    if measured else f"; up to {safe:.2f}x (predicted) the damage is small" if safe else "")
             lines.append(f"- {name}: predicted loss increase {risk['predicted_d_loss']:.3g} against the teacher's "
-                         f"{risk['teacher_loss']:.3g}" + (f"; up to {safe:.2f}x (predicted) the damage is small"
-                                                           if safe else "") + ".")
+                         f"{risk['teacher_loss']:.3g}{upto}.")
     return lines
 
 
