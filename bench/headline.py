@@ -384,6 +384,7 @@ class Bench:
 
     def tables(self) -> None:
         from hant.latency import get_target, measure_table, table_path
+        from hant.run import Run
 
         for b in self.args.batch_sizes:
             path = table_path(self.run, TARGET, b)
@@ -393,7 +394,10 @@ class Bench:
                 t = json.loads(path.read_text())
                 v = t.get("validation") or {}
                 here = get_target(TARGET, batch_size=b, threads=self.cfg.latency.threads).fingerprint()
-                if t.get("complete") and t.get("fingerprint") == here and (v.get("k") or 0) >= self.args.validate:
+                have = {(e["layer"], e["spec"]) for e in t.get("entries", []) + t.get("failed", [])}
+                need = {(layer, spec) for layer, specs in Run(self.run).pools.items() for spec in specs}
+                if (t.get("complete") and t.get("fingerprint") == here and (v.get("k") or 0) >= self.args.validate
+                        and need <= have):
                     self.log(f"[headline] latency table {path.name}: complete, kept")
                     continue
             self.log(f"[headline] latency table {TARGET} batch {b}")

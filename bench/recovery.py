@@ -363,11 +363,16 @@ class Recovery:
         from hant.latency import table_path
 
         path = table_path(self.run, TARGET, self.args.batch_size)
-        if path.exists() and json.loads(path.read_text()).get("complete"):
-            return
+        if path.exists():
+            t = json.loads(path.read_text())
+            have = {(e["layer"], e["spec"]) for e in t.get("entries", []) + t.get("failed", [])}
+            need = {(layer, spec) for layer, specs in self.the_run.pools.items() for spec in specs}
+            if t.get("complete") and need <= have:
+                return
         from hant.latency import measure_table
 
-        self.log(f"[recovery] latency table {TARGET} batch {self.args.batch_size} (missing or unfinished)")
+        self.log(f"[recovery] latency table {TARGET} batch {self.args.batch_size} (missing, unfinished or "
+                 "without some of the run's candidates)")
         measure_table(self.run, target=TARGET, batch_size=self.args.batch_size, validate=self.args.validate,
                       progress=sys.stderr.isatty(), log=self.log)
 
