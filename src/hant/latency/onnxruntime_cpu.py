@@ -116,13 +116,16 @@ SCHEMES: dict[str, dict[str, Any]] = {
 # MinMax keeps every value seen. A few images whose activations run 100x past the rest (6 of
 # 256 Fashion-MNIST train images did so in an EfficientNet-B0 teacher) then stretch the ranges
 # of the late layers until ordinary images quantise to nothing: that teacher fell from 92.6%
-# to 18% top-1. The 99.9th percentile of each tensor's histogram clips such images (92.4%),
-# at some cost where no image is extreme; the export measures which one keeps a model's
-# predictions (hant.export.quantize_int8). Timing does not depend on the ranges, so the
+# to 18% top-1. The 99.9th percentile of each tensor's histogram clips such images (92.4%);
+# the same teacher trained on needed the 99.5th (agreement with fp32 14% MinMax, 74% at
+# 99.9, 98% at 99.5). Clipping costs some accuracy where no image is extreme, so the export
+# measures which one keeps a model's predictions (hant.export.quantize_int8). Timing does not depend on the ranges, so the
 # latency table calibrates with MinMax, the cheapest.
 CALIBRATIONS: dict[str, dict[str, Any]] = {
     "MinMax": {"method": "MinMax", "options": {}},
     "Percentile99.9": {"method": "Percentile", "options": {"CalibPercentile": 99.9}},
+    "Percentile99.5": {"method": "Percentile", "options": {"CalibPercentile": 99.5}},
+    "Percentile99": {"method": "Percentile", "options": {"CalibPercentile": 99.0}},
 }
 
 
