@@ -37,7 +37,8 @@ from hant.onnx_io import OPSET, export_onnx  # one exporter for table and export
 from hant.workspace import RunDir, atomic_write_bytes
 
 
-__all__ = ["export", "check_onnx", "quantize_int8", "calibration_check", "onnx_predictions", "int8_scheme", "onnx_top1", "ort_fusions", "op_counts"]
+__all__ = ["export", "check_onnx", "quantize_int8", "calibration_check", "onnx_predictions", "int8_scheme",
+           "onnx_top1", "ort_fusions", "op_counts"]
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -243,7 +244,8 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
     and top-1 on the held-out images of calibration_check), scheme, scheme_reason,
     scheme_faster_than_fp32 and scheme_file (the scheme measured for this machine,
     `hant.latency.int8.run_int8_scheme`, measured first when the run has none for it).
-    Returns {"onnx": {...}, "int8": {...} or None}. Raises HantError when the student has not been fine-tuned, the export fails or does not match.
+    Returns {"onnx": {...}, "int8": {...} or None}. Raises HantError when the student has
+    not been fine-tuned, the export fails or does not match.
     """
     from hant.workspace import run_lock
 
