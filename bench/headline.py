@@ -383,7 +383,7 @@ class Bench:
     # --- stages ----------------------------------------------------------------------------
 
     def tables(self) -> None:
-        from hant.latency import get_target, measure_table, table_path
+        from hant.latency import covers_pools, get_target, measure_table, table_path
         from hant.run import Run
 
         for b in self.args.batch_sizes:
@@ -394,10 +394,8 @@ class Bench:
                 t = json.loads(path.read_text())
                 v = t.get("validation") or {}
                 here = get_target(TARGET, batch_size=b, threads=self.cfg.latency.threads).fingerprint()
-                have = {(e["layer"], e["spec"]) for e in t.get("entries", []) + t.get("failed", [])}
-                need = {(layer, spec) for layer, specs in Run(self.run).pools.items() for spec in specs}
-                if (t.get("complete") and t.get("fingerprint") == here and (v.get("k") or 0) >= self.args.validate
-                        and need <= have):
+                if (covers_pools(t, Run(self.run).pools) and t.get("fingerprint") == here
+                        and (v.get("k") or 0) >= self.args.validate):
                     self.log(f"[headline] latency table {path.name}: complete, kept")
                     continue
             self.log(f"[headline] latency table {TARGET} batch {b}")

@@ -360,17 +360,11 @@ class Recovery:
     # --- stages ----------------------------------------------------------------------------
 
     def ensure_table(self) -> None:
-        from hant.latency import table_path
+        from hant.latency import covers_pools, measure_table, table_path
 
         path = table_path(self.run, TARGET, self.args.batch_size)
-        if path.exists():
-            t = json.loads(path.read_text())
-            have = {(e["layer"], e["spec"]) for e in t.get("entries", []) + t.get("failed", [])}
-            need = {(layer, spec) for layer, specs in self.the_run.pools.items() for spec in specs}
-            if t.get("complete") and need <= have:
-                return
-        from hant.latency import measure_table
-
+        if path.exists() and covers_pools(json.loads(path.read_text()), self.the_run.pools):
+            return
         self.log(f"[recovery] latency table {TARGET} batch {self.args.batch_size} (missing, unfinished or "
                  "without some of the run's candidates)")
         measure_table(self.run, target=TARGET, batch_size=self.args.batch_size, validate=self.args.validate,

@@ -582,3 +582,12 @@ def test_protocol_keeps_timing_until_its_minimum_time_has_passed():
     from hant.config import LatencyConfig
 
     assert L.Protocol.from_config(LatencyConfig()).min_time_s == LatencyConfig().min_time_s > 0
+
+
+def test_covers_pools_needs_every_candidate_of_the_run():
+    from hant.latency import covers_pools
+
+    table = {"complete": True, "entries": [{"layer": "a", "spec": "x"}], "failed": [{"layer": "a", "spec": "y"}]}
+    assert covers_pools(table, {"a": ["x", "y"]})  # a recorded failure counts: it is not measured again
+    assert not covers_pools(table, {"a": ["x", "z"]})  # the space grew: a hole
+    assert not covers_pools({**table, "complete": False}, {"a": ["x"]})

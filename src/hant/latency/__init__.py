@@ -17,9 +17,10 @@ your own with `register_target`.
 from hant.latency.base import Target, available_cores, cpu_model, fold_batchnorm, get_target, register_target, target_ids
 from hant.latency.model import entry_costs, load_table, predict_ms, table_id, table_path
 from hant.latency.protocol import Protocol, Stats, measure, measure_modules
-from hant.latency.table import build_network, measure_table, validate_table
+from hant.latency.table import build_network, covers_pools, measure_table, validate_table
 
 __all__ = [
+    "covers_pools",
     "Target",
     "Protocol",
     "Stats",

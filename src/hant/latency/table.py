@@ -64,9 +64,18 @@ from hant.latency.protocol import Protocol, Stats, measure
 from hant.onnx_io import OnnxExportError
 from hant.workspace import fault_point, read_json, run_lock, write_json
 
-__all__ = ["build_network", "measure_table", "validate_table"]
+__all__ = ["build_network", "measure_table", "validate_table", "covers_pools"]
 
 TABLE_VERSION = 1
+
+
+def covers_pools(table: dict[str, Any], pools: dict[str, list[str]]) -> bool:
+    """Whether `table` is complete and has an entry (or a recorded failure) for every
+    candidate of `pools` ({layer: specs}, a run's `Run.pools`): a table measured before the
+    space grew, or copied from another run, has holes that `measure_table` fills."""
+    have = {(e["layer"], e["spec"]) for e in table.get("entries", []) + table.get("failed", [])}
+    return bool(table.get("complete")) and all((layer, spec) in have
+                                               for layer, specs in pools.items() for spec in specs)
 _NULL = "__identity__"
 
 
