@@ -30,9 +30,9 @@ Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
 feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
 weights; the same as `today` when `new` has no feature loss, so then left out). The
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
-weight (ce=W), the peak LR (lr=X), the feature loss at the plan's layers (fl=cosine;
-each of these with its own control) or the images per re-distilled layer (rd=N)
-changed. `today` and
+weight (ce=W), the peak LR (lr=X), the feature loss at the plan's layers (fl=cosine),
+fine-tuning augmentation (aug=0|1), batch (bs=N) or KD temperature (t=X) (each of these
+with its own control), or the images per re-distilled layer (rd=N) changed. `today` and
 `new` (with the sweep at its epochs) run every epoch count first, then the ablations.
 
 Control: the teacher fine-tuned with the same loss for the same epochs (`finetune_module` on
@@ -104,6 +104,9 @@ class Recipe:
     ce_weight: float | None = None  # label-loss weight; None: --ce-weight or the run's
     lr: float | None = None  # peak fine-tuning LR; None: the run's
     redistill_images: int | None = None  # images per re-distilled layer; None: --redistill-images or the run's
+    augment: bool | None = None  # random crop and flip while fine-tuning; None: the run's
+    batch_size: int | None = None  # fine-tuning batch; None: the run's
+    temperature: float | None = None  # KD temperature; None: the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
@@ -111,15 +114,21 @@ class Recipe:
                 + (f" + {self.feature_loss} feature loss" if self.feature_loss != "none" else "")
                 + (f", label-loss weight {self.ce_weight:g}" if self.ce_weight is not None else "")
                 + (f", LR {self.lr:g}" if self.lr is not None else "")
+                + ("" if self.augment is None else ", augmented" if self.augment else ", not augmented")
+                + (f", batch {self.batch_size}" if self.batch_size is not None else "")
+                + (f", temperature {self.temperature:g}" if self.temperature is not None else "")
                 + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
 
 
 def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     """`new` with one setting changed per entry of `sweep`: "ce=0" (label-loss weight),
     "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer), "fl=cosine"
-    (feature loss at the plan's layers, at the feature weight)."""
+    (feature loss at the plan's layers, at the feature weight), "aug=0" (fine-tuning
+    augmentation off, 1 on), "bs=64" (fine-tuning batch), "t=4" (KD temperature)."""
     out = []
-    fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images"}
+    fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images", "aug": "augment", "bs": "batch_size",
+              "t": "temperature"}
+    whole = {"rd", "bs"}  # counts: whole numbers, at least 1
     for item in sweep:
         key, _, value = item.partition("=")
         if key == "fl":
@@ -132,10 +141,12 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
             v = float(value)
         except ValueError:
             v = None
-        if key not in fields or v is None or (key == "rd" and (v != int(v) or v < 1)):
-            raise ValueError(f"--sweep entries are ce=W, lr=X, rd=N (images) or fl=nmse|cosine, got {item!r}")
-        out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True,
-                                       **{fields[key]: int(v) if key == "rd" else v}))
+        if (key not in fields or v is None or (key in whole and (v != int(v) or v < 1))
+                or (key == "aug" and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
+            raise ValueError("--sweep entries are ce=W, lr=X, rd=N (images), fl=nmse|cosine, aug=0|1, bs=N "
+                             f"or t=X, got {item!r}")
+        value = int(v) if key in whole else bool(v) if key == "aug" else v
+        out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True, **{fields[key]: value}))
     return out
 
 
@@ -224,8 +235,15 @@ class Recovery:
         loss = {"feature_loss": recipe.feature_loss, "ce_weight": float(ce)}
         if recipe.feature_loss != "none":
             loss["feature_weight"] = float(a.feature_weight if a.feature_weight is not None else ft.feature_weight)
+        # Each of these overrides the run's value in the settings (finetune_settings).
         if recipe.lr is not None:
-            loss["lr"] = float(recipe.lr)  # overrides the run's LR in the settings (finetune_settings)
+            loss["lr"] = float(recipe.lr)
+        if recipe.augment is not None:
+            loss["augment"] = bool(recipe.augment)
+        if recipe.batch_size is not None:
+            loss["batch_size"] = int(recipe.batch_size)
+        if recipe.temperature is not None:
+            loss["temperature"] = float(recipe.temperature)
         return loss
 
     @staticmethod
@@ -235,11 +253,18 @@ class Recovery:
             label += f"+{loss['feature_loss']}{loss['feature_weight']:g}"
         if "lr" in loss:
             label += f"-lr{loss['lr']:g}"
+        if "augment" in loss:
+            label += "-aug" if loss["augment"] else "-noaug"
+        if "batch_size" in loss:
+            label += f"-bs{loss['batch_size']}"
+        if "temperature" in loss:
+            label += f"-T{loss['temperature']:g}"
         return label
 
     def cfg_with(self, loss: dict[str, Any]):
         ft = dataclasses.replace(self.cfg.finetune, feature_loss=loss["feature_loss"], ce_weight=loss["ce_weight"],
-                                 **{k: loss[k] for k in ("feature_weight", "lr") if k in loss})
+                                 **{k: loss[k] for k in ("feature_weight", "lr", "augment", "batch_size", "temperature")
+                                    if k in loss})
         return dataclasses.replace(self.cfg, finetune=ft)
 
     # --- the cache of units ----------------------------------------------------------------
@@ -676,13 +701,15 @@ class Recovery:
                            and any(self.runs_at(r, s, e) for s in a.speedups)]
                 if not recipes:
                     continue
-                if e > 0:
-                    for label in dict.fromkeys(self.loss_label(self.loss_of(r)) for r in recipes):
-                        self.control_unit(losses[label], e)
+                # The students before their controls: a run that stops early has the points,
+                # measured against the teacher until their controls are done.
                 for s in sorted(a.speedups):
                     for r in recipes:
                         if self.runs_at(r, s, e):
                             self.point(r, s, e)
+                if e > 0:
+                    for label in dict.fromkeys(self.loss_label(self.loss_of(r)) for r in recipes):
+                        self.control_unit(losses[label], e)
         self.write_outputs()
 
     def runs_at(self, r: Recipe, s: float, e: float) -> bool:
@@ -1002,7 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192", "fl=cosine"],
                    help="variants of `new` with one setting changed: ce=W (label-loss weight), lr=X (fine-tuning "
-                        "LR), rd=N (images per re-distilled layer) or fl=nmse|cosine (feature loss) (default "
+                        "LR), rd=N (images per re-distilled layer), fl=nmse|cosine (feature loss), aug=0|1 "
+                        "(fine-tuning augmentation), bs=N (fine-tuning batch) or t=X (KD temperature) (default "
                         "ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192,fl=cosine; '' for none)")
     p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25], help="epochs of the sweep (0,0.25)")
     p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
