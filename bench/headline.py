@@ -271,6 +271,10 @@ class Bench:
                          "random_draws": args.random_draws}
         # How hant's students are made; part of their names (`recipe_tag`) and checked in their units.
         self.recipe = {"check_rounds": int(args.check_rounds), "redistill": bool(args.redistill)}
+        if self.recipe["check_rounds"] > 0:
+            from hant.select import OVERSHOOT
+
+            self.recipe["overshoot"] = OVERSHOOT  # when a plan faster than asked is loosened
         self.tag = recipe_tag(self.recipe)
         # Final plan budgets, {batch: {speedup: budget_ms}}, for the caps of larger speedups.
         self.budgets: dict[int, dict[float, float]] = {}

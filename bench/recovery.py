@@ -411,7 +411,7 @@ class Recovery:
     def select_unit(self, s: float, cap: float | None) -> dict:
         """The hardware-checked selection of speedup s with K plans; the best is the K = 1 plan."""
         from hant.measure import time_plan
-        from hant.select import select_measured
+        from hant.select import OVERSHOOT, select_measured
         from hant.workspace import sha256_file
 
         a = self.args
@@ -419,7 +419,8 @@ class Recovery:
         settings = {**self.base_settings(), "speedup": s, "table": self.table_id,
                     "table_sha256": sha256_file(self.rd.latency_table(self.table_id)),
                     "scores_sha256": sha256_file(self.rd.scores), "candidates": a.candidates,
-                    "min_diff": a.min_diff, "check_rounds": a.check_rounds, "budget_cap_ms": cap}
+                    "min_diff": a.min_diff, "check_rounds": a.check_rounds, "budget_cap_ms": cap,
+                    "overshoot": OVERSHOOT}
 
         def make():
             def timer(r, n):

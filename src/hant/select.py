@@ -1116,9 +1116,11 @@ def _with_intervals(timed: dict) -> dict[str, float]:
 
 SPEEDUP_RULE = "met when the upper end of the speedup's interval reaches the goal"
 # A plan whose speedup's interval lies wholly above this multiple of the request gives up
-# accuracy for speed nobody asked for: its budget is loosened once (a plain CNN asked 2x
-# measured 2.81x [2.80, 2.83], bench/results/plain_cnn.json).
-OVERSHOOT = 1.10
+# accuracy for speed nobody asked for: its budget is loosened once, aiming at the request
+# plus the tolerance (a plain CNN asked 2x measured 2.81x [2.80, 2.83],
+# bench/results/plain_cnn.json; the demo run's batch-64 plan asked 3x measured 3.27x
+# [3.17, 3.35], which 1.10 let pass, at about 0.7 points of top-1 per 1x there).
+OVERSHOOT = 1.05
 
 
 def judge_speedup(timed: dict, speedup: float, tolerance: float = 0.02) -> dict[str, Any]:
@@ -1162,8 +1164,9 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
     budget and every tightened one (a larger speedup must never get a looser budget than a
     smaller one; see `hant.pipeline.accelerate`). A plan that is faster than asked beyond its
     interval (the interval's lower end above `OVERSHOOT` times `speedup`) gives up accuracy
-    for nothing: its budget is loosened once by the same rule, and the looser plan is kept
-    only if it still meets the request (else the plan before is restored).
+    for nothing: its budget is loosened once by the same rule, aimed at `speedup * (1 +
+    tolerance)`, and the looser plan is kept only if it still meets the request (else the
+    plan before is restored).
 
     `timer(run, name)` times the plan file RUN/plans/<name>.json against the teacher and
     returns {"teacher_ms", "student_ms"} and, optionally, their intervals and the speedup's
@@ -1217,8 +1220,10 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
             break
         if decision != "short" and len(checks) <= rounds and m["speedup_ci_lo"] > speedup * OVERSHOOT:
             # Faster than asked beyond the interval: accuracy given up for nothing. Loosen once,
-            # by the same rule that tightens, and keep the looser plan only if it still meets.
-            budget = (m["teacher_ms"] / speedup) * (plan["predicted_ms"] / m["student_ms"])
+            # by the rule that tightens but aiming the tolerance above the request (so that
+            # the looser plan's own noise leaves it at the request), and keep the looser plan
+            # only if it still meets.
+            budget = (m["teacher_ms"] / (speedup * (1.0 + tolerance))) * (plan["predicted_ms"] / m["student_ms"])
             if max_budget_ms is not None:
                 budget = min(budget, max_budget_ms)
             if budget > plan["budget_ms"] * 1.01:
