@@ -31,7 +31,8 @@ feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase
 weights; the same as `today` when `new` has no feature loss, so then left out). The
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
 weight (ce=W), the peak LR (lr=X), the feature loss at the plan's layers (fl=cosine),
-fine-tuning augmentation (aug=0|1), batch (bs=N) or KD temperature (t=X) (each of these
+fine-tuning augmentation (aug=0|1), batch (bs=N), KD temperature (t=X) or seed (seed=N,
+the spread of one recipe) (each of these
 with its own control), or the images per re-distilled layer (rd=N) changed. `today` and
 `new` (with the sweep at its epochs) run every epoch count first, then the ablations.
 
@@ -107,6 +108,7 @@ class Recipe:
     augment: bool | None = None  # random crop and flip while fine-tuning; None: the run's
     batch_size: int | None = None  # fine-tuning batch; None: the run's
     temperature: float | None = None  # KD temperature; None: the run's
+    seed: int | None = None  # seed of fine-tuning's data order and augmentation; None: the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
@@ -117,6 +119,7 @@ class Recipe:
                 + ("" if self.augment is None else ", augmented" if self.augment else ", not augmented")
                 + (f", batch {self.batch_size}" if self.batch_size is not None else "")
                 + (f", temperature {self.temperature:g}" if self.temperature is not None else "")
+                + (f", fine-tuning seed {self.seed}" if self.seed is not None else "")
                 + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
 
 
@@ -124,11 +127,12 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     """`new` with one setting changed per entry of `sweep`: "ce=0" (label-loss weight),
     "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer), "fl=cosine"
     (feature loss at the plan's layers, at the feature weight), "aug=0" (fine-tuning
-    augmentation off, 1 on), "bs=64" (fine-tuning batch), "t=4" (KD temperature)."""
+    augmentation off, 1 on), "bs=64" (fine-tuning batch), "t=4" (KD temperature), "seed=1"
+    (fine-tuning's data order and augmentation: the spread of one recipe)."""
     out = []
     fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images", "aug": "augment", "bs": "batch_size",
-              "t": "temperature"}
-    whole = {"rd", "bs"}  # counts: whole numbers, at least 1
+              "t": "temperature", "seed": "seed"}
+    whole = {"rd", "bs", "seed"}  # whole numbers, at least 1
     for item in sweep:
         key, _, value = item.partition("=")
         if key == "fl":
@@ -143,8 +147,8 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
             v = None
         if (key not in fields or v is None or (key in whole and (v != int(v) or v < 1))
                 or (key == "aug" and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
-            raise ValueError("--sweep entries are ce=W, lr=X, rd=N (images), fl=nmse|cosine, aug=0|1, bs=N "
-                             f"or t=X, got {item!r}")
+            raise ValueError("--sweep entries are ce=W, lr=X, rd=N (images), fl=nmse|cosine, aug=0|1, bs=N, "
+                             f"t=X or seed=N, got {item!r}")
         value = int(v) if key in whole else bool(v) if key == "aug" else v
         out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True, **{fields[key]: value}))
     return out
@@ -244,6 +248,8 @@ class Recovery:
             loss["batch_size"] = int(recipe.batch_size)
         if recipe.temperature is not None:
             loss["temperature"] = float(recipe.temperature)
+        if recipe.seed is not None:
+            loss["seed"] = int(recipe.seed)
         return loss
 
     @staticmethod
@@ -259,13 +265,15 @@ class Recovery:
             label += f"-bs{loss['batch_size']}"
         if "temperature" in loss:
             label += f"-T{loss['temperature']:g}"
+        if "seed" in loss:
+            label += f"-seed{loss['seed']}"
         return label
 
     def cfg_with(self, loss: dict[str, Any]):
         ft = dataclasses.replace(self.cfg.finetune, feature_loss=loss["feature_loss"], ce_weight=loss["ce_weight"],
                                  **{k: loss[k] for k in ("feature_weight", "lr", "augment", "batch_size", "temperature")
                                     if k in loss})
-        return dataclasses.replace(self.cfg, finetune=ft)
+        return dataclasses.replace(self.cfg, finetune=ft, seed=loss.get("seed", self.cfg.seed))
 
     # --- the cache of units ----------------------------------------------------------------
 
@@ -1031,7 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["ce=0", "ce=1", "lr=5e-4", "lr=2e-3", "rd=8192", "fl=cosine"],
                    help="variants of `new` with one setting changed: ce=W (label-loss weight), lr=X (fine-tuning "
                         "LR), rd=N (images per re-distilled layer), fl=nmse|cosine (feature loss), aug=0|1 "
-                        "(fine-tuning augmentation), bs=N (fine-tuning batch) or t=X (KD temperature) (default "
+                        "(fine-tuning augmentation), bs=N (fine-tuning batch), t=X (KD temperature) or seed=N "
+                        "(fine-tuning's data order and augmentation) (default "
                         "ce=0,ce=1,lr=5e-4,lr=2e-3,rd=8192,fl=cosine; '' for none)")
     p.add_argument("--sweep-epochs", type=_floats, default=[0.0, 0.25], help="epochs of the sweep (0,0.25)")
     p.add_argument("--sweep-speedups", type=_floats, default=[3.0], help="speedups of the sweep (3)")
