@@ -242,8 +242,8 @@ class Recovery:
         # Each of these overrides the run's value in the settings (finetune_settings).
         if recipe.lr is not None:
             loss["lr"] = float(recipe.lr)
-        if recipe.augment is not None:
-            loss["augment"] = bool(recipe.augment)
+        if recipe.augment is not None or a.augment is not None:
+            loss["augment"] = bool(recipe.augment if recipe.augment is not None else a.augment == "on")
         if recipe.batch_size is not None:
             loss["batch_size"] = int(recipe.batch_size)
         if recipe.temperature is not None:
@@ -706,7 +706,7 @@ class Recovery:
         # that stops early has every recipe of the pass at the smaller budgets.
         for ablation in (False, True):
             for e in sorted(a.epochs):
-                recipes = [r for r in self.recipes if r.ablation == ablation
+                recipes = [r for r in self.recipes if r.ablation == ablation and (not a.only or r.name in a.only)
                            and any(self.runs_at(r, s, e) for s in a.speedups)]
                 if not recipes:
                     continue
@@ -1051,6 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
                         "when this is set")
     p.add_argument("--feature-weight", type=float, help="feature-loss weight (default: the run's finetune.feature_weight)")
     p.add_argument("--ce-weight", type=float, help="label-loss weight, every recipe (default: the run's finetune.ce_weight)")
+    p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=[],
+                   help="recipes to run (with their controls), e.g. new,seed1; the others' cached points are "
+                        "shown, none is made (default: every recipe)")
+    p.add_argument("--augment", choices=["on", "off"],
+                   help="fine-tuning augmentation (random crop and flip), every recipe (default: the run's "
+                        "finetune.augment)")
     p.add_argument("--candidates", type=int, default=4, help="K plans selected per speedup for the pick (default 4)")
     p.add_argument("--min-diff", type=float, default=0.2, help="share of layers in which the K plans differ (0.2)")
     p.add_argument("--check-rounds", type=int, default=3, help="hardware re-selection rounds of select_measured (3)")
@@ -1076,6 +1082,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in args.ablations if x not in ABLATIONS]
     if bad:
         p.error(f"unknown ablation {bad[0]}; choose from {', '.join(ABLATIONS)}")
+    names = [r.name for r in make_recipes(args.feature_loss, args.ablations)
+             + sweep_recipes(Recipe("new", "k1", True, args.feature_loss), args.sweep)]
+    bad = [x for x in args.only if x not in names]
+    if bad:
+        p.error(f"--only names recipe {bad[0]}, which this command does not have; it has {', '.join(names)}")
     if any(e < 0 for e in args.epochs) or not args.speedups or any(s <= 1 for s in args.speedups):
         p.error("--epochs must be >= 0 and --speedups > 1")
     args.epochs = sorted(set(args.epochs))
