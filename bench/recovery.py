@@ -23,12 +23,13 @@ runs/demo: EfficientNet-B0 on Fashion-MNIST at 64x64), for target onnxruntime-cp
    against the teacher, interleaved, with the run's latency protocol
    (`hant.latency.compare.time_against_teacher`): measured speedup with its interval.
 
-Recipes: `today` = the K = 1 plan, phase-1 weights, logits KD + label CE (no feature loss);
+Recipes: `today` = the K = 1 plan, phase-1 weights, logits KD + label CE (no feature loss),
+with augmentation;
 `new` = the K = 1 plan, re-distilled weights, KD + CE (+ `--feature-loss`, default none).
 Ablations of `new`, one change each (`--ablations`), run at epoch counts up to
 `--ablation-epochs` (0.5): `pick` (the picked of K plans), `feature` (with the nmse
 feature loss at the plan's layers), `pick-feature` (both), `no-redistill` (phase-1
-weights; the same as `today` when `new` has no feature loss, so then left out). The
+weights, `new`'s augmentation; left out when that makes it `today`). The
 sweep (`--sweep`, at `--sweep-epochs` and `--sweep-speedups`): `new` with the label-loss
 weight (ce=W), the peak LR (lr=X), the feature loss at the plan's layers (fl=cosine),
 fine-tuning augmentation (aug=0|1), batch (bs=N), KD temperature (t=X) or seed (seed=N,
@@ -162,10 +163,12 @@ def make_recipes(feature_loss: str, ablations: list[str]) -> list[Recipe]:
                 "feature": Recipe("feature", "k1", True, other, True),
                 "pick-feature": Recipe("pick-feature", "picked", True, other, True),
                 "no-redistill": Recipe("no-redistill", "k1", False, feature_loss, True)}
-    recipes = [Recipe("today", "k1", False, "none"), Recipe("new", "k1", True, feature_loss)]
+    # `today` is the recipe before the recovery work, augmentation included, whatever the run says.
+    recipes = [Recipe("today", "k1", False, "none", augment=True), Recipe("new", "k1", True, feature_loss)]
     for a in ablations:
         r = variants[a]
-        if all((r.plan, r.redistill, r.feature_loss) != (q.plan, q.redistill, q.feature_loss) for q in recipes):
+        if all((r.plan, r.redistill, r.feature_loss, r.augment) != (q.plan, q.redistill, q.feature_loss, q.augment)
+               for q in recipes):
             recipes.append(r)
     return recipes
 
@@ -242,8 +245,9 @@ class Recovery:
         # Each of these overrides the run's value in the settings (finetune_settings).
         if recipe.lr is not None:
             loss["lr"] = float(recipe.lr)
-        if recipe.augment is not None or a.augment is not None:
-            loss["augment"] = bool(recipe.augment if recipe.augment is not None else a.augment == "on")
+        augment = recipe.augment if recipe.augment is not None else None if a.augment is None else a.augment == "on"
+        if augment is not None and augment != ft.augment:  # the run's own setting keeps the keys it had
+            loss["augment"] = augment
         if recipe.batch_size is not None:
             loss["batch_size"] = int(recipe.batch_size)
         if recipe.temperature is not None:

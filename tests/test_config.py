@@ -21,6 +21,13 @@ def test_unknown_key_is_named(tmp_path):
         RunConfig.load(tmp_path / "c.yaml")
 
 
+def test_fine_tuning_augmentation_is_true_false_or_auto(tmp_path):
+    assert RunConfig().finetune.augment == "auto"
+    atomic_write_text(tmp_path / "c.yaml", "finetune:\n  augment: sometimes\n")
+    with pytest.raises(HantError, match="finetune.augment must be true, false or auto"):
+        RunConfig.load(tmp_path / "c.yaml")
+
+
 def test_wrong_type_is_named(tmp_path):
     atomic_write_text(tmp_path / "c.yaml", "data:\n  input_size: big\n")
     with pytest.raises(HantError, match="data.input_size"):

@@ -567,3 +567,33 @@ def test_finetune_module_is_the_same_recipe_as_finetune(run, tmp_path):
     finetune_module(again, teacher, cfg, train, epochs=1.0, out_dir=tmp_path / "m", key="t", log=logs.append)
     assert any("resuming at step 5/5" in line for line in logs)
     assert all(torch.equal(b[k], v) for k, v in again.state_dict().items())
+
+
+def test_auto_augmentation_is_on_only_when_the_schedule_repeats_the_data(run, tmp_path):
+    # "auto" trains as false for up to AUTO_AUGMENT_PASSES passes over the train split and as
+    # true beyond: the same weights, step for step.
+    import dataclasses
+
+    from hant.config import AUTO_AUGMENT_PASSES, RunConfig
+    from hant.data import load_data
+    from hant.finetune import augments, finetune_module
+
+    assert not augments("auto", 110_000, 55_000) and augments("auto", 200 * 128, 1_200)
+    assert augments(True, 1, 100) and not augments(False, 10**6, 10)
+    cfg = RunConfig.load(RunDir(run).config)
+    train = load_data(cfg.data).train
+    teacher = _teacher(run)
+
+    def trained(augment, epochs: float) -> dict:
+        c = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, augment=augment))
+        model = _teacher(run)
+        finetune_module(model, teacher, c, train, epochs=epochs, out_dir=tmp_path / f"{augment}-{epochs:g}",
+                        key="t", log=lambda *_: None)
+        return model.state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    few, many = AUTO_AUGMENT_PASSES / 2, AUTO_AUGMENT_PASSES + 1
+    assert same(trained("auto", few), trained(False, few)) and not same(trained(True, few), trained(False, few))
+    assert same(trained("auto", many), trained(True, many))

@@ -379,7 +379,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
                          "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
                          "kd_weight": ft.kd_weight, "ce_weight": ft.ce_weight, "temperature": ft.temperature,
                          "feature_loss": ft.feature_loss, "feature_weight": ft.feature_weight,
-                         "final_loss": info.get("final_loss"), "history": info.get("history", []),
+                         "augment": loop.augment, "final_loss": info.get("final_loss"), "history": info.get("history", []),
                          "time_s": round(info["train_time_s"], 1)},
         })
         say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
@@ -420,6 +420,16 @@ class _Schedule:
     warmup: int
 
 
+def augments(setting: bool | str, images_seen: int, train_images: int) -> bool:
+    """finetune.augment resolved for a schedule that shows `images_seen` images of a train
+    split of `train_images`: "auto" is on past AUTO_AUGMENT_PASSES passes."""
+    from hant.config import AUTO_AUGMENT_PASSES
+
+    if setting == "auto":
+        return images_seen > AUTO_AUGMENT_PASSES * train_images
+    return bool(setting)
+
+
 def _schedule(train, ft, epochs: float, seed: int, dist_: Dist) -> _Schedule:
     if len(train) < 2:
         raise HantError("the train split has fewer than 2 images; use more data")
@@ -449,13 +459,21 @@ class _Loop:
     feature_layers: tuple[str, ...] = ()  # where the feature loss compares the two networks (the plan's layers)
 
     @property
+    def augment(self) -> bool:
+        """Whether batches are randomly cropped and flipped: finetune.augment, where "auto"
+        means only when the schedule passes over the train split more than
+        AUTO_AUGMENT_PASSES times."""
+        return augments(self.cfg.finetune.augment, self.sched.total * self.sched.batch * self.dist.world,
+                        len(self.train))
+
+    @property
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must have been made with to be resumed."""
         ft = self.cfg.finetune
         out = {**self.extra, "epochs": self.epochs, "total": self.sched.total, "batch": self.sched.batch,
                "world": self.dist.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
                "ce": ft.ce_weight, "T": ft.temperature, "seed": self.cfg.seed, "train": len(self.train),
-               "augment": ft.augment}
+               "augment": self.augment}
         if ft.feature_loss != "none":
             # Only when on: checkpoints of logits-only runs keep their key and still resume.
             out.update(feature_loss=ft.feature_loss, feature_weight=ft.feature_weight,
@@ -501,7 +519,7 @@ def _kd_step(net: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, loo
 
     ft, dev = loop.cfg.finetune, loop.dist.device
     torch.manual_seed(loop.seed(step))
-    if ft.augment:
+    if loop.augment:
         x = random_crop_flip(x, loop.pad, torch.Generator().manual_seed(loop.seed(step)), fill=loop.fill, flip=True)
     lr = warmup_then_cosine(step, loop.sched.total, loop.sched.warmup, ft.lr)
     for group in opt.param_groups:
