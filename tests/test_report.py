@@ -36,7 +36,21 @@ def test_report_from_artifacts(tmp_path):
     assert (tmp_path / "architecture.png").stat().st_size > 1000
     rows = results_rows(collect(tmp_path))
     assert [r["name"] for r in rows] == ["teacher", "p2", "p2"]
-    assert rows[2]["speedup"] == pytest.approx(4.0)
+    assert rows[2]["speedup"] == pytest.approx(4.0)  # no speedup of its own: over the measured teacher
+
+
+def test_int8_speedup_is_its_own_timing_runs_ratio(tmp_path):
+    # Export times the INT8 model against the teacher in its own run; when the machine was
+    # slower then (teacher 3.0 ms there, 2.0 ms at the fp32 measurement) the row must say
+    # that run's 2.0x, not 2.0 / 1.5 = 1.33x.
+    _fake_run(tmp_path)
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["int8"].update(latency_ms=1.5, teacher_latency_ms=3.0, speedup=2.0)
+    write_json(path, ev)
+    rows = results_rows(collect(tmp_path))
+    assert rows[2]["precision"] == "int8" and rows[2]["speedup"] == pytest.approx(2.0)
+    assert "timed against the teacher in its export's own interleaved run" in write_report(tmp_path).read_text()
 
 
 def test_report_needs_init(tmp_path):
