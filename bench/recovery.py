@@ -124,6 +124,11 @@ class Recipe:
                 + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
 
 
+# Recipe fields that override the fine-tuning loop's setting of the same name when set (the
+# seed is the run's), with the tag each adds to a loss label.
+LOOP_OVERRIDES = (("lr", "lr"), ("batch_size", "bs"), ("temperature", "T"), ("seed", "seed"))
+
+
 def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     """`new` with one setting changed per entry of `sweep`: "ce=0" (label-loss weight),
     "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer), "fl=cosine"
@@ -243,17 +248,10 @@ class Recovery:
         if recipe.feature_loss != "none":
             loss["feature_weight"] = float(a.feature_weight if a.feature_weight is not None else ft.feature_weight)
         # Each of these overrides the run's value in the settings (finetune_settings).
-        if recipe.lr is not None:
-            loss["lr"] = float(recipe.lr)
         augment = recipe.augment if recipe.augment is not None else None if a.augment is None else a.augment == "on"
         if augment is not None and augment != ft.augment:  # the run's own setting keeps the keys it had
             loss["augment"] = augment
-        if recipe.batch_size is not None:
-            loss["batch_size"] = int(recipe.batch_size)
-        if recipe.temperature is not None:
-            loss["temperature"] = float(recipe.temperature)
-        if recipe.seed is not None:
-            loss["seed"] = int(recipe.seed)
+        loss.update({key: getattr(recipe, key) for key, _ in LOOP_OVERRIDES if getattr(recipe, key) is not None})
         return loss
 
     @staticmethod
@@ -265,18 +263,12 @@ class Recovery:
             label += f"-lr{loss['lr']:g}"
         if "augment" in loss:
             label += "-aug" if loss["augment"] else "-noaug"
-        if "batch_size" in loss:
-            label += f"-bs{loss['batch_size']}"
-        if "temperature" in loss:
-            label += f"-T{loss['temperature']:g}"
-        if "seed" in loss:
-            label += f"-seed{loss['seed']}"
-        return label
+        return label + "".join(f"-{tag}{loss[key]:g}" for key, tag in LOOP_OVERRIDES if key != "lr" and key in loss)
 
     def cfg_with(self, loss: dict[str, Any]):
+        fields = ("feature_weight", "augment", *(key for key, _ in LOOP_OVERRIDES if key != "seed"))
         ft = dataclasses.replace(self.cfg.finetune, feature_loss=loss["feature_loss"], ce_weight=loss["ce_weight"],
-                                 **{k: loss[k] for k in ("feature_weight", "lr", "augment", "batch_size", "temperature")
-                                    if k in loss})
+                                 **{k: loss[k] for k in fields if k in loss})
         return dataclasses.replace(self.cfg, finetune=ft, seed=loss.get("seed", self.cfg.seed))
 
     # --- the cache of units ----------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path):
     assert {"teacher", "teacher-ft", "teacher-int8", "hant-hw-b64-x1.5", "hant-int8-hw-b64-x1.5",
             "random-hw-b64-x1.5"} <= set(rows)
     hant = rows["hant-hw-b64-x1.5"]
-    assert hant["plan"] == "headline-hw-b64-x1.5" and hant["recipe"] == {"check_rounds": 3, "redistill": True, "overshoot": OVERSHOOT}
+    assert hant["plan"] == "headline-hw-b64-x1.5"
+    assert hant["recipe"] == {"check_rounds": 3, "redistill": True, "overshoot": OVERSHOOT}
     # The hardware check: at least one timing against the teacher, at most one more per round
     # (--check-rounds 3); its speedup is a measured ratio with an interval around it.
     hc = hant["hardware_check"]

@@ -16,6 +16,7 @@ a run killed and resumed ends with the same weights as one that was not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hant.config import AUTO_AUGMENT_PASSES
 from hant.dist import Dist, process_group
 from hant.errors import HantError
 from hant.schedule import warmup_then_cosine
@@ -379,7 +381,8 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
                          "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
                          "kd_weight": ft.kd_weight, "ce_weight": ft.ce_weight, "temperature": ft.temperature,
                          "feature_loss": ft.feature_loss, "feature_weight": ft.feature_weight,
-                         "augment": loop.augment, "final_loss": info.get("final_loss"), "history": info.get("history", []),
+                         "augment": loop.augment, "final_loss": info.get("final_loss"),
+                         "history": info.get("history", []),
                          "time_s": round(info["train_time_s"], 1)},
         })
         say(f"fine-tune {plan}: test top-1 teacher {info['teacher_top1']:.2f}%, student "
@@ -423,8 +426,6 @@ class _Schedule:
 def augments(setting: bool | str, images_seen: int, train_images: int) -> bool:
     """finetune.augment resolved for a schedule that shows `images_seen` images of a train
     split of `train_images`: "auto" is on past AUTO_AUGMENT_PASSES passes."""
-    from hant.config import AUTO_AUGMENT_PASSES
-
     if setting == "auto":
         return images_seen > AUTO_AUGMENT_PASSES * train_images
     return bool(setting)
@@ -458,11 +459,11 @@ class _Loop:
     say: Callable[[str], None]
     feature_layers: tuple[str, ...] = ()  # where the feature loss compares the two networks (the plan's layers)
 
-    @property
+    @functools.cached_property
     def augment(self) -> bool:
         """Whether batches are randomly cropped and flipped: finetune.augment, where "auto"
         means only when the schedule passes over the train split more than
-        AUTO_AUGMENT_PASSES times."""
+        AUTO_AUGMENT_PASSES times (resolved once; every step reads it)."""
         return augments(self.cfg.finetune.augment, self.sched.total * self.sched.batch * self.dist.world,
                         len(self.train))
 
