@@ -110,6 +110,7 @@ class Recipe:
     batch_size: int | None = None  # fine-tuning batch; None: the run's
     temperature: float | None = None  # KD temperature; None: the run's
     seed: int | None = None  # seed of fine-tuning's data order and augmentation; None: the run's
+    head_fit: bool | None = None  # output layer fitted to the teacher's logits first; None: the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
@@ -121,12 +122,15 @@ class Recipe:
                 + (f", batch {self.batch_size}" if self.batch_size is not None else "")
                 + (f", temperature {self.temperature:g}" if self.temperature is not None else "")
                 + (f", fine-tuning seed {self.seed}" if self.seed is not None else "")
+                + ("" if self.head_fit is None else ", output layer fitted first" if self.head_fit
+                   else ", output layer not fitted")
                 + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
 
 
 # Recipe fields that override the fine-tuning loop's setting of the same name when set (the
 # seed is the run's), with the tag each adds to a loss label.
-LOOP_OVERRIDES = (("lr", "lr"), ("batch_size", "bs"), ("temperature", "T"), ("seed", "seed"))
+LOOP_OVERRIDES = (("lr", "lr"), ("batch_size", "bs"), ("temperature", "T"), ("seed", "seed"),
+                  ("head_fit", "head"))
 
 
 def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
@@ -134,10 +138,11 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     "lr=2e-3" (fine-tuning LR), "rd=8192" (images per re-distilled layer), "fl=cosine"
     (feature loss at the plan's layers, at the feature weight), "aug=0" (fine-tuning
     augmentation off, 1 on), "bs=64" (fine-tuning batch), "t=4" (KD temperature), "seed=1"
-    (fine-tuning's data order and augmentation: the spread of one recipe)."""
+    (fine-tuning's data order and augmentation: the spread of one recipe), "head=1" (output
+    layer fitted to the teacher's logits before the first step, 0 not)."""
     out = []
     fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images", "aug": "augment", "bs": "batch_size",
-              "t": "temperature", "seed": "seed"}
+              "t": "temperature", "seed": "seed", "head": "head_fit"}
     whole = {"rd", "bs", "seed"}  # whole numbers, at least 1
     for item in sweep:
         key, _, value = item.partition("=")
@@ -152,10 +157,10 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
         except ValueError:
             v = None
         if (key not in fields or v is None or (key in whole and (v != int(v) or v < 1))
-                or (key == "aug" and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
+                or (key in ("aug", "head") and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
             raise ValueError("--sweep entries are ce=W, lr=X, rd=N (images), fl=nmse|cosine, aug=0|1, bs=N, "
-                             f"t=X or seed=N, got {item!r}")
-        value = int(v) if key in whole else bool(v) if key == "aug" else v
+                             f"t=X, seed=N or head=0|1, got {item!r}")
+        value = int(v) if key in whole else bool(v) if key in ("aug", "head") else v
         out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True, **{fields[key]: value}))
     return out
 
@@ -237,7 +242,8 @@ class Recovery:
     def finetune_settings(self, loss: dict[str, Any]) -> dict[str, Any]:
         ft = self.cfg.finetune
         return {"lr": ft.lr, "weight_decay": ft.weight_decay, "batch_size": ft.batch_size, "kd_weight": ft.kd_weight,
-                "temperature": ft.temperature, "warmup": ft.warmup, "augment": ft.augment, **loss}
+                "temperature": ft.temperature, "warmup": ft.warmup, "augment": ft.augment,
+                **({"head_fit": True} if ft.head_fit else {}), **loss}  # only when on: older units keep their keys
 
     def loss_of(self, recipe: Recipe) -> dict[str, Any]:
         """The fine-tuning loss of a recipe: what its cfg.finetune overrides."""
@@ -609,7 +615,8 @@ class Recovery:
                 res = finetune_module(model, self.teacher, self.cfg_with(loss), self.splits.train, epochs=epochs,
                                       out_dir=work, key=unit, log=self.log)
                 out["loss"] = loss
-                out["finetune"] = {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s", "history")}
+                out["finetune"] = {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s", "history",
+                                                          "head_fit")}
                 out["finetune"]["train_images_seen"] = res["steps"] * res["batch_size"]
             out["top1"] = self.top1(model)
             out.update(self.time_student(model))
@@ -633,14 +640,20 @@ class Recovery:
         from hant.finetune import finetune_module
 
         label = self.loss_label(loss)
-        settings = {**self.base_settings(), "control": True, "epochs": epochs, "finetune": self.finetune_settings(loss),
+        # The teacher's own output layer gives its logits exactly (KL 0, which no refit lowers),
+        # so `hant.headfit` keeps it: a recipe's control with the head fit is the one without.
+        loss = {k: v for k, v in loss.items() if k != "head_fit"}
+        ft_settings = {k: v for k, v in self.finetune_settings(loss).items() if k != "head_fit"}
+        settings = {**self.base_settings(), "control": True, "epochs": epochs, "finetune": ft_settings,
                     "feature_layers": self.layer_names if loss["feature_loss"] != "none" else []}
-        unit = f"control-{label}-e{epochs:g}-{digest(settings, 12)}"
+        unit = f"control-{self.loss_label(loss)}-e{epochs:g}-{digest(settings, 12)}"
 
         def make():
             model = copy.deepcopy(self.teacher)
             layers = self.layer_names if loss["feature_loss"] != "none" else None
-            res = finetune_module(model, self.teacher, self.cfg_with(loss), self.splits.train, epochs=epochs,
+            cfg = self.cfg_with(loss)
+            cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=False))
+            res = finetune_module(model, self.teacher, cfg, self.splits.train, epochs=epochs,
                                   out_dir=self.work_dir / unit, key=unit, log=self.log, feature_layers=layers)
             top1 = self.top1(model)
             shutil.rmtree(self.work_dir / unit, ignore_errors=True)

@@ -597,3 +597,38 @@ def test_auto_augmentation_is_on_only_when_the_schedule_repeats_the_data(run, tm
     few, many = AUTO_AUGMENT_PASSES / 2, AUTO_AUGMENT_PASSES + 1
     assert same(trained("auto", few), trained(False, few)) and not same(trained(True, few), trained(False, few))
     assert same(trained("auto", many), trained(True, many))
+
+
+def test_head_fit_refits_the_output_layer_before_the_first_step_and_only_then(run, tmp_path):
+    import dataclasses
+
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.finetune import finetune_module
+
+    cfg = RunConfig.load(RunDir(run).config)
+    on = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=True))
+    train = load_data(cfg.data).train
+    teacher = _teacher(run)
+
+    def student():
+        model = _teacher(run)
+        head = model.get_classifier()
+        with torch.no_grad():  # a student whose logits are 4x the teacher's
+            head.weight.mul_(4.0)
+            head.bias.mul_(4.0)
+        return model
+
+    fitted, plain = student(), student()
+    res = finetune_module(fitted, teacher, on, train, epochs=1.0, out_dir=tmp_path / "on", key="t",
+                          log=lambda *_: None)
+    assert res["head_fit"]["applied"] and res["head_fit"]["kl_after"] < res["head_fit"]["kl_before"]
+    assert finetune_module(plain, teacher, cfg, train, epochs=1.0, out_dir=tmp_path / "off", key="t",
+                           log=lambda *_: None)["head_fit"] is None
+    assert res["final_loss"] is not None and not torch.equal(fitted.get_classifier().weight,
+                                                             plain.get_classifier().weight)
+    # A checkpoint made without the fit is not resumed with it (the first step began elsewhere).
+    logs = []
+    finetune_module(student(), teacher, on, train, epochs=1.0, out_dir=tmp_path / "off", key="t", log=logs.append)
+    assert not any("resuming" in line for line in logs) and any("fitted to the teacher's logits" in line
+                                                               for line in logs)

@@ -140,6 +140,10 @@ class FinetuneConfig:
     # On the demo run's batch-64 3x student, 2 epochs (2 passes) without it reached 92.27% and
     # 92.28% (two seeds) against 91.83% with it (bench/results/recovery_4cycle.json).
     augment: bool | str = "auto"
+    # Before the first step, refit the output layer to the teacher's logits (ridge regression
+    # on the `bn_batches` train batches; `hant.headfit`), kept only when it lowers the KL on
+    # the batches it was not fitted on.
+    head_fit: bool = False
     checkpoint_minutes: float = 5.0  # also checkpoint within an epoch this often
     # `hant pick`: train images of the short distillation each candidate plan gets before the
     # best on held-out images goes on to fine-tuning (16 steps of 128). `accelerate` does not

@@ -381,7 +381,8 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
                          "processes": dist_.world, "lr": ft.lr, "train_images": len(train),
                          "kd_weight": ft.kd_weight, "ce_weight": ft.ce_weight, "temperature": ft.temperature,
                          "feature_loss": ft.feature_loss, "feature_weight": ft.feature_weight,
-                         "augment": loop.augment, "final_loss": info.get("final_loss"),
+                         "augment": loop.augment, "head_fit": info.get("head_fit"),
+                         "final_loss": info.get("final_loss"),
                          "history": info.get("history", []),
                          "time_s": round(info["train_time_s"], 1)},
         })
@@ -475,6 +476,8 @@ class _Loop:
                "world": self.dist.world, "lr": ft.lr, "wd": ft.weight_decay, "kd": ft.kd_weight,
                "ce": ft.ce_weight, "T": ft.temperature, "seed": self.cfg.seed, "train": len(self.train),
                "augment": self.augment}
+        if ft.head_fit:
+            out["head_fit"] = True  # only when on, like the feature loss below
         if ft.feature_loss != "none":
             # Only when on: checkpoints of logits-only runs keep their key and still resume.
             out.update(feature_loss=ft.feature_loss, feature_weight=ft.feature_weight,
@@ -562,6 +565,8 @@ def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume
                         "give feature_layers, or set finetune.feature_loss: none")
     opt = torch.optim.AdamW(_param_groups(model, ft.weight_decay), lr=ft.lr)
     step = _restore(model, opt, resume, loop)
+    if ft.head_fit and resume is None:
+        _fit_head(model, teacher, loop, info)
     t_start = time.perf_counter() - float(info.get("train_time_s", 0.0))
     net: nn.Module = model
     if dist_.world > 1:
@@ -612,6 +617,28 @@ def _train_kd(model: nn.Module, teacher: nn.Module, loop: _Loop, resume: _Resume
     return opt, step
 
 
+def _fit_head(model: nn.Module, teacher: nn.Module, loop: _Loop, info: dict[str, Any]) -> None:
+    """Before the first step: `hant.headfit.fit_output_layer` on the batches BatchNorm
+    statistics are re-estimated on (`hant.student.bn_loader`, the same on every rank); the
+    outcome goes to info["head_fit"]."""
+    from hant.headfit import fit_output_layer
+    from hant.student import bn_loader
+
+    cfg = loop.cfg
+    res = fit_output_layer(model, teacher, bn_loader(cfg, loop.train), max(1, cfg.finetune.bn_batches),
+                           loop.dist.device)
+    info["head_fit"] = res
+    if res["applied"]:
+        loop.say(f"fine-tune {loop.name}: output layer {res['layer']} fitted to the teacher's logits on "
+                 f"{res['images']} train images; KL on the quarter held back {res['kl_before']:.4f} -> "
+                 f"{res['kl_after']:.4f}")
+    elif "reason" in res:
+        loop.say(f"fine-tune {loop.name}: output layer not fitted: {res['reason']}")
+    else:
+        loop.say(f"fine-tune {loop.name}: output layer kept; a fit would raise the KL on the quarter held back "
+                 f"{res['kl_before']:.4f} -> {res['kl_after']:.4f}")
+
+
 def _record(info: dict[str, Any], step: int, sched: _Schedule, parts: Sequence[float], feature: bool) -> None:
     """Add step `step`'s losses (this rank's batch) to `info`; at the end of an epoch (or of
     the run) append its means to info["history"] as {"epoch", "steps", "loss", "logits_loss",
@@ -654,7 +681,8 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     teacher is not changed. With `cfg.finetune.feature_loss` set, the feature loss compares
     the two networks at `feature_layers` (submodule names both have, with outputs of equal
     shape; default: `model.hant_arch["layers"]`, a hant student's). Returns {"steps",
-    "epochs", "batch_size", "train_images", "final_loss", "time_s", "history"}. Raises
+    "epochs", "batch_size", "train_images", "final_loss", "time_s", "history", "head_fit"}
+    (`hant.headfit.fit_output_layer`'s outcome with `finetune.head_fit`, else None). Raises
     HantError for epochs <= 0, fewer than 2 train images, or a feature loss without layers.
     """
     import copy
@@ -688,7 +716,7 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
             _finish_checkpoint(loop, model, opt, step, info)
     return {"steps": sched.total, "epochs": epochs, "batch_size": sched.batch, "train_images": len(train),
             "final_loss": info.get("final_loss"), "time_s": round(float(info.get("train_time_s", 0.0)), 1),
-            "history": info.get("history", [])}
+            "history": info.get("history", []), "head_fit": info.get("head_fit")}
 
 
 # Retrieval compares every test image with every other: beyond this many it costs more than

@@ -215,7 +215,8 @@ def _settings(the_run: Run, images: int) -> dict[str, Any]:
             "temperature": ft.temperature, "warmup": ft.warmup, "augment": ft.augment,
             "feature_loss": ft.feature_loss, "feature_weight": ft.feature_weight, "bn_batches": ft.bn_batches,
             "data": {"spec": data.spec, "input_size": data.input_size, "heldout": data.heldout, "seed": data.seed},
-            "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256")}
+            "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256"),
+            **({"head_fit": True} if ft.head_fit else {})}  # only when on: earlier rankings keep their keys
 
 
 def _entry_key(settings: Mapping[str, Any], layers: Mapping[str, str], index: Mapping) -> str:
