@@ -173,8 +173,9 @@ def make_recipes(feature_loss: str, ablations: list[str]) -> list[Recipe]:
                 "feature": Recipe("feature", "k1", True, other, True),
                 "pick-feature": Recipe("pick-feature", "picked", True, other, True),
                 "no-redistill": Recipe("no-redistill", "k1", False, feature_loss, True)}
-    # `today` is the recipe before the recovery work, augmentation included, whatever the run says.
-    recipes = [Recipe("today", "k1", False, "none", augment=True), Recipe("new", "k1", True, feature_loss)]
+    # `today` is the recipe before the recovery work, augmentation included and no head fit,
+    # whatever the run says.
+    recipes = [Recipe("today", "k1", False, "none", augment=True, head_fit=False), Recipe("new", "k1", True, feature_loss)]
     for a in ablations:
         r = variants[a]
         if all((r.plan, r.redistill, r.feature_loss, r.augment) != (q.plan, q.redistill, q.feature_loss, q.augment)
@@ -241,9 +242,12 @@ class Recovery:
 
     def finetune_settings(self, loss: dict[str, Any]) -> dict[str, Any]:
         ft = self.cfg.finetune
-        return {"lr": ft.lr, "weight_decay": ft.weight_decay, "batch_size": ft.batch_size, "kd_weight": ft.kd_weight,
-                "temperature": ft.temperature, "warmup": ft.warmup, "augment": ft.augment,
-                **({"head_fit": True} if ft.head_fit else {}), **loss}  # only when on: older units keep their keys
+        out = {"lr": ft.lr, "weight_decay": ft.weight_decay, "batch_size": ft.batch_size, "kd_weight": ft.kd_weight,
+               "temperature": ft.temperature, "warmup": ft.warmup, "augment": ft.augment, "head_fit": ft.head_fit,
+               **loss}
+        if not out["head_fit"]:
+            del out["head_fit"]  # only when on: units made before the head fit keep their keys
+        return out
 
     def loss_of(self, recipe: Recipe) -> dict[str, Any]:
         """The fine-tuning loss of a recipe: what its cfg.finetune overrides."""

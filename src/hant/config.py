@@ -142,8 +142,10 @@ class FinetuneConfig:
     augment: bool | str = "auto"
     # Before the first step, refit the output layer to the teacher's logits (ridge regression
     # on the `bn_batches` train batches; `hant.headfit`), kept only when it lowers the KL on
-    # the batches it was not fitted on.
-    head_fit: bool = False
+    # the batches it was not fitted on. On the demo run's batch-64 3x student (2 epochs) it
+    # took KL 0.74 -> 0.17 before the first step and the student from 92.43% to 92.71%
+    # against a 93.13% control (bench/results/recovery.json).
+    head_fit: bool = True
     checkpoint_minutes: float = 5.0  # also checkpoint within an epoch this often
     # `hant pick`: train images of the short distillation each candidate plan gets before the
     # best on held-out images goes on to fine-tuning (16 steps of 128). `accelerate` does not
