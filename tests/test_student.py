@@ -608,6 +608,7 @@ def test_head_fit_refits_the_output_layer_before_the_first_step_and_only_then(ru
 
     cfg = RunConfig.load(RunDir(run).config)
     on = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=True))
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=False))
     train = load_data(cfg.data).train
     teacher = _teacher(run)
 

@@ -51,6 +51,7 @@ class DemoSetup:
     validate: int
     int8: bool
     score_images: int | None = None
+    redistill_images: int | None = None  # None: the config's default
     include: list[str] = field(default_factory=list)
 
     @property
@@ -75,7 +76,7 @@ def demo_setup(quick: bool, data: str | None = None) -> DemoSetup:
         stage = TeacherStage(32, TeacherRecipe(epochs=2.0, lr=3e-3, max_train_images=16000))
         return DemoSetup(model="timm:test_efficientnet", data=data or "fashion-mnist", teacher_stages=(stage,),
                          space="tiny", distill_images=4096, heldout=500, finetune_epochs=0.25, speedups=[2.0],
-                         batch_size=1, validate=3, int8=True)
+                         batch_size=1, validate=3, int8=True, redistill_images=2048)
     stages = (TeacherStage(32, TeacherRecipe(epochs=5, lr=3e-3)), TeacherStage(64, TeacherRecipe(epochs=3, lr=1e-3)),
               TeacherStage(64, TeacherRecipe(epochs=3, lr=1e-3, drop_rate=0.0, drop_path_rate=0.0)),
               TeacherStage(64, TeacherRecipe(epochs=4, lr=1e-3, drop_rate=0.0, drop_path_rate=0.0)),
@@ -151,6 +152,8 @@ def demo(run: str | Path | None = None, quick: bool = False, data: str | None = 
     cfg.data.heldout = setup.heldout
     cfg.space = setup.space
     cfg.distill.images = setup.distill_images
+    if setup.redistill_images is not None:
+        cfg.distill.redistill_images = setup.redistill_images
     cfg.finetune.epochs = setup.finetune_epochs
     # Each of the 457 candidates runs the rest of the network over the scored images; 1024
     # images (scored paired, on the same images for every candidate) keep this stage near
