@@ -207,6 +207,17 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator, fill
     return x.contiguous()
 
 
+def batch_inputs(batches, max_batches: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """The inputs of up to `max_batches` of `batches` ((x, y) pairs or tensors) on `device`,
+    images in channels_last (the fast layout for CPU convolutions)."""
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = x.to(device)
+        yield x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding (x, y) batches; a seeded order when `shuffle`.

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hant.data import batch_inputs
+
 __all__ = ["fit_output_layer", "HEAD_FIT_RIDGE"]
 
 # The ridge penalty, relative to the mean diagonal of the features' Gram matrix (the mean
@@ -93,13 +95,7 @@ def fit_output_layer(model: nn.Module, teacher: nn.Module, batches: Iterable, ma
     feats, logits, targets = [], [], []
     name = None
     try:
-        for i, batch in enumerate(batches):
-            if i >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x.to(device)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x in batch_inputs(batches, max_batches, device):
             layer, inp, out, why = _output_linear(model, x)
             if layer is None:
                 return {"applied": False, "reason": f"{type(model).__name__}: {why}"}

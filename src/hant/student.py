@@ -148,15 +148,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int,
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
+    from hant.data import batch_inputs
+
     used = 0
     try:
-        for batch in batches:
-            if used >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x.to(device)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x in batch_inputs(batches, max_batches, device):
             model(x)
             used += 1
     finally:
