@@ -311,3 +311,32 @@ def test_cli_pick_and_accelerate_candidates(run, monkeypatch, capsys):
     assert len(err) == 1 and "no plan 'nope'" in err[0]
     assert build_parser().parse_args(["accelerate", "--run", "r", "--candidates", "3"]).candidates == 3
     assert build_parser().parse_args(["accelerate", "--run", "r"]).candidates == 1
+
+
+def test_accelerate_makes_a_finished_student_again_only_when_its_settings_changed(tmp_path, monkeypatch):
+    from hant import finetune, pipeline, redistill
+    from hant.pipeline import AccelerateOptions, accelerate_run, plan_name
+    from test_select import _fake_run, _timer as exact_timer
+
+    run, _ = _fake_run(tmp_path)
+    events = []
+    _stub_stages(monkeypatch, events)
+    monkeypatch.setattr("hant.measure.time_plan", lambda r, n, log=None: exact_timer()(r, n))
+    monkeypatch.setattr(pipeline, "_student_intact", lambda r, n: True)
+    monkeypatch.setattr(pipeline, "_eval_complete", lambda r, n, int8: True)
+    name, opts = plan_name("t1", 1, 1.2), AccelerateOptions(target="t1", speedups=[1.2], int8=False)
+    state = {"current": True, "outdated": None}
+    monkeypatch.setattr(redistill, "is_current", lambda r, n: state["current"])
+    monkeypatch.setattr(finetune, "outdated", lambda r, n, epochs=None: state["outdated"])
+    lines = []
+    accelerate_run(run, opts, log=lines.append)
+    assert events == [] and f"[hant] finetune {name}: complete, skipped" in lines
+    state["outdated"] = "lr"
+    lines.clear()
+    accelerate_run(run, opts, log=lines.append)
+    assert events == [("redistill", name), ("finetune", name)]
+    assert any("other settings (lr)" in ln and "making it again" in ln for ln in lines)
+    state.update(current=False, outdated=None)
+    events.clear()
+    accelerate_run(run, opts, log=lines.append)
+    assert events == [("redistill", name), ("finetune", name)]

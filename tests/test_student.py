@@ -328,6 +328,36 @@ def test_finetune_restarts_when_settings_change(run):
         finetune(run, plan, epochs=0)
 
 
+def test_outdated_tells_a_finished_student_from_what_the_run_would_train_now(run):
+    from hant.finetune import CKPT_FILE, CKPT_STATE, outdated
+
+    plan = _plan(run)
+    assert outdated(run, plan) is None  # no student yet
+    finetune(run, plan, epochs=1.0)
+    out = RunDir(run).student_dir(plan)
+    assert outdated(run, plan, epochs=1.0) is None
+    assert outdated(run, plan, epochs=0.5) == "epochs"
+    _set_finetune(run, lr=0.123, ce_weight=0.25)
+    assert outdated(run, plan, epochs=1.0) == "ce, lr"
+    made = read_json(out / "arch.json")["finetune"]
+    _set_finetune(run, lr=made["lr"], ce_weight=made["ce"])
+    assert outdated(run, plan, epochs=1.0) is None
+    # New starting weights (a re-distillation written since) make it outdated too.
+    index = RunDir(run).redistilled_dir(plan) / "index.json"
+    write_json(index, {"plan": plan, "complete": False})
+    assert outdated(run, plan, epochs=1.0) == "redistilled_index_sha256"
+    index.unlink()
+    # A student made before students recorded their recipe is compared through its checkpoint.
+    arch = read_json(out / "arch.json")
+    del arch["finetune"]
+    write_json(out / "arch.json", arch)
+    assert outdated(run, plan, epochs=1.0) is None and outdated(run, plan, epochs=0.5) == "fine-tuning settings"
+    # ... and without either, it counts as current: finished work is never thrown away on a guess.
+    (out / CKPT_STATE).unlink()
+    (out / CKPT_FILE).unlink()
+    assert outdated(run, plan, epochs=0.5) is None
+
+
 def _set_finetune(run, **settings):
     cfg = RunConfig.load(RunDir(run).config)
     for k, v in settings.items():
@@ -532,6 +562,12 @@ def test_finetune_under_torchrun_with_two_processes(run, kind):
     assert ev["finetune"]["processes"] == 2 and ev["finetune"]["steps"] == 5 and ev["finetune"]["batch_size"] == 16
     assert ev["finetune"]["feature_loss"] == kind
     assert (ev["finetune"]["history"][0]["feature_loss"] is None) == (kind == "none")
+    # Made with two processes, the student is current for a run in one: the recipe, not the split
+    # (the feature loss was passed in, not set in the run's config, and is told apart).
+    from hant.finetune import outdated
+
+    features = "feature_layers, feature_loss, feature_weight"
+    assert outdated(run, plan, epochs=1.0) == (None if kind == "none" else features)
     x = _x()
     with torch.no_grad():
         assert not torch.equal(load_student(RunDir(run).student_dir(plan))(x), assemble(run, plan)(x))

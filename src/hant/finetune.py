@@ -297,12 +297,12 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
         return _finetune(run, plan, cfg, epochs, dist_, log, min_steps)
 
 
-def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: int = 0) -> dict[str, Any]:
+def _plan_loop(run, plan: str, cfg, epochs: float, dist_: Dist, say, min_steps: int = 0):
+    """The loop that fine-tunes a plan's student, and the data splits and plan it reads."""
     from hant.data import load_data
 
     ft = cfg.finetune
     out = RunDir(run).student_dir(plan)
-    say = log if dist_.main else (lambda *_: None)
     plan_d = read_plan(run, plan)
     splits = load_data(cfg.data)
     train = splits.train
@@ -323,12 +323,44 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
                  dist=dist_, out=out, meta={"plan": plan}, extra=extra,
                  fill=[-m / s for m, s in zip(splits.mean, splits.std)],  # normalised black: the padding colour
                  pad=max(1, splits.input_size // 16), say=say, feature_layers=tuple(plan_d["layers"]))
+    return loop, splits, plan_d
+
+
+def outdated(run: str | os.PathLike, plan: str, epochs: float | None = None) -> str | None:
+    """Why the plan's fine-tuned student differs from what `finetune(run, plan, epochs)` would
+    train now (the settings that changed, e.g. "lr, redistilled_index_sha256"), or None when it
+    matches or there is no student. A student records its recipe in arch.json (`finetune`);
+    one made before that is compared through its finished checkpoint, and without either it
+    counts as current."""
+    out = RunDir(run).student_dir(plan)
+    if not (out / "arch.json").exists():
+        return None
+    made = read_json(out / "arch.json").get("finetune")
+    state = read_json(out / CKPT_STATE) if made is None and (out / CKPT_STATE).exists() else None
+    if made is None and state is None:
+        return None
+    cfg = Run(run).config
+    min_steps = int(cfg.finetune.min_steps) if epochs is None else 0
+    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    loop, _, _ = _plan_loop(run, plan, cfg, epochs, Dist(), lambda *_: None, min_steps)
+    if made is None:
+        return None if state.get("settings_key") == _settings_key(loop.settings) else "fine-tuning settings"
+    now = json.loads(json.dumps(loop.recipe))
+    changed = sorted(k for k in set(now) | set(made) if now.get(k) != made.get(k))
+    return ", ".join(changed) or None
+
+
+def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: int = 0) -> dict[str, Any]:
+    ft = cfg.finetune
+    say = log if dist_.main else (lambda *_: None)
+    loop, splits, plan_d = _plan_loop(run, plan, cfg, epochs, dist_, say, min_steps)
+    out, train, epochs = loop.out, loop.train, loop.epochs
     resume = _load_resume(out, loop.settings, say)
     done_before = bool(resume and resume.state.get("done") and (out / STUDENT_FILE).exists())
     info = dict(resume.state.get("info", {})) if resume is not None else {}
 
     model = assemble(run, plan, bn_recalibrate=resume is None, splits=splits, log=say)
-    arch = {**model.hant_arch, "plan": plan}
+    arch = {**model.hant_arch, "plan": plan, "finetune": loop.recipe}
     replaced = sum(e["spec"] != TEACHER_SPEC for e in arch["layers"].values())
     teacher = Run(run).teacher()
     dev = dist_.device
@@ -483,6 +515,13 @@ class _Loop:
             out.update(feature_loss=ft.feature_loss, feature_weight=ft.feature_weight,
                        feature_layers=list(self.feature_layers))
         return out
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The settings without how the work was split across processes: what a finished
+        student records, so that a later run can tell whether it would train it the same way."""
+        out = {k: v for k, v in self.settings.items() if k not in ("world", "batch", "total")}
+        return {**out, "batch_size": min(int(self.cfg.finetune.batch_size), len(self.train))}
 
     def seed(self, step: int) -> int:
         """The seed of every random draw of `step` on this rank (augmentation, dropout), so

@@ -102,6 +102,22 @@ def _student_intact(run: Path, plan: str) -> bool:
     return built == planned and sha256_file(weights) == arch.get("sha256")
 
 
+def _student_outdated(run: Path, plan: str, opts: AccelerateOptions, log: Callable[[str], None]) -> bool:
+    """Whether a finished student was made with other re-distillation or fine-tuning settings
+    than the run's config and `opts` now give (then it is made again, and the log says why)."""
+    from hant import finetune as finetune_mod
+    from hant import redistill as redistill_mod
+
+    if opts.redistill and not redistill_mod.is_current(run, plan):
+        why = "re-distillation settings or phase-1 weights"
+    else:
+        why = finetune_mod.outdated(run, plan, epochs=opts.finetune_epochs)
+    if why:
+        log(f"{plan}: its fine-tuned student was made with other settings ({why}) than the run gives now; "
+            "making it again")
+    return bool(why)
+
+
 def _plan_settled(run: Path, plan: str, check_rounds: int, candidates: int = 1) -> bool:
     """Whether the plan exists (and, when plans are checked on the hardware, was checked; when
     alternatives are asked for, was selected with them)."""
@@ -196,7 +212,7 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
         if budget is not None:
             cap = budget if cap is None else min(cap, budget)
     for name in plans:
-        intact = _student_intact(run, name)
+        intact = _student_intact(run, name) and not _student_outdated(run, name, opts, log)
         done = intact and _eval_complete(run, name, opts.int8)
         # Re-distilled weights already on disk are used by fine-tuning whatever opts.redistill says.
         timer.run(f"redistill {name}", lambda: redistill_mod.redistill(run, name, log=log),

@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -282,6 +282,60 @@ def _finished(root: Path, doc: dict[str, Any] | None, keys: Mapping[str, str],
     return out
 
 
+class _Work(NamedTuple):
+    """What a plan's re-distillation has to do, worked out from weights and the index alone."""
+
+    student: nn.Module  # the plan assembled from phase-1 weights, BatchNorm statistics as the teacher's
+    replaced: list[str]  # the layers the plan replaces, in network order
+    specs: dict[str, str]  # {replaced layer: spec}
+    trainable: list[str]  # replaced layers whose op has parameters
+    phase1_sha: dict[str, str | None]  # {replaced layer: sha256 of the phase-1 weights it starts from}
+    settings: dict[str, Any]  # what every layer's key covers besides the chain before it
+    keys: dict[str, str]  # {replaced layer: key}
+    previous: dict[str, Any] | None  # the index on disk
+    done: dict[str, dict[str, Any]]  # its entries that need no more work
+    pending: list[str]  # trainable layers left to train
+
+    @property
+    def current(self) -> bool:
+        """Whether the index on disk is complete for exactly these layers and settings."""
+        p = self.previous
+        return bool(not self.pending and p and p.get("complete") and p.get("layers") == self.specs
+                    and p.get("heldout"))
+
+
+def _work(the_run: Run, plan: str, n_img: int, log: Callable[[str], None]) -> _Work:
+    from hant.layers import get_layer
+    from hant.student import assemble
+
+    student = assemble(the_run.root, plan, bn_recalibrate=False, redistilled=False)
+    layers_arch = student.hant_arch["layers"]
+    replaced = [info.name for info in the_run.layers
+                if info.name in layers_arch and layers_arch[info.name]["spec"] != TEACHER_SPEC]
+    specs = {name: layers_arch[name]["spec"] for name in replaced}
+    trainable = [name for name in replaced if any(True for _ in get_layer(student, name).parameters())]
+    phase1 = the_run.candidate_index()
+    phase1_sha = {name: (phase1.get((name, specs[name])) or {}).get("sha256") for name in replaced}
+    cfg, dcfg = the_run.config, the_run.config.distill
+    settings = {"version": INDEX_VERSION, "images": n_img, "batch_size": dcfg.batch_size,
+                "optimizer": dcfg.optimizer, "lr": dcfg.lr, "weight_decay": dcfg.weight_decay, "seed": cfg.seed,
+                "bn_batches": cfg.finetune.bn_batches, "bn_batch_size": cfg.finetune.batch_size,
+                "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256")}
+    keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name]) for name in replaced])
+    previous = _read_index(the_run.dir.redistilled_dir(plan) / INDEX_FILE, log)
+    done = _finished(the_run.root, previous, keys, log)
+    pending = [name for name in trainable if name not in done]
+    return _Work(student, replaced, specs, trainable, phase1_sha, settings, keys, previous, done, pending)
+
+
+def is_current(run: str | os.PathLike, plan: str, images: int | None = None) -> bool:
+    """Whether `redistill(run, plan, images)` would find every layer done with today's
+    settings and train nothing (reads weights and the index; no data, no training)."""
+    the_run = Run(run)
+    n_img = int(images if images is not None else the_run.config.distill.redistill_images)
+    return _work(the_run, plan, n_img, lambda *_: None).current
+
+
 def _bar(total: int):
     from tqdm.auto import tqdm
 
@@ -309,7 +363,7 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     from hant.data import load_data
     from hant.distill import BatchPlan
     from hant.layers import get_layer
-    from hant.student import assemble, bn_loader, recalibrate_batchnorm
+    from hant.student import bn_loader, recalibrate_batchnorm
     from hant.workspace import load_safetensors, run_lock, save_safetensors, write_json
 
     t0 = time.time()
@@ -327,26 +381,12 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     with run_lock(the_run.root, log=log):
         # Weights first, without data or BatchNorm re-estimation: a rerun with nothing left to
         # do stops here.
-        student = assemble(run, plan, bn_recalibrate=False, redistilled=False)
-        layers_arch = student.hant_arch["layers"]
-        replaced = [info.name for info in the_run.layers
-                    if info.name in layers_arch and layers_arch[info.name]["spec"] != TEACHER_SPEC]
-        specs = {name: layers_arch[name]["spec"] for name in replaced}
-        trainable = [name for name in replaced if any(True for _ in get_layer(student, name).parameters())]
-        phase1 = the_run.candidate_index()
-        phase1_sha = {name: (phase1.get((name, specs[name])) or {}).get("sha256") for name in replaced}
-        settings = {"version": INDEX_VERSION, "images": n_img, "batch_size": dcfg.batch_size,
-                    "optimizer": dcfg.optimizer, "lr": dcfg.lr, "weight_decay": dcfg.weight_decay, "seed": cfg.seed,
-                    "bn_batches": cfg.finetune.bn_batches, "bn_batch_size": cfg.finetune.batch_size,
-                    "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256")}
-        keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name]) for name in replaced])
-        previous = _read_index(index_path, log)
-        done = _finished(the_run.root, previous, keys, log)
-        pending = [name for name in trainable if name not in done]
-        if (not pending and previous and previous.get("complete") and previous.get("layers") == specs
-                and previous.get("heldout")):
+        w = _work(the_run, plan, n_img, log)
+        student, replaced, specs, trainable = w.student, w.replaced, w.specs, w.trainable
+        phase1_sha, settings, keys, done, pending = w.phase1_sha, w.settings, w.keys, w.done, w.pending
+        if w.current:
             log(f"redistill: plan {plan}: all {len(trainable)} layers re-distilled already -> {index_path}")
-            return {**previous, "trained": [], "reused": list(trainable), "wall_s": time.time() - t0}
+            return {**w.previous, "trained": [], "reused": list(trainable), "wall_s": time.time() - t0}
 
         splits = load_data(cfg.data)
         batches = BatchPlan(len(splits.train), dcfg.batch_size, cfg.seed)
