@@ -855,6 +855,62 @@ def evaluate_pool(cands: Sequence[Candidate], source: _Source, dataset, batch_si
     return [float(num[i]) / max(float(den[c.layer]), 1e-12) for i, c in enumerate(cands)]
 
 
+def _measure_and_pack(cands: list[Candidate], tap: LayerTap, layer_order: list[str], train_set, plan: BatchPlan,
+                      opts: Phase1Options, device: torch.device, channels_last: bool, autocast: bool,
+                      sample: torch.Tensor | None) -> list[list[int]]:
+    """Measure every candidate on a few real images of its layer, then pack them into groups
+    (lists of indices into `cands`) that fit `opts.max_memory_bytes` together."""
+    bs = plan.batch_size
+    layer_bytes: dict[str, float] = {}
+    if cands:
+        if sample is None:
+            sample = load_images(train_set, plan.indices(0)[: min(8, bs)])
+        src0 = _Source(tap, device, channels_last, autocast, None)
+        sample_acts = src0.get("probe", 0, lambda: sample, set(layer_order), set())
+        layer_bytes = {layer: (x.numel() * x.element_size() + y.numel() * y.element_size()) / len(x)
+                       for layer, (x, y) in sample_acts.items()}
+        for c in cands:
+            x, y = sample_acts[c.layer]
+            measure_candidate(c, x, y, opts.optimizer, autocast)
+        tap.passes, tap.images, tap.seconds = 0, 0, 0.0  # the probe is not a training pass
+    budget = opts.max_memory_bytes
+    if budget is not None:
+        # Every candidate's weights stay in memory from the start; groups share what is left.
+        resident = sum(t.numel() * t.element_size() for c in cands for t in c.module.state_dict().values())
+        budget = max(1, budget - resident)
+    return pack_groups(cands, budget, bs, layer_bytes)
+
+
+def _group_entries(group_cands: list[Candidate], g: _Group, held: list[float], bs: int) -> list[dict[str, Any]]:
+    """The result entries of a finished group (see `train_pool`), one per candidate."""
+    out = []
+    for i, c in enumerate(group_cands):
+        tail = g.tail[i]
+        status, reason = g.status[i], g.reason[i]
+        if status == "pending":
+            status = "done"
+        if status == "done" and not math.isfinite(held[i]):
+            status, reason = "failed", f"held-out loss is {held[i]}"
+        trained = g.trainable[i]
+        e = {
+            "layer": c.layer,
+            "spec": c.spec,
+            "status": status,
+            "init": c.init,
+            "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
+            "train_loss_first": g.first[i] if trained else None,
+            "heldout_loss": held[i] if math.isfinite(held[i]) else None,
+            "steps": g.cand_steps[i] if trained else 0,
+            "images": g.cand_steps[i] * bs if trained else 0,
+            "flops": c.cost,
+            "train_s": round(c.seconds, 4),
+        }
+        if reason:
+            e["reason"] = reason
+        out.append(e)
+    return out
+
+
 def train_pool(
     teacher: nn.Module,
     candidates: Sequence[Candidate],
@@ -900,26 +956,8 @@ def train_pool(
     work = Path(workdir) if workdir is not None else None
     t_start = time.time()
 
-    # Measure each candidate on a few real images of its layer.
-    if cands:
-        if sample is None:
-            sample = load_images(train_set, plan.indices(0)[: min(8, bs)])
-        src0 = _Source(tap, device, channels_last, autocast, None)
-        sample_acts = src0.get("probe", 0, lambda: sample, set(layer_order), set())
-        layer_bytes = {layer: (x.numel() * x.element_size() + y.numel() * y.element_size()) / len(x)
-                       for layer, (x, y) in sample_acts.items()}
-        for c in cands:
-            x, y = sample_acts[c.layer]
-            measure_candidate(c, x, y, opts.optimizer, autocast)
-        tap.passes, tap.images, tap.seconds = 0, 0, 0.0  # the probe is not a training pass
-    else:
-        layer_bytes = {}
-    budget = opts.max_memory_bytes
-    if budget is not None:
-        # Every candidate's weights stay in memory from the start; groups share what is left.
-        resident = sum(t.numel() * t.element_size() for c in cands for t in c.module.state_dict().values())
-        budget = max(1, budget - resident)
-    groups = pack_groups(cands, budget, bs, layer_bytes)
+    groups = _measure_and_pack(cands, tap, layer_order, train_set, plan, opts, device, channels_last, autocast,
+                               sample)
     n_groups = len(groups)
     if n_groups > 1:
         log(f"{len(cands)} candidates in {n_groups} groups under {opts.max_memory_bytes / _MB:.0f} MB; "
@@ -1012,31 +1050,7 @@ def train_pool(
                 float("nan")] * len(group_cands)
             eval_s += time.time() - t0
             teacher_eval_s += tap.seconds - tap_train_s
-            group_entries = []
-            for i, c in enumerate(group_cands):
-                tail = g.tail[i]
-                status, reason = g.status[i], g.reason[i]
-                if status == "pending":
-                    status = "done"
-                if status == "done" and not math.isfinite(held[i]):
-                    status, reason = "failed", f"held-out loss is {held[i]}"
-                trained = g.trainable[i]
-                e = {
-                    "layer": c.layer,
-                    "spec": c.spec,
-                    "status": status,
-                    "init": c.init,
-                    "train_loss": (sum(tail) / len(tail)) if tail and trained else None,
-                    "train_loss_first": g.first[i] if trained else None,
-                    "heldout_loss": held[i] if math.isfinite(held[i]) else None,
-                    "steps": g.cand_steps[i] if trained else 0,
-                    "images": g.cand_steps[i] * bs if trained else 0,
-                    "flops": c.cost,
-                    "train_s": round(c.seconds, 4),
-                }
-                if reason:
-                    e["reason"] = reason
-                group_entries.append(e)
+            group_entries = _group_entries(group_cands, g, held, bs)
             if on_group_done is not None:
                 on_group_done(group_cands, group_entries)
             groups_finished += 1
@@ -1212,6 +1226,37 @@ def build_candidates(pools: list[LayerPool], keys: list[tuple[str, str]], teache
     return out
 
 
+def _phase1_summary(per_rank: list[dict[str, Any]], world: int, device: torch.device, images: int, asked: int,
+                    heldout: int, batch_size: int, steps: int, budget_mb: int, wall_s: float) -> dict[str, Any]:
+    """Phase 1's summary from every rank's `train_pool` counts: images and passes add up,
+    times are the slowest rank's (the ranks train side by side)."""
+    def total(key):
+        return sum(s[key] for s in per_rank)
+
+    def slowest(key):
+        return max(s[key] for s in per_rank)
+
+    out = {
+        "world_size": world,
+        "device": device.type,
+        # What each candidate trained on: the budget rounded up to whole batches.
+        "images_per_candidate": images,
+        "images_asked": asked,
+        "heldout_images": heldout,
+        "batch_size": batch_size,
+        "steps": steps,
+        **{k: total(k) for k in ("groups", "teacher_passes", "teacher_images", "candidate_images")},
+        "train_s": slowest("train_s"),
+        "eval_s": slowest("eval_s"),
+        **{k: total(k) for k in ("teacher_train_s", "optimizer_s", "cache_mb")},
+        "peak_rss_mb": slowest("peak_rss_mb"),
+        "max_memory_mb": budget_mb,
+        "wall_s": wall_s,
+    }
+    out["candidate_images_per_s"] = out["candidate_images"] / max(out["train_s"], 1e-9)
+    return out
+
+
 def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: int | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Phase 1 on a run folder: train every unfinished candidate, evaluate it, write its weights.
@@ -1339,29 +1384,8 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         else:
             per_rank = [stats]
 
-        summary = {
-            "world_size": world,
-            "device": device.type,
-            # What each candidate trained on: the budget rounded up to whole batches.
-            "images_per_candidate": steps * plan.batch_size,
-            "images_asked": n_img,
-            "heldout_images": len(heldout),
-            "batch_size": plan.batch_size,
-            "steps": steps,
-            "groups": sum(s["groups"] for s in per_rank),
-            "teacher_passes": sum(s["teacher_passes"] for s in per_rank),
-            "teacher_images": sum(s["teacher_images"] for s in per_rank),
-            "candidate_images": sum(s["candidate_images"] for s in per_rank),
-            "train_s": max(s["train_s"] for s in per_rank),
-            "eval_s": max(s["eval_s"] for s in per_rank),
-            "teacher_train_s": sum(s["teacher_train_s"] for s in per_rank),
-            "optimizer_s": sum(s["optimizer_s"] for s in per_rank),
-            "cache_mb": sum(s["cache_mb"] for s in per_rank),
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in per_rank),
-            "max_memory_mb": int(budget_mb),
-            "wall_s": time.time() - t0,
-        }
-        summary["candidate_images_per_s"] = summary["candidate_images"] / max(summary["train_s"], 1e-9)
+        summary = _phase1_summary(per_rank, world, device, steps * plan.batch_size, n_img, len(heldout),
+                                  plan.batch_size, steps, int(budget_mb), time.time() - t0)
         if rank == 0:
             _write_index(rd, order, all_entries, summary=summary)
             shutil.rmtree(parts_dir, ignore_errors=True)
