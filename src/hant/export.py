@@ -255,6 +255,51 @@ def export(run: str | os.PathLike, plan: str, int8: bool = False, calib_images: 
         return _export(run, plan, int8, calib_images, log)
 
 
+def _quantise(run, plan: str, student: nn.Module, onnx_path: Path, int8_path: Path, splits, x_check: torch.Tensor,
+              fp32_top1: float, batch_size: int, threads: int | None, calib_images: int, log) -> dict[str, Any]:
+    """Static INT8 of the exported student in the scheme chosen on this CPU; its eval.json
+    `int8` section, without timings (see `export`)."""
+    from hant.latency.int8 import MAX_TOP1_DROP, describe_scheme, run_int8_scheme
+
+    rd = RunDir(run)
+    n_cal = min(calib_images, len(splits.train))
+    choice = run_int8_scheme(run, batch_size, threads, log=log)
+    scheme, scheme_path = choice["scheme"], rd.int8_scheme(batch_size, choice["fingerprint"]["threads"])
+    check, check_split = calibration_check(splits, n_cal)
+    log(f"export {plan}: static INT8 in scheme {describe_scheme(scheme)}, calibrated on {n_cal} train images; "
+        f"chosen on this CPU for the teacher at batch {batch_size}: {choice['reason']}")
+    if not choice["faster_than_fp32"]:
+        log(f"export {plan}: INT8 is slower than fp32 on this CPU (see {scheme_path}); "
+            "exporting it as asked")
+    q = quantize_int8(onnx_path, int8_path, splits.train, images=n_cal, scheme=scheme, check=check,
+                      threads=threads)
+    if q["calibrations"]:
+        log(f"export {plan}: INT8 calibration {q['calibration']}, agreement with fp32 on {q['check_images']} "
+            f"{check_split} images: " + ", ".join(f"{n} {r['agreement']:.1f}%" for n, r in q["calibrations"].items()))
+    with torch.no_grad():
+        ref = student(x_check).numpy()
+    got = _session(int8_path, threads).run(None, {INPUT_NAME: x_check.numpy()})[0]
+    qf = ort_fusions(int8_path, threads)
+    int8_sec = {
+        "file": INT8_FILE, "calibration_images": n_cal, "calibration": q["calibration"],
+        "calibrations": q["calibrations"], "calibration_check": {"images": q["check_images"], "split": check_split},
+        "scheme": scheme, "scheme_reason": choice["reason"],
+        "scheme_faster_than_fp32": choice["faster_than_fp32"],
+        "scheme_file": str(scheme_path.relative_to(rd.root)),
+        "max_abs_diff": float(np.max(np.abs(got - ref))),
+        "fused_ops": qf["fused_ops"], "runtime_ops": qf["runtime_ops"],
+        "top1": onnx_top1(int8_path, splits.test, threads=threads),
+    }
+    # The scheme was chosen on the teacher with few calibration images, and the calibration
+    # on held-out agreement; the test split can still show a loss. Judge it by the scheme's rule.
+    int8_sec["accuracy_kept"] = bool(int8_sec["top1"] >= fp32_top1 - MAX_TOP1_DROP)
+    if not int8_sec["accuracy_kept"]:
+        log(f"warning: export {plan}: the INT8 model's test top-1 {int8_sec['top1']:.2f}% is "
+            f"{fp32_top1 - int8_sec['top1']:.1f} points below the fp32 model's {fp32_top1:.2f}% "
+            f"(at most {MAX_TOP1_DROP:g} keeps accuracy); deploy {ONNX_FILE}, not {INT8_FILE}")
+    return int8_sec
+
+
 def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any]:
     from hant.data import load_data
     from hant.latency import get_target
@@ -295,46 +340,9 @@ def _export(run, plan: str, int8: bool, calib_images: int, log) -> dict[str, Any
         "top1": onnx_top1(data, splits.test, threads=threads),
     }
 
-    int8_sec: dict[str, Any] | None = None
     int8_path = out / INT8_FILE
-    if int8:
-        from hant.latency.int8 import MAX_TOP1_DROP, describe_scheme, run_int8_scheme
-
-        n_cal = min(calib_images, len(splits.train))
-        choice = run_int8_scheme(run, batch_size, threads, log=log)
-        scheme, scheme_path = choice["scheme"], rd.int8_scheme(batch_size, choice["fingerprint"]["threads"])
-        check, check_split = calibration_check(splits, n_cal)
-        log(f"export {plan}: static INT8 in scheme {describe_scheme(scheme)}, calibrated on {n_cal} train images; "
-            f"chosen on this CPU for the teacher at batch {batch_size}: {choice['reason']}")
-        if not choice["faster_than_fp32"]:
-            log(f"export {plan}: INT8 is slower than fp32 on this CPU (see {scheme_path}); "
-                "exporting it as asked")
-        q = quantize_int8(onnx_path, int8_path, splits.train, images=n_cal, scheme=scheme, check=check,
-                          threads=threads)
-        if q["calibrations"]:
-            log(f"export {plan}: INT8 calibration {q['calibration']}, agreement with fp32 on {q['check_images']} "
-                f"{check_split} images: " + ", ".join(f"{n} {r['agreement']:.1f}%" for n, r in q["calibrations"].items()))
-        with torch.no_grad():
-            ref = student(x_check).numpy()
-        got = _session(int8_path, threads).run(None, {INPUT_NAME: x_check.numpy()})[0]
-        qf = ort_fusions(int8_path, threads)
-        int8_sec = {
-            "file": INT8_FILE, "calibration_images": n_cal, "calibration": q["calibration"],
-            "calibrations": q["calibrations"], "calibration_check": {"images": q["check_images"], "split": check_split},
-            "scheme": scheme, "scheme_reason": choice["reason"],
-            "scheme_faster_than_fp32": choice["faster_than_fp32"],
-            "scheme_file": str(scheme_path.relative_to(rd.root)),
-            "max_abs_diff": float(np.max(np.abs(got - ref))),
-            "fused_ops": qf["fused_ops"], "runtime_ops": qf["runtime_ops"],
-            "top1": onnx_top1(int8_path, splits.test, threads=threads),
-        }
-        # The scheme was chosen on the teacher with few calibration images, and the calibration
-        # on held-out agreement; the test split can still show a loss. Judge it by the scheme's rule.
-        int8_sec["accuracy_kept"] = bool(int8_sec["top1"] >= onnx_sec["top1"] - MAX_TOP1_DROP)
-        if not int8_sec["accuracy_kept"]:
-            log(f"warning: export {plan}: the INT8 model's test top-1 {int8_sec['top1']:.2f}% is "
-                f"{onnx_sec['top1'] - int8_sec['top1']:.1f} points below the fp32 model's {onnx_sec['top1']:.2f}% "
-                f"(at most {MAX_TOP1_DROP:g} keeps accuracy); deploy {ONNX_FILE}, not {INT8_FILE}")
+    int8_sec = _quantise(run, plan, student, onnx_path, int8_path, splits, x_check, onnx_sec["top1"],
+                         batch_size, threads, calib_images, log) if int8 else None
 
     # Teacher, fp32 student and INT8 student timed together, so their ratios share the machine's state.
     target = get_target("onnxruntime-cpu", batch_size=batch_size, threads=threads)
