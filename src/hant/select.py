@@ -898,6 +898,58 @@ def accuracy_risk(plan: dict[str, Any], teacher_loss: float | None, safe_speedup
             "message": message}
 
 
+def _constraints(opts: SelectOptions, pool: Pool, layers_json: dict, scores: dict,
+                 tables: list[dict]) -> tuple[list[Constraint], dict[str, Any]]:
+    """The integer program's constraints besides the latency budget (parameters, FLOPs, the
+    latency on a second target), and how a plan records them."""
+    extra: list[Constraint] = []
+    constraints: dict[str, Any] = {}
+    for key, limit in (("params", opts.max_params), ("flops", opts.max_flops)):
+        if limit is not None:
+            extra.append(_resource(pool, key, _rest_of_network(layers_json, scores, key), limit, key))
+            constraints[f"max_{key}"] = limit
+    if opts.second_target is not None:
+        key = f"lat:{tables[1].get('target', 1)}"
+        lat2, fixed2 = predicted_latency(tables[1], pool, key)
+        extra.append(Constraint(f"latency on {opts.second_target}", lat2, float(opts.second_budget_ms), fixed2, "ms"))
+        constraints["second_target"] = {"target": opts.second_target, "budget_ms": opts.second_budget_ms}
+    if pool.frozen:
+        constraints["frozen"] = pool.frozen
+    if opts.exclude_families:
+        constraints["excluded_families"] = list(opts.exclude_families)
+    return extra, constraints
+
+
+def _sweep(rd, target: str, objective: str, n_points: int, lat, fixed: float, extra: list[Constraint],
+           teacher_ms: float, time_limit_s: float | None, run_solver: Callable[[float], Solution],
+           make_plan: Callable[..., dict], log: Callable[[str], None]) -> dict[str, Any]:
+    """`select`'s sweep: plans at budgets from the fastest reachable to the teacher's latency;
+    the ones on the Pareto front are written, with the plot. Returns {"sweep", "plot"}."""
+    from hant.workspace import write_json
+
+    # The fastest plan that meets the other constraints: minimise latency itself.
+    fastest = solve(lat, lat, math.inf, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
+    lo = plan_totals(fastest.choice, lat, fixed)
+    hi = max(teacher_ms, lo)
+    points, plans = [], {}
+    for b in np.unique(np.linspace(lo, hi, max(2, int(n_points)))):
+        b = float(b)
+        plan_name = f"{target}-{b:.4g}ms"
+        plans[plan_name] = make_plan(b, plan_name, run_solver(b), {"sweep": True})
+        points.append({"name": plan_name, "budget_ms": b, "predicted_ms": plans[plan_name]["predicted_ms"],
+                       "predicted_score": plans[plan_name]["predicted_score"]})
+    _pareto(points, OBJECTIVES[objective])
+    # Only the front is written: a larger budget that yields the same plan adds nothing.
+    for p in points:
+        p["path"] = str(write_json(rd.plan(p["name"]), plans[p["name"]])) if p["pareto"] else None
+    plot = rd.root / "pareto_select.png"
+    front = sum(p["pareto"] for p in points)
+    _plot_front(plot, points, teacher_ms, objective, f"{target}: {len(points)} budgets, {front} on the front")
+    log(f"sweep: {len(points)} budgets from {lo:.4g} to {hi:.4g} ms, {front} plans on the Pareto front "
+        f"written to {rd.root / 'plans'}; plot {plot}")
+    return {"sweep": points, "plot": str(plot)}
+
+
 def select(run: str | Path, target: str, budget_ms: float | None = None, speedup: float | None = None,
            name: str | None = None, options: SelectOptions = SelectOptions(), sweep: bool = False,
            log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
@@ -942,7 +994,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
             raise HantError(f"{flag} must be a positive number, got {v}")
     if opts.candidates > 1 and sweep:
         raise HantError("--candidates gives alternatives at one budget; drop --sweep or --candidates")
-    second_target, second_budget_ms = opts.second_target, opts.second_budget_ms
+    second_target = opts.second_target
     candidates, min_diff, time_limit_s = int(opts.candidates), opts.min_diff, opts.time_limit_s
 
     the_run = Run(run)
@@ -966,25 +1018,7 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     # Latency as the table predicts it (calibration included), so budgets are in the same ms
     # as the plan's predicted_ms.
     lat, fixed = predicted_latency(table, pool)
-    extra: list[Constraint] = []
-    constraints: dict[str, Any] = {}
-    if opts.max_params is not None:
-        extra.append(_resource(pool, "params", _rest_of_network(layers_json, scores, "params"), opts.max_params,
-                               "params"))
-        constraints["max_params"] = opts.max_params
-    if opts.max_flops is not None:
-        extra.append(_resource(pool, "flops", _rest_of_network(layers_json, scores, "flops"), opts.max_flops,
-                               "flops"))
-        constraints["max_flops"] = opts.max_flops
-    if second_target is not None:
-        key = f"lat:{tables[1].get('target', 1)}"
-        lat2, fixed2 = predicted_latency(tables[1], pool, key)
-        extra.append(Constraint(f"latency on {second_target}", lat2, float(second_budget_ms), fixed2, "ms"))
-        constraints["second_target"] = {"target": second_target, "budget_ms": second_budget_ms}
-    if pool.frozen:
-        constraints["frozen"] = pool.frozen
-    if opts.exclude_families:
-        constraints["excluded_families"] = list(opts.exclude_families)
+    extra, constraints = _constraints(opts, pool, layers_json, scores, tables)
 
     teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"], log)
 
@@ -1074,29 +1108,8 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
             result["alternatives"] = alternatives
 
     if sweep:
-        # The fastest plan that meets the other constraints: minimise latency itself.
-        fastest = solve(lat, lat, math.inf, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
-        lo = plan_totals(fastest.choice, lat, fixed)
-        hi = max(teacher_ms, lo)
-        points, plans = [], {}
-        for b in np.unique(np.linspace(lo, hi, max(2, int(opts.sweep_points)))):
-            b = float(b)
-            sol = run_solver(b)
-            plan_name = f"{target}-{b:.4g}ms"
-            plans[plan_name] = make_plan(b, plan_name, sol, {"sweep": True})
-            points.append({"name": plan_name, "budget_ms": b, "predicted_ms": plans[plan_name]["predicted_ms"],
-                           "predicted_score": plans[plan_name]["predicted_score"]})
-        _pareto(points, OBJECTIVES[objective])
-        # Only the front is written: a larger budget that yields the same plan adds nothing.
-        for p in points:
-            p["path"] = str(write_json(rd.plan(p["name"]), plans[p["name"]])) if p["pareto"] else None
-        plot = rd.root / "pareto_select.png"
-        front = sum(p["pareto"] for p in points)
-        _plot_front(plot, points, teacher_ms, objective, f"{target}: {len(points)} budgets, {front} on the front")
-        log(f"sweep: {len(points)} budgets from {lo:.4g} to {hi:.4g} ms, {front} plans on the Pareto front "
-            f"written to {rd.root / 'plans'}; plot {plot}")
-        result["sweep"] = points
-        result["plot"] = str(plot)
+        result.update(_sweep(rd, target, objective, opts.sweep_points, lat, fixed, extra, teacher_ms,
+                             time_limit_s, run_solver, make_plan, log))
     return result
 
 
