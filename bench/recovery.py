@@ -111,6 +111,8 @@ class Recipe:
     temperature: float | None = None  # KD temperature; None: the run's
     seed: int | None = None  # seed of fine-tuning's data order and augmentation; None: the run's
     head_fit: bool | None = None  # output layer fitted to the teacher's logits first; None: the run's
+    redistill_skips: bool | None = None  # re-distilled layers learn the output after the skips that follow
+    # them (distill.redistill_through_skips); None: the run's
 
     def describe(self) -> str:
         return (f"{'picked of K plans' if self.plan == 'picked' else 'best plan (K=1)'}, "
@@ -124,7 +126,9 @@ class Recipe:
                 + (f", fine-tuning seed {self.seed}" if self.seed is not None else "")
                 + ("" if self.head_fit is None else ", output layer fitted first" if self.head_fit
                    else ", output layer not fitted")
-                + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else ""))
+                + (f", {self.redistill_images} images per re-distilled layer" if self.redistill_images else "")
+                + ("" if self.redistill_skips is None else ", re-distilled through the skips after each layer"
+                   if self.redistill_skips else ", each layer re-distilled to its own output"))
 
 
 # Recipe fields that override the fine-tuning loop's setting of the same name when set (the
@@ -139,10 +143,11 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
     (feature loss at the plan's layers, at the feature weight), "aug=0" (fine-tuning
     augmentation off, 1 on), "bs=64" (fine-tuning batch), "t=4" (KD temperature), "seed=1"
     (fine-tuning's data order and augmentation: the spread of one recipe), "head=1" (output
-    layer fitted to the teacher's logits before the first step, 0 not)."""
+    layer fitted to the teacher's logits before the first step, 0 not), "sk=1" (a re-distilled
+    layer learns the teacher's output after the skipped layers that follow it, 0 its own)."""
     out = []
     fields = {"ce": "ce_weight", "lr": "lr", "rd": "redistill_images", "aug": "augment", "bs": "batch_size",
-              "t": "temperature", "seed": "seed", "head": "head_fit"}
+              "t": "temperature", "seed": "seed", "head": "head_fit", "sk": "redistill_skips"}
     whole = {"rd", "bs", "seed"}  # whole numbers, at least 1
     for item in sweep:
         key, _, value = item.partition("=")
@@ -157,10 +162,10 @@ def sweep_recipes(new: Recipe, sweep: list[str]) -> list[Recipe]:
         except ValueError:
             v = None
         if (key not in fields or v is None or (key in whole and (v != int(v) or v < 1))
-                or (key in ("aug", "head") and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
+                or (key in ("aug", "head", "sk") and v not in (0, 1)) or (key in ("lr", "t") and not v > 0)):
             raise ValueError("--sweep entries are ce=W, lr=X, rd=N (images), fl=nmse|cosine, aug=0|1, bs=N, "
-                             f"t=X, seed=N or head=0|1, got {item!r}")
-        value = int(v) if key in whole else bool(v) if key in ("aug", "head") else v
+                             f"t=X, seed=N, head=0|1 or sk=0|1, got {item!r}")
+        value = int(v) if key in whole else bool(v) if key in ("aug", "head", "sk") else v
         out.append(dataclasses.replace(new, name=f"{key}{v:g}", sweep=True, **{fields[key]: value}))
     return out
 
@@ -512,37 +517,49 @@ class Recovery:
         a = self.args
         return int(a.redistill_images if a.redistill_images is not None else self.cfg.distill.redistill_images)
 
+    def default_redistill_skips(self) -> bool:
+        return bool(self.cfg.distill.redistill_through_skips)
+
     def redistill_key(self, r: Recipe) -> str:
         """Where a recipe's re-distillation sits in a speedup's plans entry."""
         images = r.redistill_images or self.default_redistill_images()
-        return r.plan if images == self.default_redistill_images() else f"{r.plan}@{images}"
+        skips = self.default_redistill_skips() if r.redistill_skips is None else r.redistill_skips
+        return (r.plan + ("" if images == self.default_redistill_images() else f"@{images}")
+                + ("" if skips == self.default_redistill_skips() else f"+sk{int(skips)}"))
 
-    def redistill_unit(self, s: float, layers: dict[str, str], images: int | None = None) -> dict:
-        """Re-distillation of a plan's layers, once per distinct set of layers and image count,
-        under the plan name <base>-rd-<hash of the layers> (-rd<images>- when not the default),
-        so `assemble` finds the weights by that name."""
+    def redistill_unit(self, s: float, layers: dict[str, str], images: int | None = None,
+                       skips: bool | None = None) -> dict:
+        """Re-distillation of a plan's layers, once per distinct set of layers, image count and
+        skip targets, under the plan name <base>-rd-<hash of the layers> (-rd<images>- when not
+        the default image count, -rd..sk0/1- when not the default targets), so `assemble` finds
+        the weights by that name."""
         from hant.redistill import redistill
         from hant.student import TEACHER_SPEC
 
         default = self.default_redistill_images()
         images = int(images or default)
+        skips = self.default_redistill_skips() if skips is None else bool(skips)
         index = self.the_run.candidate_index()
         phase1 = {n: (index.get((n, sp)) or {}).get("sha256") for n, sp in layers.items() if sp != TEACHER_SPEC}
-        name = f"{self.base_name(s)}-rd{'' if images == default else images}-{digest(layers, 8)}"
+        tag = (f"{'' if images == default else images}"
+               + ("" if skips == self.default_redistill_skips() else f"sk{int(skips)}"))
+        name = f"{self.base_name(s)}-rd{tag}-{digest(layers, 8)}"
         dc = self.cfg.distill
         settings = {**self.base_settings(), "plan": name, "layers": layers, "phase1": phase1, "images": images,
                     "distill": {"lr": dc.lr, "batch_size": dc.batch_size, "optimizer": dc.optimizer,
                                 "weight_decay": dc.weight_decay, "heldout_images": dc.heldout_images},
-                    "bn_batches": self.cfg.finetune.bn_batches}
+                    "bn_batches": self.cfg.finetune.bn_batches,
+                    **({"through_skips": True} if skips else {})}  # only when on: older units keep their keys
 
         def make():
             self.plan_file(name, {"version": 1, "name": name, "target": self.table_id,
                                   "batch_size": self.args.batch_size, "layers": layers,
                                   "note": "written by bench/recovery.py: the layers re-distilled for its recipes"})
-            doc = redistill(self.run, name, images=images, log=self.log)
+            doc = redistill(self.run, name, images=images, log=self.log, through_skips=skips)
             held = doc.get("heldout") or {}
             n = max(1, len(held.get("before") or {}))
-            return {"plan": name, "layers": layers, "images": images,
+            return {"plan": name, "layers": layers, "images": images, "through_skips": skips,
+                    "targets": {e["layer"]: e["target"] for e in doc.get("entries") or [] if e.get("target")},
                     "entries": {e["layer"]: e["sha256"] for e in doc.get("entries") or []},
                     "heldout_nmse_before": held.get("before"), "heldout_nmse_after": held.get("after"),
                     "mean_heldout_nmse_before": sum((held.get("before") or {}).values()) / n,
@@ -687,7 +704,8 @@ class Recovery:
             if not any(self.runs_at(r, s, e) for e in self.args.epochs):
                 continue
             if r.redistill and key not in entry["redistill"]:
-                entry["redistill"][key] = self.redistill_unit(s, entry["layers"][r.plan], r.redistill_images)
+                entry["redistill"][key] = self.redistill_unit(s, entry["layers"][r.plan], r.redistill_images,
+                                                              r.redistill_skips)
         self.write_outputs()
         return sel["budget_ms"]
 
@@ -862,6 +880,7 @@ class Recovery:
                                             else self.cfg.finetune.pick_images),
                          "redistill_images": int(a.redistill_images if a.redistill_images is not None
                                                  else self.cfg.distill.redistill_images),
+                         "redistill_through_skips": self.default_redistill_skips(),
                          "finetune": self.finetune_settings({}), "bn_batches": self.cfg.finetune.bn_batches,
                          "timing_protocol": self.protocol().to_dict(), "max_drop": a.max_drop,
                          "at_epochs": a.at_epochs, "ablation_epochs": a.ablation_epochs,

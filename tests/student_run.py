@@ -22,7 +22,8 @@ SOURCE = "timm:test_efficientnet"
 SIZE = 32
 
 
-def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int = 120, epochs: float = 2.0) -> Path:
+def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int = 120, epochs: float = 2.0,
+             source: str = SOURCE) -> Path:
     """Write config.yaml, layers.json, a teacher checkpoint and candidates/ under `root`.
 
     `specs` maps a layer index (as a string, e.g. "1") or name to the specs to save weights for;
@@ -30,7 +31,7 @@ def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int 
     """
     rd = RunDir(root)
     cfg = RunConfig()
-    cfg.model.source = SOURCE
+    cfg.model.source = source
     cfg.data.spec = f"synthetic:{images}"
     cfg.data.input_size = SIZE
     cfg.data.heldout = 16
@@ -49,7 +50,7 @@ def make_run(root: Path, specs: dict[str, list[str]] | None = None, images: int 
     cfg.latency.min_time_s = 0.0  # tiny networks; nothing here asserts a timing
 
     torch.manual_seed(0)
-    teacher = create_model(SOURCE, cfg.data.in_chans, cfg.data.num_classes).eval()
+    teacher = create_model(source, cfg.data.in_chans, cfg.data.num_classes).eval()
     # Non-trivial BatchNorm statistics, so that re-estimating them visibly changes something.
     with torch.no_grad():
         for m in teacher.modules():

@@ -33,8 +33,10 @@ def test_sweep_changes_one_setting_of_new(recovery):
 
 def test_sweep_of_the_fine_tuning_loop(recovery):
     new = recovery.make_recipes("none", [])[1]
-    got = {r.name: r for r in recovery.sweep_recipes(new, ["aug=0", "bs=64", "t=1", "seed=1", "head=1"])}
-    assert set(got) == {"aug0", "bs64", "t1", "seed1", "head1"}
+    got = {r.name: r for r in recovery.sweep_recipes(new, ["aug=0", "bs=64", "t=1", "seed=1", "head=1", "sk=1"])}
+    assert set(got) == {"aug0", "bs64", "t1", "seed1", "head1", "sk1"}
+    assert got["sk1"].redistill_skips is True and got["sk1"].redistill_images is None
+    assert "through the skips" in got["sk1"].describe()
     assert got["head1"].head_fit is True and got["head1"].augment is None
     assert "output layer fitted first" in got["head1"].describe()
     assert got["seed1"].seed == 1 and got["seed1"].lr is None
@@ -45,7 +47,7 @@ def test_sweep_of_the_fine_tuning_loop(recovery):
 
 
 @pytest.mark.parametrize("item", ["fl=none", "fl=l1", "rd=0", "rd=1.5", "lr=x", "wd=0.1",
-                                  "aug=2", "bs=0", "bs=32.5", "t=0", "lr=-1", "seed=0.5", "head=2"])
+                                  "aug=2", "bs=0", "bs=32.5", "t=0", "lr=-1", "seed=0.5", "head=2", "sk=2"])
 def test_sweep_refuses_what_it_cannot_run(recovery, item):
     new = recovery.make_recipes("none", [])[1]
     with pytest.raises(ValueError, match="--sweep"):

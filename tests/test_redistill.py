@@ -268,3 +268,41 @@ def test_a_finetuning_started_from_phase1_weights_is_not_resumed_after_redistill
     assert rd["mean_heldout_nmse_after"] < rd["mean_heldout_nmse_before"]
     row, = start_lines({"evals": {"p": ev}})
     assert row.startswith("| p | re-distilled (160 images per layer; NMSE ") and "0.2 epochs" in row
+
+
+def _skip_run(root: Path, source: str, plan: dict[str, str]) -> Path:
+    make_run(root, specs={name: [spec] for name, spec in plan.items()}, source=source)
+    cfg = RunConfig.load(RunDir(root).config)
+    cfg.distill.lr = 0.1  # random candidates start far off (NMSE ~38): a large step gets them near in 50
+    cfg.save(RunDir(root).config)
+    write_plan(root, "p", plan)
+    return root
+
+
+def test_a_layer_followed_by_skips_learns_the_teacher_output_after_them(tmp_path):
+    from hant.redistill import _through_skips, is_current
+
+    # MobileNetV3 blocks in a stage follow each other directly: 2.1 and 2.2 read 2.0's output.
+    plan = {"blocks.2.0": "proj", "blocks.2.1": "skip", "blocks.2.2": "skip", "blocks.3.0": "proj"}
+    own = _skip_run(tmp_path / "own", "timm:mobilenetv3_small_050", plan)
+    through = tmp_path / "through"
+    shutil.copytree(own, through)
+    images = 4 * IMAGES
+    a = redistill(own, "p", images=images, log=lambda m: None, through_skips=False)
+    b = redistill(through, "p", images=images, log=lambda m: None, through_skips=True)
+    targets = {e["layer"]: e.get("target") for e in b["entries"]}
+    assert targets == {"blocks.2.0": "blocks.2.2", "blocks.3.0": None}  # 3.1 is the teacher's: no skip to absorb
+    assert all("target" not in e for e in a["entries"])
+    # Where the skipped layers end, the student is nearer the teacher (measured 0.20 against
+    # 0.75); at 2.0 itself, farther (it no longer learns the teacher's output there).
+    after_a, after_b = a["heldout"]["after"], b["heldout"]["after"]
+    assert after_b["blocks.2.2"] < 0.5 * after_a["blocks.2.2"] and after_b["blocks.2.0"] > after_a["blocks.2.0"]
+    # The target is in the layer's key: each index is current only for the setting it was made with.
+    assert is_current(own, "p", images=images, through_skips=False)
+    assert not is_current(own, "p", images=images, through_skips=True)
+    assert is_current(through, "p", images=images, through_skips=True)
+    # A layer whose successor reads something else (BatchNorm and ReLU sit between ResNet's
+    # stem convolutions) keeps its own target.
+    stem = _skip_run(tmp_path / "stem", "timm:test_resnet", {"conv1.0": "proj", "conv1.3": "skip"})
+    the_run = Run(stem)
+    assert _through_skips(the_run, {"conv1.0": "proj", "conv1.3": "skip"}, ["conv1.0"]) == {}

@@ -76,6 +76,10 @@ class DistillConfig:
     # epochs (control 93.13%; one seed each) for 209 s of re-distillation against 120 s
     # (bench/results/recovery_5cycle.json).
     redistill_images: int = 8192
+    # A re-distilled layer that the plan follows directly with skipped layers learns the
+    # teacher's output after the last of them (the skips pass its output on unchanged), so it
+    # stands in for the layers the plan removed.
+    redistill_through_skips: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.min_images, bool) or not isinstance(self.min_images, int) or self.min_images < 0:

@@ -7,7 +7,11 @@ network order, and trains each from its phase-1 weights on pairs (x_l, y_l): x_l
 of layer l in the student whose earlier layers are already re-distilled, y_l the teacher's
 output at layer l. Loss (phase 1's normalised MSE, `hant.distill.nmse`), optimiser,
 learning rate, weight decay and batch size are phase 1's (`distill.*`); each layer sees
-`distill.redistill_images` train images.
+`distill.redistill_images` train images. With `distill.redistill_through_skips` (or
+`through_skips=True`), a layer that the plan follows directly with skipped layers learns the
+teacher's output after the last of them instead of its own: the skips pass its output on
+unchanged, so it is trained to stand in for the layers the plan removed (the entry records
+that layer as `target`).
 
 BatchNorm: the student starts as `assemble` builds it, statistics re-estimated on its own
 inputs. A layer trains with batch statistics, and the student's statistics are re-estimated
@@ -204,11 +208,11 @@ def redistilled_states(run: Run, plan: str, layers_arch: Mapping[str, Mapping[st
 # ----------------------------------------------------------------------------- training
 
 
-def _layer_keys(settings: Mapping[str, Any], chain: Sequence[tuple[str, str, str | None]]) -> dict[str, str]:
-    """{layer: key} for every layer of `chain` ((layer, spec, phase-1 sha256) in network order):
-    a layer's inputs depend on the layers before it, so its key covers them all."""
+def _layer_keys(settings: Mapping[str, Any], chain: Sequence[tuple[str | None, ...]]) -> dict[str, str]:
+    """{layer: key} for every layer of `chain` ((layer, spec, phase-1 sha256[, target]) in
+    network order): a layer's inputs depend on the layers before it, so its key covers them all."""
     keys = {}
-    for i, (name, _, _) in enumerate(chain):
+    for i, (name, *_) in enumerate(chain):
         blob = json.dumps({"settings": dict(settings), "chain": [list(c) for c in chain[: i + 1]]}, sort_keys=True)
         keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return keys
@@ -225,16 +229,18 @@ def _optimizer(module: nn.Module, dcfg) -> torch.optim.Optimizer:
 
 
 def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batches, steps: int, dcfg,
-                 seed: int, bar=None) -> float:
+                 seed: int, bar=None, target: str | None = None) -> float:
     """Train the student's layer `name` for `steps` steps on (its input in the student, the
-    teacher's output there). Returns the mean loss over the last tenth of the steps."""
+    teacher's output at `target`, default `name`). Returns the mean loss over the last tenth
+    of the steps."""
     from hant.distill import LayerTap, candidate_seed, load_images, nmse
     from hant.layers import get_layer
 
     module = get_layer(student, name)
     device = next(module.parameters()).device
     opt = _optimizer(module, dcfg)
-    s_tap, t_tap = LayerTap(student, [name]), LayerTap(teacher, [name])
+    target = target or name
+    s_tap, t_tap = LayerTap(student, [name]), LayerTap(teacher, [target])
     warmup = max(1, round(steps * _WARMUP_FRAC))
     tail_from = steps - max(1, round(steps * _TAIL_FRAC))
     torch.manual_seed(candidate_seed(seed, name, "redistill"))  # randomness inside the op (dropout)
@@ -243,7 +249,7 @@ def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batch
         images = _prep(load_images(train, batches.indices(step)), device)
         student.eval()
         x = s_tap(images, [name])[name][0]
-        y = t_tap(images, [name])[name][1]
+        y = t_tap(images, [target])[target][1]
         for g in opt.param_groups:
             g["lr"] = dcfg.lr * warmup_cosine_scale(step, steps, warmup)
         module.train()
@@ -295,6 +301,7 @@ class _Work(NamedTuple):
     previous: dict[str, Any] | None  # the index on disk
     done: dict[str, dict[str, Any]]  # its entries that need no more work
     pending: list[str]  # trainable layers left to train
+    targets: dict[str, str]  # {trainable layer: the later layer whose teacher output it learns}, where not its own
 
     @property
     def current(self) -> bool:
@@ -304,7 +311,46 @@ class _Work(NamedTuple):
                     and p.get("heldout"))
 
 
-def _work(the_run: Run, plan: str, n_img: int, log: Callable[[str], None]) -> _Work:
+def _through_skips(the_run: Run, specs: Mapping[str, str], trainable: Sequence[str]) -> dict[str, str]:
+    """{trainable layer: target} for each trainable layer that the plan follows directly with
+    skipped layers: the target is the last of them. A skip is the identity, so the student's
+    output there is this layer's, and the layer is trained to give what the teacher gives after
+    the layers it stands in for. "Directly" is checked on the teacher: each skipped layer's
+    input must be exactly the previous layer's output (on two random images), so a layer
+    whose next layer in network order reads something else is left with its own target."""
+    from hant.distill import LayerTap
+    from hant.ops.simple import SKIP
+
+    order = [info.name for info in the_run.layers]
+    runs = {}
+    for name in trainable:
+        i = j = order.index(name)
+        while j + 1 < len(order) and specs.get(order[j + 1]) == SKIP.name:
+            j += 1
+        if j > i:
+            runs[name] = order[i: j + 1]
+    if not runs:
+        return {}
+    teacher = the_run.teacher().eval()
+    d = the_run.config.data
+    x = torch.randn(2, int(d.in_chans), int(d.input_size), int(d.input_size),
+                    generator=torch.Generator().manual_seed(0))
+    names = list(dict.fromkeys(n for chain in runs.values() for n in chain))
+    with torch.no_grad():
+        seen = LayerTap(teacher, names)(x, names)
+    targets = {}
+    for name, chain in runs.items():
+        last = name
+        for prev, nxt in zip(chain, chain[1:]):
+            if not torch.equal(seen[nxt][0], seen[prev][1]):
+                break
+            last = nxt
+        if last != name:
+            targets[name] = last
+    return targets
+
+
+def _work(the_run: Run, plan: str, n_img: int, log: Callable[[str], None], through_skips: bool = False) -> _Work:
     from hant.layers import get_layer
     from hant.student import assemble
 
@@ -321,19 +367,26 @@ def _work(the_run: Run, plan: str, n_img: int, log: Callable[[str], None]) -> _W
                 "optimizer": dcfg.optimizer, "lr": dcfg.lr, "weight_decay": dcfg.weight_decay, "seed": cfg.seed,
                 "bn_batches": cfg.finetune.bn_batches, "bn_batch_size": cfg.finetune.batch_size,
                 "teacher_sha256": the_run.layers_doc.get("checkpoint_sha256")}
-    keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name]) for name in replaced])
+    targets = _through_skips(the_run, specs, trainable) if through_skips else {}
+    # A layer trained to another target gets it in its key (and so do the layers after it);
+    # with none, the keys are what they were before targets existed.
+    keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name], *([targets[name]] if name in targets else []))
+                                  for name in replaced])
     previous = _read_index(the_run.dir.redistilled_dir(plan) / INDEX_FILE, log)
     done = _finished(the_run.root, previous, keys, log)
     pending = [name for name in trainable if name not in done]
-    return _Work(student, replaced, specs, trainable, phase1_sha, settings, keys, previous, done, pending)
+    return _Work(student, replaced, specs, trainable, phase1_sha, settings, keys, previous, done, pending, targets)
 
 
-def is_current(run: str | os.PathLike, plan: str, images: int | None = None) -> bool:
-    """Whether `redistill(run, plan, images)` would find every layer done with today's
-    settings and train nothing (reads weights and the index; no data, no training)."""
+def is_current(run: str | os.PathLike, plan: str, images: int | None = None,
+               through_skips: bool | None = None) -> bool:
+    """Whether `redistill(run, plan, images, through_skips)` would find every layer done with
+    today's settings and train nothing (reads weights and the index; no data, no training)."""
     the_run = Run(run)
-    n_img = int(images if images is not None else the_run.config.distill.redistill_images)
-    return _work(the_run, plan, n_img, lambda *_: None).current
+    dcfg = the_run.config.distill
+    n_img = int(images if images is not None else dcfg.redistill_images)
+    skips = bool(dcfg.redistill_through_skips if through_skips is None else through_skips)
+    return _work(the_run, plan, n_img, lambda *_: None, skips).current
 
 
 def _bar(total: int):
@@ -345,7 +398,7 @@ def _bar(total: int):
 
 
 def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, through_skips: bool | None = None) -> dict[str, Any]:
     """Re-distil a plan's replaced layers on the student's own inputs; write their weights.
 
     `plan` names RUN/plans/<plan>.json; `images`: train images per layer (default
@@ -373,6 +426,7 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     cfg = the_run.config
     dcfg = cfg.distill
     n_img = int(images if images is not None else dcfg.redistill_images)
+    skips = bool(dcfg.redistill_through_skips if through_skips is None else through_skips)
     if n_img < 1:
         raise HantError(f"images per re-distilled layer must be at least 1, got {n_img}; pass --images N")
     out_dir = the_run.dir.redistilled_dir(plan)
@@ -381,9 +435,10 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     with run_lock(the_run.root, log=log):
         # Weights first, without data or BatchNorm re-estimation: a rerun with nothing left to
         # do stops here.
-        w = _work(the_run, plan, n_img, log)
+        w = _work(the_run, plan, n_img, log, skips)
         student, replaced, specs, trainable = w.student, w.replaced, w.specs, w.trainable
         phase1_sha, settings, keys, done, pending = w.phase1_sha, w.settings, w.keys, w.done, w.pending
+        targets = w.targets
         if w.current:
             log(f"redistill: plan {plan}: all {len(trainable)} layers re-distilled already -> {index_path}")
             return {**w.previous, "trained": [], "reused": list(trainable), "wall_s": time.time() - t0}
@@ -429,11 +484,13 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
         try:
             for name in pending:
                 t1 = time.time()
-                start = heldout_nmse(student, teacher, [name], heldout, bs, n_heldout)[name]
-                train_loss = _train_layer(student, teacher, name, splits.train, batches, steps, dcfg, cfg.seed, bar)
+                target = targets.get(name, name)
+                start = heldout_nmse(student, teacher, [target], heldout, bs, n_heldout)[target]
+                train_loss = _train_layer(student, teacher, name, splits.train, batches, steps, dcfg, cfg.seed, bar,
+                                          target=target)
                 if cfg.finetune.bn_batches > 0:
                     recalibrate()
-                after = heldout_nmse(student, teacher, [name], heldout, bs, n_heldout)[name]
+                after = heldout_nmse(student, teacher, [target], heldout, bs, n_heldout)[target]
                 f = out_dir / name / f"{specs[name]}.safetensors"
                 state = {k: v.detach().cpu().clone() for k, v in get_layer(student, name).state_dict().items()}
                 sha = save_safetensors(f, state, metadata={"layer": name, "spec": specs[name], "plan": plan,
@@ -443,9 +500,11 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
                                  "phase1_sha256": phase1_sha[name], "steps": steps,
                                  "images": steps * batches.batch_size,
                                  "train_loss": train_loss, "heldout_before": before[name], "heldout_start": start,
-                                 "heldout_after": after, "seconds": round(time.time() - t1, 2)}
+                                 "heldout_after": after, "seconds": round(time.time() - t1, 2),
+                                 **({"target": target} if target != name else {})}
                 write(complete=False)
-                log(f"redistill: {name} ({specs[name]}): held-out NMSE in the student {before[name]:.4f} -> "
+                at = f" at {target} (the skipped layers' output)" if target != name else ""
+                log(f"redistill: {name} ({specs[name]}): held-out NMSE{at} in the student {before[target]:.4f} -> "
                     f"{after:.4f} (phase-1 weights on these inputs {start:.4f}), {time.time() - t1:.1f} s")
         finally:
             if bar is not None:
