@@ -78,7 +78,10 @@ class DistillConfig:
     redistill_images: int = 8192
     # A re-distilled layer that the plan follows directly with skipped layers learns the
     # teacher's output after the last of them (the skips pass its output on unchanged), so it
-    # stands in for the layers the plan removed.
+    # stands in for the layers the plan removed. Off: on the demo run's batch-64 plans it took
+    # the NMSE at the last block from 0.82 to 0.58 (3x) and 1.03 to 0.84 (4x), but the assembled
+    # students were 0.5 points worse and after 2 epochs the same within noise (3x 92.74% against
+    # 92.82%, 4x 92.29% against 92.32%; bench/results/recovery_5cycle_speedups.json).
     redistill_through_skips: bool = False
 
     def __post_init__(self) -> None:
