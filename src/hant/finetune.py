@@ -280,10 +280,7 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
                                    ("ce_weight", ce_weight)) if v is not None}
     if overrides:
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
-    # Epochs from the config get the floor finetune.min_steps (a small set's 2 epochs are a
-    # handful of steps); epochs passed in are taken as they are.
-    min_steps = int(cfg.finetune.min_steps) if epochs is None else 0
-    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
+    epochs, min_steps = _epochs_asked(cfg, epochs)
     if not epochs > 0:
         raise HantError(f"fine-tune epochs must be positive, got {epochs:g}")
     with process_group() as dist_, contextlib.ExitStack() as stack:
@@ -297,7 +294,16 @@ def finetune(run: str | os.PathLike, plan: str, epochs: float | None = None,
         return _finetune(run, plan, cfg, epochs, dist_, log, min_steps)
 
 
-def _plan_loop(run, plan: str, cfg, epochs: float, dist_: Dist, say, min_steps: int = 0):
+def _epochs_asked(cfg, epochs: float | None) -> tuple[float, int]:
+    """(epochs, floor in steps) of a plan's fine-tuning: epochs from the config get the floor
+    finetune.min_steps (a small set's 2 epochs are a handful of steps); epochs passed in are
+    taken as they are."""
+    if epochs is None:
+        return float(cfg.finetune.epochs), int(cfg.finetune.min_steps)
+    return float(epochs), 0
+
+
+def _plan_loop(run, plan: str, cfg, epochs: float, min_steps: int, dist_: Dist, say):
     """The loop that fine-tunes a plan's student, and the data splits and plan it reads."""
     from hant.data import load_data
 
@@ -340,9 +346,7 @@ def outdated(run: str | os.PathLike, plan: str, epochs: float | None = None) -> 
     if made is None and state is None:
         return None
     cfg = Run(run).config
-    min_steps = int(cfg.finetune.min_steps) if epochs is None else 0
-    epochs = float(cfg.finetune.epochs if epochs is None else epochs)
-    loop, _, _ = _plan_loop(run, plan, cfg, epochs, Dist(), lambda *_: None, min_steps)
+    loop, _, _ = _plan_loop(run, plan, cfg, *_epochs_asked(cfg, epochs), Dist(), lambda *_: None)
     if made is None:
         return None if state.get("settings_key") == _settings_key(loop.settings) else "fine-tuning settings"
     now = json.loads(json.dumps(loop.recipe))
@@ -353,7 +357,7 @@ def outdated(run: str | os.PathLike, plan: str, epochs: float | None = None) -> 
 def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: int = 0) -> dict[str, Any]:
     ft = cfg.finetune
     say = log if dist_.main else (lambda *_: None)
-    loop, splits, plan_d = _plan_loop(run, plan, cfg, epochs, dist_, say, min_steps)
+    loop, splits, plan_d = _plan_loop(run, plan, cfg, epochs, min_steps, dist_, say)
     out, train, epochs = loop.out, loop.train, loop.epochs
     resume = _load_resume(out, loop.settings, say)
     done_before = bool(resume and resume.state.get("done") and (out / STUDENT_FILE).exists())
