@@ -34,7 +34,7 @@ from hant.dist import Dist, process_group
 from hant.errors import HantError
 from hant.schedule import warmup_then_cosine
 from hant.run import Run
-from hant.student import (EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
+from hant.student import (ARCH_FILE, EVAL_FILE, STUDENT_FILE, TEACHER_SPEC, assemble, count_params_flops, read_plan,
                           save_student, update_eval)
 from hant.workspace import RunDir, fault_point, load_safetensors, read_json, save_safetensors, sha256_file, write_json
 
@@ -339,9 +339,9 @@ def outdated(run: str | os.PathLike, plan: str, epochs: float | None = None) -> 
     one made before that is compared through its finished checkpoint, and without either it
     counts as current."""
     out = RunDir(run).student_dir(plan)
-    if not (out / "arch.json").exists():
+    if not (out / ARCH_FILE).exists():
         return None
-    made = read_json(out / "arch.json").get("finetune")
+    made = read_json(out / ARCH_FILE).get("finetune")
     state = read_json(out / CKPT_STATE) if made is None and (out / CKPT_STATE).exists() else None
     if made is None and state is None:
         return None
