@@ -12,7 +12,7 @@ onnxruntime-cpu at batch size 1, space `--space` (`default`), and records per te
 - `speedup` with `speedup_ci_lo`/`speedup_ci_hi`: the fine-tuned student timed against the
   teacher, interleaved, by `hant measure` (eval.json);
 - `top1`: the student's test top-1; `teacher_top1`; `control_top1`: the teacher fine-tuned
-  with the same fine-tuning recipe for the same epochs (`hant.finetune.finetune_module` on a
+  with the same fine-tuning recipe for the same epochs (`hant.kd.finetune_module` on a
   copy of the teacher, as bench/recovery.py does its control); `drop` = the better of
   teacher and control minus the student, in points;
 - `pool_size` (mean candidates per layer; `pool_total` the sum), `layers` (replaceable
@@ -580,7 +580,7 @@ class Families:
             "score": dataclasses.asdict(cfg.score),
             "latency": dataclasses.asdict(cfg.latency),
             "finetune": {**dataclasses.asdict(cfg.finetune), "epochs": epochs},
-            "control": "the teacher fine-tuned by hant.finetune.finetune_module with the finetune recipe above "
+            "control": "the teacher fine-tuned by hant.kd.finetune_module with the finetune recipe above "
                        "for the same epochs",
             "ablation": f"the {a.speedup:g}x plan with SelectOptions(exclude_families=('{a.ablate_family}',)), "
                         "checked on the hardware like the main plan, fine-tuned with the same recipe",
@@ -633,11 +633,11 @@ def cpu_flags() -> dict[str, bool]:
 def teacher_control(the_run, splits, epochs: float, work: Path, key: str, log: Callable[[str], None] = print
                     ) -> dict[str, Any]:
     """The control of every benchmark here: a copy of the run's teacher fine-tuned with the
-    run's fine-tuning recipe for `epochs` (`hant.finetune.finetune_module`, the loop of hant's
+    run's fine-tuning recipe for `epochs` (`hant.kd.finetune_module`, the loop of hant's
     students; the feature loss, when on, at every replaceable layer), its checkpoints under
     `work` resuming by `key` and removed once done. Returns {"top1" (test), "finetune":
     {steps, batch_size, final_loss, time_s}}."""
-    from hant.finetune import finetune_module
+    from hant.kd import finetune_module
 
     cfg = the_run.config
     layers = [info.name for info in the_run.layers] if cfg.finetune.feature_loss != "none" else None

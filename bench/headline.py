@@ -25,7 +25,7 @@ every batch size (64 and 1):
    - `pruned`: Torch-Pruning, DepGraph with L2 magnitude importance, one pruning ratio for
      every layer (channels rounded to `--prune-round-to`), the ratio searched until the
      measured latency matches the hant student's; fine-tuned with logit distillation (KD on
-     the teacher's logits + CE, `hant.finetune.kd_loss`) by `hant.finetune.finetune_module`,
+     the teacher's logits + CE, `hant.kd.kd_loss`) by `hant.kd.finetune_module`,
      the very loop that fine-tunes hant's students (feature distillation does not apply: no
      layer of it has the teacher's shape);
    - `smaller`: the teacher's timm EfficientNet family scaled down by its own compound rule
@@ -272,7 +272,7 @@ class Bench:
         # How hant's students are made; part of their names (`recipe_tag`) and checked in their units.
         self.recipe = {"check_rounds": int(args.check_rounds), "redistill": bool(args.redistill)}
         if self.recipe["check_rounds"] > 0:
-            from hant.select import OVERSHOOT
+            from hant.speedup import OVERSHOOT
 
             self.recipe["overshoot"] = OVERSHOOT  # when a plan faster than asked is loosened
         self.tag = recipe_tag(self.recipe)
@@ -643,13 +643,13 @@ class Bench:
 
     def matched_unit(self, method: str, b: int, s: float, ref: dict) -> dict:
         """A pruned or smaller network whose measured latency matches the hant student `ref`,
-        fine-tuned with logit distillation (the KD + CE loss of `hant.finetune.kd_loss`, through
+        fine-tuned with logit distillation (the KD + CE loss of `hant.kd.kd_loss`, through
         `finetune_module`, the loop that fine-tunes hant's students) for the same epochs (the
         smaller network: `--small-epochs`, by default the same). Feature distillation is off
         for them whatever the run's config says: no layer of theirs has the teacher's shape."""
         import dataclasses
 
-        from hant.finetune import finetune_module
+        from hant.kd import finetune_module
         from hant.student import load_student
         from hant.workspace import save_safetensors
 
@@ -715,7 +715,7 @@ class Bench:
                     "sha256": sha, "top1": self.top1(model), "top1_before_finetune": init_top1,
                     "params": p, "flops": f,
                     "init": "teacher weights, pruned" if method == "pruned" else "random (no pretrained weights here)",
-                    "finetune": {**ft, "via": "hant.finetune.finetune_module", "loss": "logits (KD + CE)"}}
+                    "finetune": {**ft, "via": "hant.kd.finetune_module", "loss": "logits (KD + CE)"}}
 
         return self.unit(unit, make, self.same_ref(ref))
 
@@ -976,7 +976,7 @@ def notes(bench: Bench, rows: list[dict]) -> list[str]:
         + (f", plus the run's {bench.cfg.finetune.feature_loss} feature loss for hant's, the random plans' and "
            "the control's, which pruned and smaller networks cannot have" if bench.cfg.finetune.feature_loss != "none"
            else "") + "); hant and random plans and the control through hant.finetune.finetune, pruned and "
-        "smaller networks through hant.finetune.finetune_module (the same loop).",
+        "smaller networks through hant.kd.finetune_module (the same loop).",
         hant_recipe_note(bench.recipe),
         "The smaller networks start from random weights (nothing pretrained can be downloaded here); with "
         f"{bench.small_epochs:g} epochs they are far from converged, so their row says what the same training "

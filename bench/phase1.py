@@ -105,7 +105,7 @@ def stage_run(run: Path, images: int, threads: int) -> dict:
 
 def prefix_times(teacher, layers: list[str], images: torch.Tensor, reps: int = 3) -> dict[str, float]:
     """Seconds of one teacher pass up to each layer (the pass a per-layer or per-candidate design makes)."""
-    from hant.distill import LayerTap
+    from hant.layerwise import LayerTap
 
     tap = LayerTap(teacher, layers)
     tap(images, [layers[-1]])  # warm-up
@@ -137,7 +137,8 @@ class Head:
 def build(pools, keys, teacher, sample, seed, teacher_init=True, suffix=""):
     """Candidates for `keys`; with teacher_init=False they start random (spec label + suffix)."""
     from hant import ops
-    from hant.distill import Candidate, build_candidates, candidate_seed
+    from hant.distill import Candidate, build_candidates
+    from hant.layerwise import candidate_seed
 
     if teacher_init:
         return build_candidates(pools, keys, teacher, sample, seed)
@@ -174,8 +175,8 @@ def main() -> None:
 
     from hant.config import DistillConfig, RunConfig
     from hant.data import load_data
-    from hant.distill import (LayerTap, Phase1Options, layer_pools, load_images, BatchPlan, images_per_candidate,
-                              train_pool)
+    from hant.distill import Phase1Options, images_per_candidate, layer_pools, train_pool
+    from hant.layerwise import BatchPlan, LayerTap, load_images
     from hant.teacher import load_teacher
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hant-bench-phase1-"))

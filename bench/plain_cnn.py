@@ -110,7 +110,7 @@ def _train_teacher(train, path: Path) -> nn.Module:
 def _control(teacher: nn.Module, train, cfg, epochs: float, cache: Path, test) -> float:
     """The teacher fine-tuned like the student (the run's loss, schedule and epochs), its test top-1."""
     from hant.data import TensorImageDataset
-    from hant.finetune import finetune_module
+    from hant.kd import finetune_module
 
     if cache.exists():
         return json.loads(cache.read_text())["top1"]

@@ -18,7 +18,7 @@ runs/demo: EfficientNet-B0 on Fashion-MNIST at 64x64), for target onnxruntime-cp
 3. for every recipe and every epoch count of `--epochs` (0, 0.25, 0.5, 1, 2) its own
    fine-tuning schedule (warm-up and cosine over exactly that many epochs, not a snapshot
    of a longer one) from the assembled, BatchNorm-recalibrated student, through
-   `hant.finetune.finetune_module` (the loop of `hant finetune`) on a model assembled once per
+   `hant.kd.finetune_module` (the loop of `hant finetune`) on a model assembled once per
    start; epoch 0 is the assembled student itself. Then test top-1, and the student timed
    against the teacher, interleaved, with the run's latency protocol
    (`hant.latency.compare.time_against_teacher`): measured speedup with its interval.
@@ -430,7 +430,8 @@ class Recovery:
     def select_unit(self, s: float, cap: float | None) -> dict:
         """The hardware-checked selection of speedup s with K plans; the best is the K = 1 plan."""
         from hant.measure import time_plan
-        from hant.select import OVERSHOOT, select_measured
+        from hant.speedup import OVERSHOOT
+        from hant.select import select_measured
         from hant.workspace import sha256_file
 
         a = self.args
@@ -615,7 +616,7 @@ class Recovery:
                    plan_info: dict, only_cached: bool = False) -> dict | None:
         """One point of a curve: the start (epochs 0) or its own fine-tuning of `epochs` epochs
         (with `only_cached`, the point if it is cached, else None)."""
-        from hant.finetune import finetune_module
+        from hant.kd import finetune_module
         from hant.student import count_params_flops, save_student
 
         a = self.args
@@ -658,7 +659,7 @@ class Recovery:
     def control_unit(self, loss: dict[str, Any], epochs: float, only_cached: bool = False) -> dict | None:
         """The teacher fine-tuned with `loss` for `epochs` (the feature loss, when on, at every
         replaceable layer of the run); with `only_cached`, None unless it is cached."""
-        from hant.finetune import finetune_module
+        from hant.kd import finetune_module
 
         label = self.loss_label(loss)
         # The teacher's own output layer gives its logits exactly (KL 0, which no refit lowers),

@@ -31,7 +31,7 @@ What it measures. A user with a small dataset of their own, typing the commands 
    `measured_speedup` (eval.json: the fine-tuned student timed against the teacher,
    interleaved, by `hant measure`) with its 95% interval, `top1` (student, test),
    `control_top1` (the teacher fine-tuned with the run's recipe for the students' epochs,
-   floor included: `hant.finetune.finetune_module` on a copy, once per teacher and recipe),
+   floor included: `hant.kd.finetune_module` on a copy, once per teacher and recipe),
    `drop` (the better of teacher and control minus the student, in points, so that what
    extra training does for the teacher is not counted as recovery; `drop_vs_teacher` beside
    it), `wall_s` (the `hant accelerate` call that made both rows), `stages`
@@ -422,7 +422,7 @@ class SmallData:
 
     def control(self, variant: str) -> dict[str, Any]:
         """The teacher fine-tuned as the variant's students were: the run's fine-tuning recipe
-        (`hant.finetune.finetune_module` on a copy of the teacher) for the epochs the first
+        (`hant.kd.finetune_module` on a copy of the teacher) for the epochs the first
         student's eval.json records, the finetune.min_steps floor included. Its test top-1 is
         the reference beside the teacher's, so that what extra training does for the teacher
         itself is not counted as recovery. Cached in CACHE/units/; checkpoints resume."""

@@ -9,7 +9,7 @@ Otherwise part of what fine-tuning does for a student is what it would do for th
 and counting it as recovery flatters hant (the benchmarks therefore measure drops from the
 better of teacher and this control). This script measures that lift for the teacher of a
 run folder (`hant init` makes one in seconds; no phase 1 is needed): for each `--epochs`
-count, a copy of the teacher is fine-tuned by `hant.finetune.finetune_module`, the loop
+count, a copy of the teacher is fine-tuned by `hant.kd.finetune_module`, the loop
 that fine-tunes hant's students, with the run's `finetune` recipe (KD from the unchanged
 teacher + label CE, AdamW, warm-up and cosine), and its test top-1 is compared with the
 teacher's. `converged` holds when the lift at the largest count is at most `--max-gain`

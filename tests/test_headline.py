@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("torch_pruning")
 
-from hant.select import OVERSHOOT  # noqa: E402
+from hant.speedup import OVERSHOOT  # noqa: E402
 from hant.student import count_params_flops  # noqa: E402
 from hant.teacher import create_model  # noqa: E402
 

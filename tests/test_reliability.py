@@ -409,13 +409,15 @@ def test_damaged_student_weights_are_refused_and_rewritten_without_training(base
     assert "\n" not in str(e.value)
 
     steps = []
-    real = finetune_mod.kd_loss
+    import hant.kd as kd_mod
+
+    real = kd_mod.kd_loss
 
     def counting(*args, **kwargs):
         steps.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finetune_mod, "kd_loss", counting)
+    monkeypatch.setattr(kd_mod, "kd_loss", counting)
     finetune_mod.finetune(run, PLAN, log=_quiet)
     assert steps == []  # rewritten from the finished fine-tuning's checkpoint
     assert weights.read_bytes() == good

@@ -173,7 +173,8 @@ def test_malformed_arrays_are_refused():
 # The stage, on a synthetic run folder (no torch passes)
 
 from hant.config import RunConfig  # noqa: E402
-from hant.select import OVERSHOOT, SelectOptions, select, select_measured  # noqa: E402
+from hant.speedup import OVERSHOOT  # noqa: E402
+from hant.select import SelectOptions, select, select_measured  # noqa: E402
 from hant.workspace import RunDir, read_json, write_json  # noqa: E402
 
 SPECS = ["teacher", "proj", "mb_k3_e1_relu", "mb_k3_e3_silu", "fmb_k3_e1_relu"]

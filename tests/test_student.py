@@ -14,7 +14,8 @@ from torch import nn
 from hant.config import RunConfig
 from hant.dist import Dist
 from hant.errors import HantError
-from hant.finetune import _epoch_batches, _FeatureTaps, feature_loss, finetune, kd_loss
+from hant.finetune import finetune
+from hant.kd import FeatureTaps, _epoch_batches, feature_loss, kd_loss
 from hant.schedule import warmup_then_cosine as _lr_at
 from hant.layers import get_layer
 from hant.measure import measure
@@ -329,7 +330,8 @@ def test_finetune_restarts_when_settings_change(run):
 
 
 def test_outdated_tells_a_finished_student_from_what_the_run_would_train_now(run):
-    from hant.finetune import CKPT_FILE, CKPT_STATE, outdated
+    from hant.finetune import outdated
+    from hant.kd import CKPT_FILE, CKPT_STATE
 
     plan = _plan(run)
     assert outdated(run, plan) is None  # no student yet
@@ -397,7 +399,7 @@ def test_feature_loss_is_zero_for_the_teacher_and_positive_for_replaced_layers(r
     for plan in ("all-teacher", _plan(run)):
         student = assemble(run, plan).eval()
         assert list(student.hant_arch["layers"]) == (names if plan == "all-teacher" else [names[1], names[3]])
-        with torch.no_grad(), _FeatureTaps(student, teacher, list(student.hant_arch["layers"]), kind) as taps:
+        with torch.no_grad(), FeatureTaps(student, teacher, list(student.hant_arch["layers"]), kind) as taps:
             teacher(x)
             student(x)
             losses[plan] = taps.loss().item()
@@ -578,7 +580,7 @@ def test_finetune_module_is_the_same_recipe_as_finetune(run, tmp_path):
     # through the plan and fine-tuning the bare teacher module must give the same weights.
     from hant.config import RunConfig
     from hant.data import load_data
-    from hant.finetune import finetune_module
+    from hant.kd import finetune_module
 
     names = layer_names(run)
     write_plan(run, "all-teacher", {n: "teacher" for n in names})
@@ -612,7 +614,7 @@ def test_auto_augmentation_is_on_only_when_the_schedule_repeats_the_data(run, tm
 
     from hant.config import AUTO_AUGMENT_PASSES, RunConfig
     from hant.data import load_data
-    from hant.finetune import augments, finetune_module
+    from hant.kd import augments, finetune_module
 
     assert not augments("auto", 110_000, 55_000) and augments("auto", 200 * 128, 1_200)
     assert augments(True, 1, 100) and not augments(False, 10**6, 10)
@@ -640,7 +642,7 @@ def test_head_fit_refits_the_output_layer_before_the_first_step_and_only_then(ru
 
     from hant.config import RunConfig
     from hant.data import load_data
-    from hant.finetune import finetune_module
+    from hant.kd import finetune_module
 
     cfg = RunConfig.load(RunDir(run).config)
     on = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=True))

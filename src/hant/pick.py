@@ -8,10 +8,10 @@ otherwise (Puzzle, Bercovich et al. 2024, gives its candidate architectures a sh
 distillation each before the final choice for this reason).
 
 - `check_alternatives(run, name, timer, speedup)`: each alternative timed against the
-  teacher, judged by `hant.select.judge_speedup` (the rule of `select_measured`), recorded
+  teacher, judged by `hant.speedup.judge_speedup` (the rule of `select_measured`), recorded
   in its plan file under "latency_check"; one that falls short is not eligible.
 - `pick_plan(run, name)`: every eligible plan assembled (BatchNorm re-estimated), trained
-  with the fine-tuning loop (`hant.finetune.finetune_module`) on `finetune.pick_images`
+  with the fine-tuning loop (`hant.kd.finetune_module`) on `finetune.pick_images`
   train images, and scored on the held-out split (never trained on) against the teacher.
   The ranking goes to RUN/plans/<name>.pick.json; the original best is kept as
   <name>-alt0 and RUN/plans/<name>.json becomes the winner (its own layers, predictions and
@@ -87,7 +87,7 @@ def check_alternatives(run: str | os.PathLike, name: str, timer: Callable[[str |
 
     Alternatives share the best plan's budget and are predicted about as fast, but each is
     checked on the hardware as the best plan is: `timer(run, alt_name)` (the pipeline passes
-    `hant.measure.time_plan`) and `hant.select.judge_speedup` with `tolerance` (met when the
+    `hant.measure.time_plan`) and `hant.speedup.judge_speedup` with `tolerance` (met when the
     upper end of the measured speedup's interval reaches speedup * (1 - tolerance)). The
     check goes into the alternative's plan file under "latency_check" (the format of
     `select_measured`, one round); an alternative already checked for the same goal is not
@@ -96,7 +96,7 @@ def check_alternatives(run: str | os.PathLike, name: str, timer: Callable[[str |
     Returns [{"name", "speedup", "speedup_ci_lo", "speedup_ci_hi", "decision", "met"}], one per
     alternative. Raises HantError for a missing plan or a non-positive `speedup`.
     """
-    from hant.select import SPEEDUP_RULE, judge_speedup
+    from hant.speedup import SPEEDUP_RULE, judge_speedup
 
     if not (speedup > 0 and math.isfinite(speedup)):
         raise HantError(f"speedup must be a positive number, got {speedup}")
@@ -164,7 +164,7 @@ def _score(model: nn.Module, held: _Heldout, ft) -> dict[str, float | None]:
     of the fine-tuning loss, `kd_loss` with the run's weights and temperature), "heldout_kl"
     (KL(teacher || model) at temperature 1) and "heldout_top1" (percent, against the labels);
     per image means, None when not finite."""
-    from hant.finetune import kd_loss
+    from hant.kd import kd_loss
 
     model.eval().to(held.device).to(memory_format=torch.channels_last)
     loss = kl = 0.0
@@ -185,7 +185,7 @@ def _short_distillation(run: Path, plan: Mapping[str, Any], images: int, cfg, sp
     """One candidate plan: assembled from its phase-1 weights (BatchNorm re-estimated), scored,
     trained on `images` train images by `finetune_module`, scored again. Returns its ranking
     entry's numbers."""
-    from hant.finetune import finetune_module
+    from hant.kd import finetune_module
     from hant.student import assemble
 
     t0 = time.perf_counter()
@@ -253,7 +253,7 @@ def pick_plan(run: str | os.PathLike, name: str, images: int | None = None,
     --candidates K`). Each eligible one (an alternative whose hardware check, see
     `check_alternatives`, fell short is left out; the best plan always takes part) is
     assembled with its phase-1 weights and BatchNorm re-estimated, then trained end to end
-    against the teacher with the fine-tuning recipe (`hant.finetune.finetune_module`: loss,
+    against the teacher with the fine-tuning recipe (`hant.kd.finetune_module`: loss,
     optimiser, schedule and augmentation of the run's `finetune` section) on `images` train
     images (default `finetune.pick_images`; the same images for every plan), and scored on
     the held-out split: "heldout_loss" (the logits part of the fine-tuning loss against the

@@ -5,7 +5,7 @@ student, layer l receives what the student's earlier layers computed, so their e
 up along the network. `redistill(run, plan)` takes only the plan's replaced layers, in
 network order, and trains each from its phase-1 weights on pairs (x_l, y_l): x_l the input
 of layer l in the student whose earlier layers are already re-distilled, y_l the teacher's
-output at layer l. Loss (phase 1's normalised MSE, `hant.distill.nmse`), optimiser,
+output at layer l. Loss (phase 1's normalised MSE, `hant.layerwise.nmse`), optimiser,
 learning rate, weight decay and batch size are phase 1's (`distill.*`); each layer sees
 `distill.redistill_images` train images. With `distill.redistill_through_skips` (or
 `through_skips=True`), a layer that the plan follows directly with skipped layers learns the
@@ -35,7 +35,7 @@ layer up to it, with its phase-1 sha256) matches and its file matches its sha256
 skips done layers and redoes the rest.
 
 `hant.student.assemble(run, plan)` uses the re-distilled weights once the plan's index is
-complete and current (`redistilled_states`). `hant accelerate`, `hant demo` and
+complete and current (`hant.run.Run.redistilled`). `hant accelerate`, `hant demo` and
 `hant.accelerate` run this stage on every plan before fine-tuning (`--no-redistill` to skip),
 as the recovery benchmark found it worth the minute it takes (bench/results/recovery.json).
 """
@@ -55,14 +55,13 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
+from hant.layerwise import BatchPlan, LayerTap, candidate_seed, load_images, make_optimizer, nmse
 from hant.schedule import warmup_cosine_scale
-from hant.run import Run
+from hant.run import TEACHER_SPEC, Run
 
-__all__ = ["INDEX_VERSION", "redistill", "redistilled_states", "heldout_nmse", "compare_top1"]
+__all__ = ["INDEX_VERSION", "redistill", "is_current", "heldout_nmse", "compare_top1"]
 
 INDEX_VERSION = 1
-INDEX_FILE = "index.json"
-TEACHER_SPEC = "teacher"
 _WARMUP_FRAC = 0.05  # phase 1's (Phase1Options.warmup_frac)
 _TAIL_FRAC = 0.1  # train_loss: mean over this last share of the steps, as in phase 1
 
@@ -91,7 +90,6 @@ def heldout_nmse(student: nn.Module, teacher: nn.Module, layers: Sequence[str], 
     models run in eval mode (left so) on the device of the student's parameters. Returns
     {layer: nmse}. Raises HantError when a layer does not run once per forward.
     """
-    from hant.distill import LayerTap, load_images
 
     layers = list(layers)
     if not layers:
@@ -149,62 +147,6 @@ def compare_top1(run: str | os.PathLike, plan: str, images: int | None = None,
     return out
 
 
-# ----------------------------------------------------------------------------- reading the index
-
-
-def _read_index(path: Path, log: Callable[[str], None] | None) -> dict[str, Any] | None:
-    from hant.workspace import read_json
-
-    if not path.exists():
-        return None
-    try:
-        doc = read_json(path)
-    except HantError:  # a torn or foreign file
-        if log:
-            log(f"redistill: {path} is unreadable; its layers count as not re-distilled")
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def redistilled_states(run: Run, plan: str, layers_arch: Mapping[str, Mapping[str, Any]],
-                       log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
-    """The re-distilled weights of a plan, {layer: state dict}, or None when there are none to use.
-
-    `layers_arch` is the plan's arch "layers" ({layer: {"spec", ...}}, canonical specs). The
-    weights are used only when the plan's index is complete, lists exactly the plan's
-    replaced layers with their specs, and each layer's phase-1 weights are still those it
-    started from; otherwise None (and `log` hears why, when an index exists). Raises
-    HantError when a listed file is missing or does not match its recorded sha256.
-    """
-    from hant.workspace import load_safetensors
-
-    path = run.dir.redistilled_dir(plan) / INDEX_FILE
-    doc = _read_index(path, log)
-    if doc is None:
-        return None
-    redo = f"run `hant redistill --run {run.root} --plan {plan}` to redo it"
-    want = {name: e["spec"] for name, e in layers_arch.items() if e["spec"] != TEACHER_SPEC}
-    if not doc.get("complete") or doc.get("layers") != want:
-        if log:
-            log(f"redistill: the re-distillation of plan {plan} is unfinished or was made for other layers; "
-                f"using phase-1 weights ({redo})")
-        return None
-    phase1 = run.candidate_index()
-    states = {}
-    for e in doc.get("entries") or []:
-        if (phase1.get((e["layer"], e["spec"])) or {}).get("sha256") != e.get("phase1_sha256"):
-            if log:
-                log(f"redistill: phase 1 has retrained {e['spec']} of layer {e['layer']} since plan {plan} was "
-                    f"re-distilled; using phase-1 weights ({redo})")
-            return None
-        try:
-            states[e["layer"]] = load_safetensors(run.root / e["file"], e.get("sha256"))
-        except HantError:
-            raise HantError(f"re-distilled weights {run.root / e['file']} of plan {plan} are missing, truncated or "
-                            f"altered; {redo}, or assemble with redistilled=False") from None
-    return states
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -223,7 +165,6 @@ def _optimizer(module: nn.Module, dcfg) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": dcfg.weight_decay},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    from hant.distill import make_optimizer
 
     return make_optimizer(groups, dcfg.optimizer, dcfg.lr, params[0].device)
 
@@ -233,7 +174,6 @@ def _train_layer(student: nn.Module, teacher: nn.Module, name: str, train, batch
     """Train the student's layer `name` for `steps` steps on (its input in the student, the
     teacher's output at `target`, default `name`). Returns the mean loss over the last tenth
     of the steps."""
-    from hant.distill import LayerTap, candidate_seed, load_images, nmse
     from hant.layers import get_layer
 
     module = get_layer(student, name)
@@ -318,7 +258,6 @@ def _through_skips(the_run: Run, specs: Mapping[str, str], trainable: Sequence[s
     the layers it stands in for. "Directly" is checked on the teacher: each skipped layer's
     input must be exactly the previous layer's output (on two random images), so a layer
     whose next layer in network order reads something else is left with its own target."""
-    from hant.distill import LayerTap
     from hant.ops.simple import SKIP
 
     order = [info.name for info in the_run.layers]
@@ -372,7 +311,7 @@ def _work(the_run: Run, plan: str, n_img: int, log: Callable[[str], None], throu
     # with none, the keys are what they were before targets existed.
     keys = _layer_keys(settings, [(name, specs[name], phase1_sha[name], *([targets[name]] if name in targets else []))
                                   for name in replaced])
-    previous = _read_index(the_run.dir.redistilled_dir(plan) / INDEX_FILE, log)
+    previous = the_run.redistilled_index(plan, log)
     done = _finished(the_run.root, previous, keys, log)
     pending = [name for name in trainable if name not in done]
     return _Work(student, replaced, specs, trainable, phase1_sha, settings, keys, previous, done, pending, targets)
@@ -414,7 +353,6 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     below 1, a held run folder, or a layer whose loss diverges.
     """
     from hant.data import load_data
-    from hant.distill import BatchPlan
     from hant.layers import get_layer
     from hant.student import bn_loader, recalibrate_batchnorm
     from hant.workspace import load_safetensors, run_lock, save_safetensors, write_json
@@ -430,7 +368,7 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     if n_img < 1:
         raise HantError(f"images per re-distilled layer must be at least 1, got {n_img}; pass --images N")
     out_dir = the_run.dir.redistilled_dir(plan)
-    index_path = out_dir / INDEX_FILE
+    index_path = the_run.dir.redistilled_index(plan)
 
     with run_lock(the_run.root, log=log):
         # Weights first, without data or BatchNorm re-estimation: a rerun with nothing left to

@@ -14,14 +14,15 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hant.config import RunConfig
 from hant.errors import HantError
 
-__all__ = ["init_run", "Run", "LAYERS_VERSION"]
+__all__ = ["init_run", "Run", "LAYERS_VERSION", "TEACHER_SPEC"]
 
 LAYERS_VERSION = 1
+TEACHER_SPEC = "teacher"  # a plan's spec for a layer it keeps: the teacher's own, its weights untouched
 
 
 def _resolve_path(p: str | None) -> str | None:
@@ -396,3 +397,57 @@ class Run:
         if not isinstance(layers, dict) or not all(isinstance(v, str) for v in layers.values()):
             raise HantError("the plan's \"layers\" must map layer names to spec strings; re-run `hant select`")
         return plan
+
+    def redistilled_index(self, plan: str, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """RUN/redistilled/<plan>/index.json, or None when there is none or it is unreadable (a torn
+        or foreign file: `log` hears so, and its layers count as not re-distilled)."""
+        from hant.workspace import read_json
+
+        path = self.dir.redistilled_index(plan)
+        if not path.exists():
+            return None
+        try:
+            doc = read_json(path)
+        except HantError:
+            if log:
+                log(f"redistill: {path} is unreadable; its layers count as not re-distilled")
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def redistilled(self, plan: str, layers_arch: Mapping[str, Mapping[str, Any]],
+                    log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]] | None:
+        """The re-distilled weights of a plan (`hant.redistill`), {layer: state dict}, or None when
+        there are none to use.
+
+        `layers_arch` is the plan's arch "layers" ({layer: {"spec", ...}}, canonical specs). The
+        weights are used only when the plan's index is complete, lists exactly the plan's
+        replaced layers with their specs, and each layer's phase-1 weights are still those it
+        started from; otherwise None (and `log` hears why, when an index exists). Raises
+        HantError when a listed file is missing or does not match its recorded sha256.
+        """
+        from hant.workspace import load_safetensors
+
+        doc = self.redistilled_index(plan, log)
+        if doc is None:
+            return None
+        redo = f"run `hant redistill --run {self.root} --plan {plan}` to redo it"
+        want = {name: e["spec"] for name, e in layers_arch.items() if e["spec"] != TEACHER_SPEC}
+        if not doc.get("complete") or doc.get("layers") != want:
+            if log:
+                log(f"redistill: the re-distillation of plan {plan} is unfinished or was made for other layers; "
+                    f"using phase-1 weights ({redo})")
+            return None
+        phase1 = self.candidate_index()
+        states = {}
+        for e in doc.get("entries") or []:
+            if (phase1.get((e["layer"], e["spec"])) or {}).get("sha256") != e.get("phase1_sha256"):
+                if log:
+                    log(f"redistill: phase 1 has retrained {e['spec']} of layer {e['layer']} since plan {plan} was "
+                        f"re-distilled; using phase-1 weights ({redo})")
+                return None
+            try:
+                states[e["layer"]] = load_safetensors(self.root / e["file"], e.get("sha256"))
+            except HantError:
+                raise HantError(f"re-distilled weights {self.root / e['file']} of plan {plan} are missing, truncated "
+                                f"or altered; {redo}, or assemble with redistilled=False") from None
+        return states

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
-from hant.run import Run
+from hant.run import TEACHER_SPEC, Run
 from hant.workspace import load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = [
@@ -32,7 +32,6 @@ ARCH_VERSION = 1
 STUDENT_FILE = "student.safetensors"
 ARCH_FILE = "arch.json"
 EVAL_FILE = "eval.json"
-TEACHER_SPEC = "teacher"
 
 
 # ----------------------------------------------------------------------------- plans and run
@@ -198,9 +197,7 @@ def assemble(run: str | os.PathLike, plan_name_or_layers: str | Mapping[str, Any
     model = the_run.teacher()
     states = None
     if redistilled and plan.get("name"):
-        from hant.redistill import redistilled_states
-
-        states = redistilled_states(the_run, plan["name"], layers_arch, log=log)
+        states = the_run.redistilled(plan["name"], layers_arch, log=log)
     modules = _candidates(model, layers_arch, the_run, states)
     replace_layers(model, modules).eval()
     if bn_recalibrate and modules and cfg.finetune.bn_batches > 0:

@@ -238,6 +238,10 @@ class RunDir:
         """A plan's re-distilled candidates (hant.redistill): <layer>/<spec>.safetensors, index.json."""
         return self.root / "redistilled" / plan
 
+    def redistilled_index(self, plan: str) -> Path:
+        """The index of a plan's re-distillation: its settings, layers, entries and held-out NMSE."""
+        return self.redistilled_dir(plan) / "index.json"
+
     def student_dir(self, plan: str) -> Path:
         return self.root / "students" / plan
 
