@@ -217,6 +217,7 @@ def _save_checkpoint(out: Path, model: nn.Module, opt, state: dict[str, Any]) ->
 
 
 def settings_key(d: Mapping[str, Any]) -> str:
+    """A short hash of a loop's settings (`Loop.settings`): a checkpoint resumes only under the same key."""
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -228,6 +229,8 @@ class Resume(NamedTuple):
 
 
 def load_resume(out: Path, settings: Mapping[str, Any], log) -> Resume | None:
+    """The checkpoint in `out` to resume from, or None: when there is none, when its files are
+    damaged, or when it was made with other `settings` (`log` hears which, and training starts over)."""
     state_file = out / CKPT_STATE
     if not state_file.exists() or not (out / CKPT_FILE).exists():
         return None
@@ -265,6 +268,8 @@ def augments(setting: bool | str, images_seen: int, train_images: int) -> bool:
 
 
 def make_schedule(train, ft, epochs: float, seed: int, dist_: Dist) -> Schedule:
+    """The steps of `epochs` over `train` with the finetune section `ft`, split across `dist_`'s
+    processes. Raises HantError for a train split of fewer than 2 images."""
     if len(train) < 2:
         raise HantError("the train split has fewer than 2 images; use more data")
     batch = max(1, min(ft.batch_size, len(train)) // dist_.world)
@@ -275,8 +280,8 @@ def make_schedule(train, ft, epochs: float, seed: int, dist_: Dist) -> Schedule:
 
 @dataclass(frozen=True)
 class Loop:
-    """What one fine-tuning loop runs with besides the two networks; `finetune` (a plan's
-    student) and `finetune_module` (any network) differ only in these."""
+    """What one fine-tuning loop runs with besides the two networks; `hant.finetune.finetune`
+    (a plan's student) and `finetune_module` (any network) differ only in these."""
 
     name: str  # in the log and on the progress bar
     train: Any  # the train split, a dataset of (image, label)
@@ -329,6 +334,7 @@ class Loop:
         return self.cfg.seed * 1_000_003 + step * 1009 + self.dist.rank
 
     def checkpoint_state(self, step: int, done: bool, info: Mapping[str, Any]) -> dict[str, Any]:
+        """The state file of a checkpoint at `step`: the loop's meta, progress, settings key and `info`."""
         return {**self.meta, "step": step, "total": self.sched.total, "done": done,
                 "settings_key": settings_key(self.settings), "info": info}
 
@@ -498,6 +504,7 @@ def _record(info: dict[str, Any], step: int, sched: Schedule, parts: Sequence[fl
 
 
 def finish_checkpoint(loop: Loop, model: nn.Module, opt, step: int, info: dict[str, Any]) -> None:
+    """The checkpoint of a finished loop (marked done), from which a rerun rewrites the weights without training."""
     _save_checkpoint(loop.out, model, opt, loop.checkpoint_state(step, True, info))
 
 
