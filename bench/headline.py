@@ -33,7 +33,7 @@ every batch size (64 and 1):
      same way; from random weights, as no pretrained ones can be downloaded here; the same
      logit distillation through `finetune_module`;
    - `random`: a random feasible plan from hant's pool under the hant plan's final budget
-     (`hant.select.random_feasible`), re-distilled (unless `--no-redistill`) and fine-tuned
+     (`hant.solver.random_feasible`), re-distilled (unless `--no-redistill`) and fine-tuned
      by hant's own stages, as hant's plan is;
    - `hant-int8` (at every batch size): the hant student quantised with ONNX Runtime's static INT8;
 4. adds the teacher, the teacher in static INT8, and the control: the teacher fine-tuned
@@ -591,7 +591,8 @@ class Bench:
 
         def make():
             from hant.latency import load_table, predict_ms
-            from hant.select import build_pool, plan_totals, predicted_latency, random_feasible
+            from hant.select import build_pool, predicted_latency
+            from hant.solver import plan_totals, random_feasible
             from hant.workspace import read_json, write_json
 
             plan_h = self.plan_of(ref)

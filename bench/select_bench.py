@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hant.select import (exhaustive, greedy, plan_totals, random_feasible, solve)
+from hant.solver import (exhaustive, greedy, plan_totals, random_feasible, solve)
 
 
 def _budget(lat, fixed, frac):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hant.errors import HantError
-from hant.select import (Constraint, InfeasibleError, exhaustive, greedy, plan_totals, random_feasible,
+from hant.solver import (Constraint, InfeasibleError, exhaustive, greedy, plan_totals, random_feasible,
                          solve)
 
 
@@ -50,7 +50,7 @@ def test_solve_equals_exhaustive_optimum(extra_kinds):
 
 
 def test_bound_fixing_keeps_the_optimum():
-    from hant.select import _all_constraints, _fix_by_bound
+    from hant.solver import _all_constraints, _fix_by_bound
 
     rng = np.random.default_rng(11)
     kept = total = 0
@@ -523,7 +523,7 @@ def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget
 import itertools  # noqa: E402
 import math  # noqa: E402
 
-from hant.select import solve_diverse  # noqa: E402
+from hant.solver import solve_diverse  # noqa: E402
 
 
 def _differ(a, b):
