@@ -137,7 +137,8 @@ class Head:
 def build(pools, keys, teacher, sample, seed, teacher_init=True, suffix=""):
     """Candidates for `keys`; with teacher_init=False they start random (spec label + suffix)."""
     from hant import ops
-    from hant.distill import Candidate, build_candidates
+    from hant.distill import build_candidates
+    from hant.phase1 import Candidate
     from hant.layerwise import candidate_seed
 
     if teacher_init:
@@ -175,7 +176,8 @@ def main() -> None:
 
     from hant.config import DistillConfig, RunConfig
     from hant.data import load_data
-    from hant.distill import Phase1Options, images_per_candidate, layer_pools, train_pool
+    from hant.distill import images_per_candidate, layer_pools
+    from hant.phase1 import Phase1Options, train_pool
     from hant.layerwise import BatchPlan, LayerTap, load_images
     from hant.teacher import load_teacher
 

@@ -18,9 +18,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hant import ops
-from hant.distill import Candidate, Phase1Options, distill, measure_candidate, pack_groups, partition, train_pool
+from hant.distill import distill
 from hant.errors import HantError
 from hant.layerwise import BatchPlan, LayerTap, candidate_seed
+from hant.phase1 import Candidate, Phase1Options, measure_candidate, pack_groups, partition, train_pool
 from hant.teacher_init import INIT_PARTIAL, INIT_RANDOM, INIT_TEACHER, init_from_teacher
 from hant.workspace import FAULT_EXIT_CODE, fault_point, read_json, sha256_file
 

@@ -1,4 +1,4 @@
-"""The machinery of layer-wise distillation, shared by phase 1 (`hant.distill`) and
+"""The machinery of layer-wise distillation, shared by phase 1 (`hant.phase1`, `hant.distill`) and
 re-distillation (`hant.redistill`): the teacher's layers tapped in one forward, the
 deterministic batch order, per-candidate seeds, the normalised MSE and the optimiser.
 
