@@ -485,12 +485,20 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
     more plans differ enough, which is logged). Raises HantError for bad arguments, missing
     stages, or an infeasible budget (the line gives the fastest latency the pool can reach).
     """
-    from hant.config import RunConfig
-    from hant.latency import predict_ms
-    from hant.run import Run
-    from hant.workspace import write_json
-
     opts = options.updated(overrides)
+    _check_request(opts, budget_ms, speedup, sweep)
+    prob = _Problem.of(run, target, opts, log)
+    result: dict[str, Any] = {}
+    if budget_ms is not None or speedup is not None:
+        result = _at_budget(prob, budget_ms, speedup, name, log)
+    if sweep:
+        result.update(_sweep(prob.rd, target, prob.objective, opts.sweep_points, prob.lat, prob.fixed, prob.extra,
+                             prob.teacher_ms, opts.time_limit_s, prob.solve, prob.make_plan, log))
+    return result
+
+
+def _check_request(opts: SelectOptions, budget_ms: float | None, speedup: float | None, sweep: bool) -> None:
+    """Raise HantError for a request `select` cannot answer, in one line that says what to give."""
     if budget_ms is not None and speedup is not None:
         raise HantError("give either a budget in ms or a speedup, not both")
     if budget_ms is None and speedup is None and not sweep:
@@ -500,122 +508,153 @@ def select(run: str | Path, target: str, budget_ms: float | None = None, speedup
             raise HantError(f"{flag} must be a positive number, got {v}")
     if opts.candidates > 1 and sweep:
         raise HantError("--candidates gives alternatives at one budget; drop --sweep or --candidates")
-    second_target = opts.second_target
-    candidates, min_diff, time_limit_s = int(opts.candidates), opts.min_diff, opts.time_limit_s
 
-    the_run = Run(run)
-    rd = the_run.dir
-    # Selection needs no teacher; a run folder assembled by hand may lack config.yaml.
-    cfg = the_run.config if rd.config.exists() else RunConfig()
-    objective = opts.objective or cfg.score.objective
-    layers_json = the_run.layers_doc
-    scores = the_run.scores()
-    table = the_run.table(target)
-    tables = [table]
-    if second_target is not None:
-        tables.append(the_run.table(second_target))
-    if objective in ("d_acc", "kl") and not any(e.get(objective) is not None for e in scores.get("entries", [])):
-        raise HantError(f"scores.json has no {objective} (scored with method {scores.get('method', '?')}); "
-                        "use --objective d_loss or rerun `hant score --method eval`")
-    pool = build_pool(layers_json["layers"], scores, tables, objective, opts.freeze, opts.exclude_families)
-    if pool.left_out:
-        log("left out: " + ", ".join(f"{v} candidates ({k})" for k, v in pool.left_out.items()))
 
-    # Latency as the table predicts it (calibration included), so budgets are in the same ms
-    # as the plan's predicted_ms.
-    lat, fixed = predicted_latency(table, pool)
-    extra, constraints = _constraints(opts, pool, layers_json, scores, tables)
+@dataclass
+class _Problem:
+    """One selection's integer program, read from a run folder: the pool, its latencies on the
+    target (as the table predicts them, so budgets are in the plan's predicted ms), the other
+    constraints and the teacher's latency; `make_plan` turns a solution into a plan file's content."""
 
-    teacher_ms, teacher_src = teacher_latency(table, layers_json["layers"], log)
+    rd: Any  # the run's RunDir
+    target: str
+    opts: SelectOptions
+    objective: str
+    layers_json: dict
+    scores: dict
+    tables: list[dict]  # the target's table, then the second target's
+    pool: Pool
+    lat: list[np.ndarray]
+    fixed: float
+    extra: list[Constraint]
+    constraints: dict[str, Any]
+    teacher_ms: float
+    teacher_src: str
 
-    def make_plan(budget: float, plan_name: str, sol: Solution, requested: dict) -> dict:
+    @classmethod
+    def of(cls, run: str | Path, target: str, opts: SelectOptions, log: Callable[[str], None]) -> "_Problem":
+        from hant.config import RunConfig
+        from hant.run import Run
+
+        the_run = Run(run)
+        rd = the_run.dir
+        # Selection needs no teacher; a run folder assembled by hand may lack config.yaml.
+        cfg = the_run.config if rd.config.exists() else RunConfig()
+        objective = opts.objective or cfg.score.objective
+        layers_json = the_run.layers_doc
+        scores = the_run.scores()
+        tables = [the_run.table(target)]
+        if opts.second_target is not None:
+            tables.append(the_run.table(opts.second_target))
+        if objective in ("d_acc", "kl") and not any(e.get(objective) is not None for e in scores.get("entries", [])):
+            raise HantError(f"scores.json has no {objective} (scored with method {scores.get('method', '?')}); "
+                            "use --objective d_loss or rerun `hant score --method eval`")
+        pool = build_pool(layers_json["layers"], scores, tables, objective, opts.freeze, opts.exclude_families)
+        if pool.left_out:
+            log("left out: " + ", ".join(f"{v} candidates ({k})" for k, v in pool.left_out.items()))
+        lat, fixed = predicted_latency(tables[0], pool)
+        extra, constraints = _constraints(opts, pool, layers_json, scores, tables)
+        teacher_ms, teacher_src = teacher_latency(tables[0], layers_json["layers"], log)
+        return cls(rd, target, opts, objective, layers_json, scores, tables, pool, lat, fixed, extra, constraints,
+                   teacher_ms, teacher_src)
+
+    def solve(self, budget: float) -> Solution:
+        """The best plan under `budget` ms (and the other constraints)."""
+        return solve(self.pool.cost, self.lat, budget, fixed=self.fixed, extra=self.extra,
+                     time_limit_s=self.opts.time_limit_s)
+
+    def make_plan(self, budget: float, plan_name: str, sol: Solution, requested: dict) -> dict:
+        """The content of RUN/plans/<plan_name>.json for solution `sol` under `budget` ms."""
+        from hant.latency import predict_ms
+
+        pool, table = self.pool, self.tables[0]
         plan_layers = pool.plan_layers(sol.choice)
         predicted = float(predict_ms(table, plan_layers))
         totals = {k: plan_totals(sol.choice, pool.metrics[k]) for k in ("d_loss", "d_acc", "kl", "params", "flops")}
-        out_constraints = dict(constraints)
+        out_constraints = dict(self.constraints)
         for key in ("params", "flops"):
             if math.isfinite(totals[key]):
                 try:
-                    out_constraints[key] = totals[key] + _rest_of_network(layers_json, scores, key)
+                    out_constraints[key] = totals[key] + _rest_of_network(self.layers_json, self.scores, key)
                 except HantError:
                     pass
-        if second_target is not None:
-            out_constraints["second_target"] = {**constraints["second_target"],
-                                                "predicted_ms": float(predict_ms(tables[1], plan_layers))}
+        if self.opts.second_target is not None:
+            out_constraints["second_target"] = {**self.constraints["second_target"],
+                                                "predicted_ms": float(predict_ms(self.tables[1], plan_layers))}
         return {
-            "version": 1, "name": plan_name, "target": target, "batch_size": table.get("batch_size"),
-            "budget_ms": budget, **requested, "teacher_ms": teacher_ms, "teacher_ms_source": teacher_src,
+            "version": 1, "name": plan_name, "target": self.target, "batch_size": table.get("batch_size"),
+            "budget_ms": budget, **requested, "teacher_ms": self.teacher_ms, "teacher_ms_source": self.teacher_src,
             "layers": plan_layers, "predicted_ms": predicted,
-            "predicted_speedup": teacher_ms / predicted if predicted > 0 else None,
-            "predicted_score": float(OBJECTIVES[objective] * sol.objective), "objective": objective,
+            "predicted_speedup": self.teacher_ms / predicted if predicted > 0 else None,
+            "predicted_score": float(OBJECTIVES[self.objective] * sol.objective), "objective": self.objective,
             "predicted": {k: (v if math.isfinite(v) else None) for k, v in totals.items()},
-            "score_method": scores.get("method"), "constraints": out_constraints,
+            "score_method": self.scores.get("method"), "constraints": out_constraints,
             "solver": "highs", "solve_time_s": sol.solve_time_s, "status": sol.status,
         }
 
-    def run_solver(budget: float) -> Solution:
-        return solve(pool.cost, lat, budget, fixed=fixed, extra=extra, time_limit_s=time_limit_s)
-
-    teacher_loss = (scores.get("teacher") or {}).get("loss")
-
-    def judge(plan: dict) -> None:
+    def judge(self, plan: dict, log: Callable[[str], None]) -> None:
         """Record the plan's accuracy risk in it; warn in one line when it is large."""
+        teacher_loss = (self.scores.get("teacher") or {}).get("loss")
         if plan.get("score_method") != "eval" or teacher_loss is None:
             return
-        safe = _largest_safe_speedup(pool, lat, fixed, extra, damage_limit(teacher_loss), teacher_ms, time_limit_s)
+        safe = _largest_safe_speedup(self.pool, self.lat, self.fixed, self.extra, damage_limit(teacher_loss),
+                                     self.teacher_ms, self.opts.time_limit_s)
         risk = accuracy_risk(plan, teacher_loss, safe)
         if risk is not None:
             plan["accuracy_risk"] = risk
             if risk["large"]:
                 log(f"warning: {risk['message']}")
 
-    result: dict[str, Any] = {}
-    if budget_ms is not None or speedup is not None:
-        budget = float(budget_ms) if budget_ms is not None else teacher_ms / float(speedup)
-        try:
-            # With one candidate this is `solve`'s plan, found the same way.
-            sols = solve_diverse(pool.cost, lat, budget, int(candidates), min_diff, fixed=fixed, extra=extra,
-                                 time_limit_s=time_limit_s)
-        except InfeasibleError as e:
-            if speedup is not None and e.constraint == "latency" and e.fastest:
-                raise InfeasibleError(
-                    f"speedup {speedup:g}x on {target} needs {budget:.4g} ms (teacher {teacher_ms:.4g} ms, "
-                    f"{teacher_src}), but the fastest plan this pool can reach takes {e.fastest:.4g} ms "
-                    f"(at most {teacher_ms / e.fastest:.2f}x); ask for a smaller speedup",
-                    fastest=e.fastest, constraint="latency") from None
-            raise
-        requested = {"speedup": speedup} if speedup is not None else {}
-        plan_name = name or (f"{target}-x{speedup:g}" if speedup is not None else f"{target}-{budget:.4g}ms")
-        sol = sols[0]
-        plan = make_plan(budget, plan_name, sol, requested)
-        judge(plan)
-        alternatives = []
-        for rank, alt in enumerate(sols[1:], 1):
-            alt_name = f"{plan_name}-alt{rank}"
-            alt_plan = {**make_plan(budget, alt_name, alt, requested), "rank": rank, "alternative_of": plan_name,
-                        "differs_from_best": sum(a != b for a, b in zip(alt.choice, sol.choice))}
-            alt_path = write_json(rd.plan(alt_name), alt_plan)
-            log(f"plan {alt_name}: predicted {alt_plan['predicted_ms']:.4g} ms, {objective} "
-                f"{alt_plan['predicted_score']:+.4g}, differs from {plan_name} in {alt_plan['differs_from_best']} "
-                f"of {len(pool.layers)} layers -> {alt_path}")
-            alternatives.append({**alt_plan, "path": str(alt_path)})
-        if candidates > 1:
-            plan["alternatives"] = [a["name"] for a in alternatives]
-            if len(sols) < candidates:
-                log(f"only {len(sols) - 1} of {candidates - 1} alternatives: no other plan within the budget "
-                    f"differs from the earlier ones in {layers_to_differ(len(pool.layers), min_diff)} of "
-                    f"{len(pool.layers)} layers; lower --min-diff for more")
-        path = write_json(rd.plan(plan_name), plan)
-        log(f"plan {plan_name}: predicted {plan['predicted_ms']:.4g} ms (budget {budget:.4g} ms, teacher "
-            f"{teacher_ms:.4g} ms), {objective} {plan['predicted_score']:+.4g}, {sol.status} in "
-            f"{sol.solve_time_s:.2f} s -> {path}")
-        result = {**plan, "path": str(path)}
-        if candidates > 1:
-            result["alternatives"] = alternatives
 
-    if sweep:
-        result.update(_sweep(rd, target, objective, opts.sweep_points, lat, fixed, extra, teacher_ms,
-                             time_limit_s, run_solver, make_plan, log))
+def _at_budget(prob: _Problem, budget_ms: float | None, speedup: float | None, name: str | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """`select` at one budget: the best plan and, with `candidates` K > 1, its alternatives,
+    written to RUN/plans/; returns the best plan with its `path` (and `alternatives`)."""
+    from hant.workspace import write_json
+
+    target, teacher_ms, objective = prob.target, prob.teacher_ms, prob.objective
+    candidates, min_diff = int(prob.opts.candidates), prob.opts.min_diff
+    budget = float(budget_ms) if budget_ms is not None else teacher_ms / float(speedup)
+    try:
+        # With one candidate this is `solve`'s plan, found the same way.
+        sols = solve_diverse(prob.pool.cost, prob.lat, budget, candidates, min_diff, fixed=prob.fixed,
+                             extra=prob.extra, time_limit_s=prob.opts.time_limit_s)
+    except InfeasibleError as e:
+        if speedup is not None and e.constraint == "latency" and e.fastest:
+            raise InfeasibleError(
+                f"speedup {speedup:g}x on {target} needs {budget:.4g} ms (teacher {teacher_ms:.4g} ms, "
+                f"{prob.teacher_src}), but the fastest plan this pool can reach takes {e.fastest:.4g} ms "
+                f"(at most {teacher_ms / e.fastest:.2f}x); ask for a smaller speedup",
+                fastest=e.fastest, constraint="latency") from None
+        raise
+    requested = {"speedup": speedup} if speedup is not None else {}
+    plan_name = name or (f"{target}-x{speedup:g}" if speedup is not None else f"{target}-{budget:.4g}ms")
+    sol = sols[0]
+    plan = prob.make_plan(budget, plan_name, sol, requested)
+    prob.judge(plan, log)
+    alternatives = []
+    for rank, alt in enumerate(sols[1:], 1):
+        alt_name = f"{plan_name}-alt{rank}"
+        alt_plan = {**prob.make_plan(budget, alt_name, alt, requested), "rank": rank, "alternative_of": plan_name,
+                    "differs_from_best": sum(a != b for a, b in zip(alt.choice, sol.choice))}
+        alt_path = write_json(prob.rd.plan(alt_name), alt_plan)
+        log(f"plan {alt_name}: predicted {alt_plan['predicted_ms']:.4g} ms, {objective} "
+            f"{alt_plan['predicted_score']:+.4g}, differs from {plan_name} in {alt_plan['differs_from_best']} "
+            f"of {len(prob.pool.layers)} layers -> {alt_path}")
+        alternatives.append({**alt_plan, "path": str(alt_path)})
+    if candidates > 1:
+        plan["alternatives"] = [a["name"] for a in alternatives]
+        if len(sols) < candidates:
+            log(f"only {len(sols) - 1} of {candidates - 1} alternatives: no other plan within the budget "
+                f"differs from the earlier ones in {layers_to_differ(len(prob.pool.layers), min_diff)} of "
+                f"{len(prob.pool.layers)} layers; lower --min-diff for more")
+    path = write_json(prob.rd.plan(plan_name), plan)
+    log(f"plan {plan_name}: predicted {plan['predicted_ms']:.4g} ms (budget {budget:.4g} ms, teacher "
+        f"{teacher_ms:.4g} ms), {objective} {plan['predicted_score']:+.4g}, {sol.status} in "
+        f"{sol.solve_time_s:.2f} s -> {path}")
+    result = {**plan, "path": str(path)}
+    if candidates > 1:
+        result["alternatives"] = alternatives
     return result
 
 
