@@ -283,19 +283,8 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         steps = math.ceil(n_img / plan.batch_size)
 
         parts_dir = rd.candidates_dir / ".parts"
-        previous = _read_entries(rd.candidates_index, quiet)
-        for part in sorted(parts_dir.glob("rank*.json")) if parts_dir.exists() else []:
-            previous += _read_entries(part, quiet)
-        finished = _finished(rd, previous, quiet)
-
-        # Shares are computed over all candidates, finished or not, so that a restart
-        # gives every rank the same share (and its checkpoints stay valid).
-        if world > 1:
-            costs = _candidate_costs(pools, teacher, cfg.seed)
-            share = partition([costs[k] for k in order], world)[rank]
-            mine = [order[i] for i in share]
-        else:
-            mine = list(order)
+        finished = _finished(rd, _previous_entries(rd, parts_dir, quiet), quiet)
+        mine = _share(pools, order, teacher, cfg.seed, world, rank)
         pending = [k for k in mine if k not in finished]
         quiet(f"phase 1: {len(order)} candidates, {len(finished)} finished, "
               f"{len(order) - len(finished)} to train on {world} process{'es' if world > 1 else ''} "
@@ -311,15 +300,8 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             progress=(rank == 0),
         )
 
-        # A few real images of each layer's input: for folding SE gates and measuring memory.
-        pending_layers = list(dict.fromkeys(layer for layer, _ in pending))
         sample_images = load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
-        sample = {}
-        if pending_layers:
-            tap = LayerTap(teacher, pending_layers)
-            sample = {k: x for k, (x, _) in tap(sample_images, pending_layers).items()}
-        cands = build_candidates(pools, pending, teacher, sample, cfg.seed)
-        del sample
+        cands = _pending_candidates(pools, pending, teacher, sample_images, cfg.seed)
 
         entries_mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
         all_entries = dict(finished)
@@ -370,6 +352,43 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         if rank == 0:
             shutil.rmtree(rd.candidates_dir / ".work", ignore_errors=True)
 
+    return _finish(summary, order, all_entries, rd, run, quiet)
+
+
+def _previous_entries(rd, parts_dir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The index's entries and those of every rank's part file (a torchrun phase 1 that stopped)."""
+    previous = _read_entries(rd.candidates_index, log)
+    for part in sorted(parts_dir.glob("rank*.json")) if parts_dir.exists() else []:
+        previous += _read_entries(part, log)
+    return previous
+
+
+def _share(pools: list[LayerPool], order: list[tuple[str, str]], teacher: nn.Module, seed: int, world: int,
+           rank: int) -> list[tuple[str, str]]:
+    """The candidates `rank` of `world` trains, balanced by cost. Shares are computed over all
+    candidates, finished or not, so that a restart gives every rank the same share (and its
+    checkpoints stay valid)."""
+    if world == 1:
+        return list(order)
+    costs = _candidate_costs(pools, teacher, seed)
+    return [order[i] for i in partition([costs[k] for k in order], world)[rank]]
+
+
+def _pending_candidates(pools: list[LayerPool], pending: list[tuple[str, str]], teacher: nn.Module,
+                        sample_images: torch.Tensor, seed: int) -> list[Candidate]:
+    """`build_candidates` for the pending keys, given a few real images of each layer's input
+    (for folding SE gates and measuring memory)."""
+    layers = list(dict.fromkeys(layer for layer, _ in pending))
+    sample = {}
+    if layers:
+        sample = {k: x for k, (x, _) in LayerTap(teacher, layers)(sample_images, layers).items()}
+    return build_candidates(pools, pending, teacher, sample, seed)
+
+
+def _finish(summary: dict[str, Any], order: list[tuple[str, str]], all_entries: dict, rd, run,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Count the outcome into `summary`, say it in one line and return it; raise HantError
+    when a candidate has no result at all."""
     n_done = sum(1 for k in order if all_entries.get(k, {}).get("status") == "done")
     failed = [all_entries[k] for k in order if all_entries.get(k, {}).get("status") == "failed"]
     missing = [k for k in order if k not in all_entries]
@@ -379,7 +398,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
            f"peak RSS {summary['peak_rss_mb']:.0f} MB -> {rd.candidates_index}")
     if failed:
         msg += f"; {len(failed)} failed (e.g. {failed[0]['layer']}/{failed[0]['spec']}: {failed[0].get('reason')})"
-    quiet(msg)
+    log(msg)
     if missing:
         raise HantError(f"{len(missing)} candidates have no result (e.g. {missing[0][0]}/{missing[0][1]}); "
                         f"rerun `hant distill --run {run}`")
