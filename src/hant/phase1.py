@@ -725,6 +725,84 @@ def _group_entries(group_cands: list[Candidate], g: _Group, held: list[float], b
     return out
 
 
+@dataclass
+class _GroupTraining:
+    """What every group of one `train_pool` call trains with, and the call's counters."""
+
+    train_set: Any
+    plan: BatchPlan
+    opts: Phase1Options
+    source: "_Source"
+    cache: "_ActivationCache | None"
+    ckpt: "_Checkpoints | None"
+    bar: Any  # a tqdm bar, or None
+    log: Callable[[str], None]
+    autocast: bool
+    n_groups: int
+    n_cands: int
+    done_count: int = 0  # candidates of finished groups
+    # Passages through each fault point in this call, for the crash tests (hant.workspace.fault_point).
+    steps_run: int = 0
+    checkpoints_saved: int = 0
+    _last_ckpt: float = 0.0  # when the group in training last saved (or started)
+
+    def train(self, gi: int, g: "_Group", key: str, layers: set[str], later: set[str]) -> None:
+        """Train group `gi` to the end of its steps, resuming from its checkpoint when there is
+        one; checkpoint every `checkpoint_minutes` and on SIGINT/SIGTERM (then stop, raising).
+        `layers` are the group's, `later` those of later groups (whose activations are cached)."""
+        opts, bs, bar = self.opts, self.plan.batch_size, self.bar
+        if self.ckpt is not None and any(c.trainable for c in g.cands):
+            loaded = self.ckpt.load(key)
+            if loaded is not None:
+                g.load(*loaded)
+                self.log(f"group {gi + 1}/{self.n_groups}: resuming at step {g.steps_done}/{opts.steps}")
+        if bar is not None:
+            bar.update(g.steps_done * bs)
+        shown = g.steps_done
+        self._last_ckpt = time.time()
+        if g.active():
+            with _Interrupts() as interrupts:
+                skip = self.cache is not None and self.cache.has_all("train", g.steps_done, opts.steps, layers | later)
+                images = _image_stream(self.train_set, self.plan, g.steps_done, opts.steps, opts.workers, skip=skip)
+                for step in range(g.steps_done, opts.steps):
+                    self.steps_run += 1
+                    fault_point("distill:interrupt", self.steps_run, "interrupt")
+                    batch = next(images)
+                    acts = self.source.get("train", step, lambda s=step, b=batch: b if b is not None else load_images(
+                        self.train_set, self.plan.indices(s)), layers, later)
+                    g.step(step, acts, self.autocast)
+                    del acts, batch
+                    shown += 1
+                    if bar is not None:
+                        bar.update(bs)
+                        bar.set_postfix_str(f"group {gi + 1}/{self.n_groups}, {self.done_count}/{self.n_cands} "
+                                            "candidates done", refresh=False)
+                    self._checkpoint(key, g, step, interrupts)
+                    if interrupts.signal is not None:
+                        if bar is not None:
+                            bar.close()
+                        self.log(f"interrupted: group {gi + 1}/{self.n_groups} "
+                                 + (f"saved at step {g.steps_done}/{opts.steps}; run again to resume"
+                                    if self.ckpt is not None else f"stopped at step {g.steps_done}/{opts.steps}"))
+                        interrupts.raise_if_pending()
+                    if not g.active():
+                        break
+        if bar is not None and shown < opts.steps:
+            bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
+
+    def _checkpoint(self, key: str, g: "_Group", step: int, interrupts: "_Interrupts") -> None:
+        # Every checkpoint_minutes (not after the last step: the group is about to finish) and
+        # at once on a signal.
+        if self.ckpt is None:
+            return
+        due = step + 1 < self.opts.steps and time.time() - self._last_ckpt >= self.opts.checkpoint_minutes * 60.0
+        if due or interrupts.signal is not None:
+            self.ckpt.save(key, g)
+            self._last_ckpt = time.time()
+            self.checkpoints_saved += 1
+            fault_point("distill:after_checkpoint", self.checkpoints_saved, "exit")
+
+
 def train_pool(
     teacher: nn.Module,
     candidates: Sequence[Candidate],
@@ -795,12 +873,10 @@ def train_pool(
         bar = tqdm(total=total_images, unit="img", unit_scale=True, dynamic_ncols=True, desc="phase 1",
                    mininterval=1.0)
     entries: list[dict[str, Any]] = []
-    done_count = 0
     train_s = eval_s = opt_s = teacher_eval_s = 0.0
     session_images = 0
-    interval = opts.checkpoint_minutes * 60.0
-    # Passages through each fault point in this call, for the crash tests (hant.workspace.fault_point).
-    steps_run = checkpoints_saved = groups_finished = 0
+    groups_finished = 0  # passages through the fault point after a group, for the crash tests
+    run = _GroupTraining(train_set, plan, opts, source, cache, ckpt, bar, log, autocast, n_groups, len(cands))
 
     try:  # a stage that stops on an error must not leave its bar open over the error line
         for gi, idxs in enumerate(groups):
@@ -809,51 +885,8 @@ def train_pool(
             layers = {c.layer for c in group_cands}
             later = {cands[i].layer for later_idxs in groups[gi + 1 :] for i in later_idxs}
             key = _group_key(group_cands, opts)
-            if ckpt is not None and any(c.trainable for c in group_cands):
-                loaded = ckpt.load(key)
-                if loaded is not None:
-                    g.load(*loaded)
-                    log(f"group {gi + 1}/{n_groups}: resuming at step {g.steps_done}/{opts.steps}")
-            if bar is not None:
-                bar.update(g.steps_done * bs)
             t0 = time.time()
-            last_ckpt = time.time()
-            shown = g.steps_done
-            if g.active():
-                with _Interrupts() as interrupts:
-                    images = _image_stream(train_set, plan, g.steps_done, opts.steps, opts.workers,
-                                           skip=cache is not None and cache.has_all("train", g.steps_done, opts.steps,
-                                                                                    layers | later))
-                    for step in range(g.steps_done, opts.steps):
-                        steps_run += 1
-                        fault_point("distill:interrupt", steps_run, "interrupt")
-                        batch = next(images)
-                        acts = source.get("train", step, lambda s=step, b=batch: b if b is not None else load_images(
-                            train_set, plan.indices(s)), layers, later)
-                        g.step(step, acts, autocast)
-                        del acts, batch
-                        shown += 1
-                        if bar is not None:
-                            bar.update(bs)
-                            bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done",
-                                                refresh=False)
-                        if ckpt is not None and ((step + 1 < opts.steps and time.time() - last_ckpt >= interval)
-                                                 or interrupts.signal is not None):
-                            ckpt.save(key, g)
-                            last_ckpt = time.time()
-                            checkpoints_saved += 1
-                            fault_point("distill:after_checkpoint", checkpoints_saved, "exit")
-                        if interrupts.signal is not None:
-                            if bar is not None:
-                                bar.close()
-                            log(f"interrupted: group {gi + 1}/{n_groups} "
-                                + (f"saved at step {g.steps_done}/{opts.steps}; run again to resume"
-                                   if ckpt is not None else f"stopped at step {g.steps_done}/{opts.steps}"))
-                            interrupts.raise_if_pending()
-                        if not g.active():
-                            break
-            if bar is not None and shown < opts.steps:
-                bar.update((opts.steps - shown) * bs)  # nothing (more) to train in this group
+            run.train(gi, g, key, layers, later)
             train_s += time.time() - t0
             opt_s += g.opt_seconds
             session_images += g.session_images
@@ -872,9 +905,9 @@ def train_pool(
             if ckpt is not None:
                 ckpt.drop(key)
             entries.extend(group_entries)
-            done_count += len(group_cands)
+            run.done_count += len(group_cands)
             if bar is not None:
-                bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {done_count}/{len(cands)} candidates done")
+                bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {run.done_count}/{len(cands)} candidates done")
             # Later groups replay from disk; free this group's memory before they start.
             if device.type != "cpu":
                 for c in group_cands:
