@@ -105,13 +105,21 @@ class _Run:
         return self._teacher
 
     def build(self, layer, spec: str) -> nn.Module:
-        from hant import ops
-        from hant.layers import get_layer
+        return fresh_candidate(self.teacher, layer, spec)
 
-        # Families derived from the teacher's layer (`teacher`, `self_w50`, `sep`, ...) copy it.
-        teacher_layer = get_layer(self.teacher, layer.name) if ops.needs_teacher(spec) else None
-        return ops.build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer,
-                         in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:])).eval()
+
+def fresh_candidate(teacher: nn.Module, layer: Any, spec: str) -> nn.Module:
+    """Candidate `spec` for `layer` (a `hant.layers.LayerInfo`) as the table times it: freshly
+    initialised, in eval mode; families derived from the teacher's layer (`teacher`, `self_w50`,
+    `sep`, ...) copy it from `teacher`. Timing does not depend on the weights, so this is the
+    builder `build_network` needs to time a plan without phase 1's weights. Raises what
+    `hant.ops.build` raises for a spec the layer cannot take."""
+    from hant import ops
+    from hant.layers import get_layer
+
+    teacher_layer = get_layer(teacher, layer.name) if ops.needs_teacher(spec) else None
+    return ops.build(spec, layer.in_chs, layer.out_chs, layer.stride, teacher_layer,
+                     in_hw=tuple(layer.in_shape[1:]), out_hw=tuple(layer.out_shape[1:])).eval()
 
 
 def build_network(teacher: nn.Module, layers: Sequence[Any], plan: Mapping[str, str],
