@@ -139,6 +139,38 @@ def _checkpoint_sha(path: str | None) -> str | None:
     return sha256_file(p)
 
 
+def _resolve_teacher_weights(cfg: RunConfig, rd) -> None:
+    """Point `cfg.model.checkpoint` at the run's seeded teacher under --random-teacher; raise
+    HantError when the teacher has no weights, or has a checkpoint besides --random-teacher."""
+    seeded = str((rd.root / RANDOM_TEACHER_FILE).expanduser().resolve())
+    if cfg.model.random_init and cfg.model.checkpoint is None:
+        cfg.model.checkpoint = seeded
+    elif cfg.model.random_init and cfg.model.checkpoint != seeded:
+        raise HantError("--random-teacher seeds a teacher without weights; drop it, or drop --checkpoint")
+    elif cfg.model.checkpoint is None:
+        raise HantError(f"{cfg.model.source} is named without weights: pass --checkpoint FILE with the trained "
+                        "teacher, or --random-teacher to seed an untrained one and save it in the run folder "
+                        "(every stage then uses those same weights)")
+
+
+def _refuse_another_config(rd, new: dict[str, Any]) -> None:
+    """Raise HantError naming the first difference when RUN/config.yaml holds a configuration
+    other than `new` (a dict of `RunConfig.to_dict`)."""
+    from hant.workspace import read_yaml
+
+    try:
+        # Through the dataclasses, so a key that a newer hant added with its default
+        # does not count as a difference.
+        old = RunConfig.load(rd.config).to_dict()
+    except HantError:
+        old_raw = read_yaml(rd.config) or {}
+        old = {k: v for k, v in old_raw.items() if k != "version"} if isinstance(old_raw, dict) else {}
+    diff = _first_difference(old, new)
+    if diff is not None:
+        raise HantError(f"{rd.root} is already initialised with another configuration ({diff}); "
+                        "use a new --run folder, or delete this one to start over")
+
+
 def init_run(
     run: str | Path,
     model: str | None = None,
@@ -176,20 +208,12 @@ def init_run(
     from hant.layers import discover_layers
     from hant.space import load_space
     from hant.teacher import load_teacher
-    from hant.workspace import RunDir, read_yaml, run_lock, write_json
+    from hant.workspace import RunDir, run_lock, write_json
 
     rd = RunDir(run)
     cfg = _build_config(model, checkpoint, data, data_dir, input_size, space, include, exclude, trust_pickle,
                         random_teacher, config)
-    seeded = str((rd.root / RANDOM_TEACHER_FILE).expanduser().resolve())
-    if cfg.model.random_init and cfg.model.checkpoint is None:
-        cfg.model.checkpoint = seeded
-    elif cfg.model.random_init and cfg.model.checkpoint != seeded:
-        raise HantError("--random-teacher seeds a teacher without weights; drop it, or drop --checkpoint")
-    elif cfg.model.checkpoint is None:
-        raise HantError(f"{cfg.model.source} is named without weights: pass --checkpoint FILE with the trained "
-                        "teacher, or --random-teacher to seed an untrained one and save it in the run folder "
-                        "(every stage then uses those same weights)")
+    _resolve_teacher_weights(cfg, rd)
     space_obj = load_space(cfg.space)  # fail on a bad space before loading anything heavy
     splits = load_data(cfg.data)
     cfg.data = splits.record(cfg.data)
@@ -197,17 +221,7 @@ def init_run(
     new = cfg.to_dict()
 
     if rd.config.exists():
-        try:
-            # Through the dataclasses, so a key that a newer hant added with its default
-            # does not count as a difference.
-            old = RunConfig.load(rd.config).to_dict()
-        except HantError:
-            old_raw = read_yaml(rd.config) or {}
-            old = {k: v for k, v in old_raw.items() if k != "version"} if isinstance(old_raw, dict) else {}
-        diff = _first_difference(old, new)
-        if diff is not None:
-            raise HantError(f"{rd.root} is already initialised with another configuration ({diff}); "
-                            "use a new --run folder, or delete this one to start over")
+        _refuse_another_config(rd, new)
         if rd.layers.exists():
             return RunConfig.load(rd.config)
 
@@ -222,12 +236,9 @@ def init_run(
     if not layers:
         raise HantError(f"{cfg.model.source} has no replaceable layers with these --include/--exclude globs; "
                         "list them with `hant inspect`")
-    entries = []
-    for info in layers:
-        d = info.to_dict()
-        d["candidates"] = space_obj.candidates(info.in_chs, info.out_chs, info.stride,
-                                               teacher.get_submodule(info.name))
-        entries.append(d)
+    entries = [{**info.to_dict(), "candidates": space_obj.candidates(info.in_chs, info.out_chs, info.stride,
+                                                                      teacher.get_submodule(info.name))}
+               for info in layers]
     doc = {
         "version": LAYERS_VERSION,
         "model": cfg.model.source,
