@@ -42,7 +42,7 @@ demo's teacher did), seed 0; cached at ~/.cache/hant/teachers/<model>-fmnist64-f
 .safetensors (another --teacher-epochs gets `-e<N>` in the name) and reused; an
 interrupted training resumes. Run: the demo's settings (phase 1 at 2% of an epoch per
 candidate, scores on 1024 held-out images, latency timed on one thread), fine-tuning with
-hant's defaults (2 epochs, KD + 0.5 CE, lr 1e-3, batch 128), `--epochs` to change it.
+hant's defaults (2 epochs, KD + 0.5 CE, lr 1e-3, batch 64), `--epochs` to change it.
 
 Resumable: every unit is kept and reused. Teachers as above; each run folder is
 --cache/<model> (~/.cache/hant/families/<model>; `-<space>` and `-e<N>` appended for
