@@ -103,8 +103,12 @@ def _all_constraints(lat, budget, fixed, extra) -> list[Constraint]:
     return [Constraint("latency", lat, float(budget), float(fixed), "ms"), *extra]
 
 
-def _check_reachable(constraints: list[Constraint], fastest: float) -> None:
-    """Each constraint alone: is its own minimum within its bound? Raise naming the first that is not."""
+def _check_reachable(constraints: list[Constraint]) -> float:
+    """Each constraint alone: is its own minimum within its bound? Raise naming the first that is
+    not; else return the fastest latency the pool can reach (`constraints[0]` is the latency's,
+    as `_all_constraints` puts it)."""
+    lat = constraints[0]
+    fastest = lat.offset + sum(float(a.min()) for a in lat.coeffs)
     for k in constraints:
         lowest = k.offset + sum(float(a.min()) for a in k.coeffs)
         if lowest > k.bound * (1 + _FEAS_RTOL) + _FEAS_RTOL:
@@ -118,6 +122,7 @@ def _check_reachable(constraints: list[Constraint], fastest: float) -> None:
                 f"{k.name} limit {_fmt(k.bound, k.unit)} cannot be met: the smallest plan this pool can reach "
                 f"has {_fmt(lowest, k.unit)}; raise the limit to at least that",
                 fastest=fastest, constraint=k.name)
+    return fastest
 
 
 def plan_totals(choice: Sequence[int], arrays: Sequence[np.ndarray], offset: float = 0.0) -> float:
@@ -164,8 +169,7 @@ def solve(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float,
     full_costs, lat = _check_arrays(costs, lat, extra)
     t0 = time.perf_counter()
     full = _all_constraints(lat, budget, fixed, extra)
-    fastest = fixed + sum(float(t.min()) for t in lat)
-    _check_reachable(full, fastest)
+    fastest = _check_reachable(full)
 
     keep = [_undominated(c, [k.coeffs[l] for k in full]) for l, c in enumerate(full_costs)]
     costs, cons = _normalised(_take(full_costs, keep)), _take_cons(full, keep)
@@ -376,8 +380,7 @@ def exhaustive(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: f
     for k in cons:
         ok &= table(k.coeffs) + k.offset <= k.bound + _FEAS_RTOL * max(1.0, abs(k.bound))
     if not ok.any():
-        fastest = fixed + sum(float(t.min()) for t in lat)
-        _check_reachable(cons, fastest)
+        fastest = _check_reachable(cons)
         raise InfeasibleError("no plan meets all constraints together; loosen one of them", fastest=fastest)
     total = np.where(ok, table(costs), np.inf)
     choice = [int(i) for i in np.unravel_index(int(np.argmin(total)), shape)]
@@ -435,8 +438,7 @@ def greedy(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budget: float
     costs, lat = _check_arrays(costs, lat, extra)
     t0 = time.perf_counter()
     cons = _all_constraints(lat, budget, fixed, extra)
-    fastest = fixed + sum(float(t.min()) for t in lat)
-    _check_reachable(cons, fastest)
+    fastest = _check_reachable(cons)
     # Dominated candidates never give a better trade (see `_undominated`); dropping them only
     # makes the search faster.
     keep = [_undominated(c, [k.coeffs[l] for k in cons]) for l, c in enumerate(costs)]
@@ -492,8 +494,7 @@ def random_feasible(costs: Sequence[np.ndarray], lat: Sequence[np.ndarray], budg
     t0 = time.perf_counter()
     rng = np.random.default_rng(rng)
     cons = _all_constraints(lat, budget, fixed, extra)
-    fastest = fixed + sum(float(t.min()) for t in lat)
-    _check_reachable(cons, fastest)
+    fastest = _check_reachable(cons)
     choice: list[int] = []
     for _ in range(max(1, tries)):
         choice = [int(rng.integers(c.size)) for c in costs]
