@@ -51,7 +51,10 @@ student is measured is not run through the pipeline again); controls and held-ou
 are JSON files under --cache/units/<run>/ named by a hash of what they depend on, a
 control's fine-tuning checkpoints under --cache/work/ and resumes there; the ablation's plan
 and student live in the run folder. `--out` is rewritten after every unit, so a stopped
-run leaves what it finished. To resume, run the same command again.
+run leaves what it finished. To resume, run the same command again. A run of some of the
+models (`--models`) keeps the complete rows of the others already in `--out` when they were
+made with the same recipe (`recipe_key`), so the benchmark can be run a model at a time on
+different days or machines; each row carries the command and fingerprint that made it.
 
 Time on 2 CPU cores (estimates from the demo's stage times and the teachers' FLOPs):
 teachers ~3 h (ResNet-18 ~70 min, ConvNeXt-Atto ~45, MobileNetV3-Large ~35, RegNetX ~30);
@@ -208,6 +211,7 @@ class Families:
                                                 for m in models}
         self.t0 = time.perf_counter()
         self._fingerprint: dict[str, Any] | None = None
+        self.kept = self.earlier_rows()
 
     # --- names ----------------------------------------------------------------------------
 
@@ -234,6 +238,35 @@ class Families:
     def run_dir(self, model: Model) -> Path:
         extra = f"-{Path(self.space).stem}" if self.space != self.setting.space else ""
         return self.cache / f"{model.name}{extra}{self.variant()}"
+
+    # --- rows of earlier runs -----------------------------------------------------------------
+
+    def recipe_key(self) -> str:
+        """What a row's numbers depend on beyond its own model: the recipe less the model list
+        and the ablation's family (each row names its own ablation)."""
+        return digest({k: v for k, v in self.recipe().items() if k not in ("models", "ablation")})
+
+    def earlier_rows(self) -> dict[str, dict[str, Any]]:
+        """The rows of `--out` for models this run leaves out, when `--out` was written with the
+        same recipe: a benchmark of many hours can then be run a model or two at a time (on
+        whatever machine is at hand; each row keeps its own fingerprint and command) and its
+        results file still holds every model. Rows of another recipe are dropped, said in one line."""
+        if not self.out.exists():
+            return {}
+        try:
+            d = json.loads(self.out.read_text())
+        except (OSError, ValueError) as e:
+            self.log(f"[families] {self.out}: not readable ({e}); its rows are not kept")
+            return {}
+        rows = [r for r in d.get("rows", []) if r.get("model") not in self.rows and r.get("status") == "complete"]
+        if not rows:
+            return {}
+        if d.get("recipe_key") != self.recipe_key():
+            self.log(f"[families] {self.out}: rows of {', '.join(r['model'] for r in rows)} were made with another "
+                     "recipe; they are not kept (rerun those models with this one)")
+            return {}
+        self.log(f"[families] keeping the earlier rows of {', '.join(r['model'] for r in rows)} from {self.out}")
+        return {r["model"]: r for r in rows}
 
     # --- the cache of units ----------------------------------------------------------------
 
@@ -530,7 +563,7 @@ class Families:
                 "top1_assembled": row["top1_assembled"], "speedup": row["speedup"],
                 "speedup_ci_lo": row["speedup_ci_lo"], "speedup_ci_hi": row["speedup_ci_hi"]}
         row["ablation_no_" + self.args.ablate_family] = self.ablation(run, the_run, splits, plan, epochs, main)
-        row["status"] = "complete"
+        row.update(status="complete", command=self.command, fingerprint=self.fingerprint())
         self.write()
 
     @staticmethod
@@ -598,9 +631,17 @@ class Families:
                 "with and without the family.")
         if a.note:
             note += " " + a.note
+        ran = [self.rows[m.name] for m in self.models]
         return {"version": 1, "command": self.command, "note": note, "recipe": self.recipe(),
-                "rows": [self.rows[m.name] for m in self.models], "fingerprint": self.fingerprint(),
+                "recipe_key": self.recipe_key(), "rows": self.ordered(list(self.kept.values()) + ran),
+                "rows_kept_from_earlier_runs": sorted(self.kept), "fingerprint": self.fingerprint(),
                 "wall_time_s": round(time.perf_counter() - self.t0, 1), "cache": str(self.cache)}
+
+    @staticmethod
+    def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The benchmark's own models first, in MODELS' order, then the others by name."""
+        known = list(MODELS)
+        return sorted(rows, key=lambda r: (known.index(r["model"]) if r["model"] in known else len(known), r["model"]))
 
     def fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:  # once: it runs git

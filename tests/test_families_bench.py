@@ -53,11 +53,19 @@ def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
         assert "no `self` candidate" in ab["reason"]
     assert (cache / "test_efficientnet" / "students" / row["plan"] / "eval.json").exists()
 
+    assert row["command"] == d["command"] and row["fingerprint"] == d["fingerprint"]
+
+    # A complete row of another model, left by an earlier run of the same recipe, is kept.
+    earlier = {**row, "model": "resnet18", "top1": 12.5}
+    out.write_text(json.dumps({**d, "rows": [earlier, row]}))
+
     # The same command with another family left out: teacher, run and control are reused,
     # only the ablation is new.
     p = _run("--out", str(out), "--cache", str(cache), "--ablate-family", "mb")
     assert "accelerate skipped" in p.stdout and "control-" not in p.stdout
-    (row2,) = json.loads(out.read_text())["rows"]
+    d2 = json.loads(out.read_text())
+    kept, row2 = d2["rows"]
+    assert kept == earlier and d2["rows_kept_from_earlier_runs"] == ["resnet18"]
     _check_row(row2)
     assert row2["top1"] == row["top1"] and row2["control_top1"] == row["control_top1"]
     ab = row2["ablation_no_mb"]
