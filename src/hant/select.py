@@ -692,95 +692,140 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
     meet) is logged, not raised. Returns the plan as `select` does. Raises HantError as
     `select` does for the first plan.
     """
-    from hant.workspace import RunDir, write_json
-
     if max_budget_ms is not None and not (max_budget_ms > 0 and math.isfinite(max_budget_ms)):
         raise HantError(f"max_budget_ms must be a positive number, got {max_budget_ms}")
-    options = options.updated(overrides)
-    goal = speedup * (1.0 - tolerance)
-    # The accuracy warning is said once, of the plan that is kept, not of every round's plan.
-    outer_log = log
-
-    def log(msg: str) -> None:
-        if not msg.startswith("warning: plan "):
-            outer_log(msg)
-
-    plan = select(run, target=target, speedup=speedup, name=name, options=options, log=log)
-    if max_budget_ms is not None and plan["budget_ms"] > max_budget_ms:
-        log(f"plan {name}: budget {plan['budget_ms']:.4g} ms capped at {max_budget_ms:.4g} ms, the budget "
-            "of a plan asked for less speedup")
-        plan = {**select(run, target=target, budget_ms=max_budget_ms, name=name, options=options, log=log),
-                "speedup": speedup}
-    checks: list[dict[str, Any]] = []
-    timing = None
-    loosened: dict[str, Any] | None = None  # the plan that met before the budget was loosened
+    check = _HardwareCheck(run, target, speedup, name, options.updated(overrides), tolerance, max_budget_ms, log)
+    plan = check.first_plan()
     while True:
-        raw = timer(run, name)
-        timing = raw.get("timing", timing)
-        m = judge_speedup(raw, speedup, tolerance)
-        decision = m.pop("decision")
-        check = {"budget_ms": plan["budget_ms"], "predicted_ms": plan["predicted_ms"], **m, "decision": decision}
-        checks.append(check)
-        log(f"plan {name}: measured {m['student_ms']:.4g} ms against the teacher's {m['teacher_ms']:.4g} ms, "
-            f"{m['speedup']:.2f}x [{m['speedup_ci_lo']:.2f}, {m['speedup_ci_hi']:.2f}] (asked {speedup:g}x; "
-            f"predicted {plan['predicted_ms']:.4g} ms): {decision}")
-        if decision != "short" and loosened is not None:
-            break  # the loosened plan meets the request: keep it
-        if decision == "short" and loosened is not None:
-            # The looser plan falls short: back to the last plan that met, files included.
-            check["decision"] = "short; back to the plan before"
-            plan = {**select(run, target=target, budget_ms=loosened["budget_ms"], name=name, options=options,
-                             log=log), "speedup": speedup}
+        m, round_ = check.time(plan, timer)
+        if check.loosened is not None:  # the loosened plan was timed: keep it if it meets
+            if round_["decision"] == "short":
+                round_["decision"] = "short; back to the plan before"
+                plan = check.solve(check.loosened["budget_ms"])
             break
-        if decision != "short" and len(checks) <= rounds and m["speedup_ci_lo"] > speedup * OVERSHOOT:
-            # Faster than asked beyond the interval: accuracy given up for nothing. Loosen once,
-            # by the rule that tightens but aiming the tolerance above the request (so that
-            # the looser plan's own noise leaves it at the request), and keep the looser plan
-            # only if it still meets.
-            budget = (m["teacher_ms"] / (speedup * (1.0 + tolerance))) * (plan["predicted_ms"] / m["student_ms"])
-            if max_budget_ms is not None:
-                budget = min(budget, max_budget_ms)
-            if budget > plan["budget_ms"] * 1.01:
-                looser = select(run, target=target, budget_ms=budget, name=name, options=options, log=log)
-                if looser["layers"] != plan["layers"]:
-                    check["decision"] = f"{decision}; faster than asked, budget loosened"
-                    check["next_budget_ms"] = budget
-                    loosened = plan
-                    plan = {**looser, "speedup": speedup}
+        if round_["decision"] != "short":
+            if len(check.rounds) <= rounds and m["speedup_ci_lo"] > speedup * OVERSHOOT:
+                looser = check.loosen(plan, m, round_)
+                if looser is not None:
+                    plan = looser
                     continue
-                select(run, target=target, budget_ms=plan["budget_ms"], name=name, options=options, log=log)
             break
-        if decision != "short" or len(checks) > rounds:
+        if len(check.rounds) > rounds:
             break
-        budget = (m["teacher_ms"] / speedup) * (plan["predicted_ms"] / m["student_ms"])
-        if max_budget_ms is not None:
-            budget = min(budget, max_budget_ms)
+        tighter = check.tighten(plan, m, round_)
+        if tighter is None:
+            break
+        plan = tighter
+    return check.finish(plan)
+
+
+class _HardwareCheck:
+    """The state of one `select_measured` call: its request, the rounds timed so far, and the
+    plan that met before its budget was loosened (None until then)."""
+
+    def __init__(self, run: str | Path, target: str, speedup: float, name: str, options: SelectOptions,
+                 tolerance: float, max_budget_ms: float | None, log: Callable[[str], None]):
+        self.run, self.target, self.speedup, self.name = run, target, speedup, name
+        self.options, self.tolerance, self.max_budget_ms = options, tolerance, max_budget_ms
+        self.outer_log = log
+        self.rounds: list[dict[str, Any]] = []
+        self.timing: dict | None = None
+        self.loosened: dict[str, Any] | None = None
+
+    def log(self, msg: str) -> None:
+        # The accuracy warning is said once, of the plan that is kept, not of every round's plan.
+        if not msg.startswith("warning: plan "):
+            self.outer_log(msg)
+
+    def solve(self, budget_ms: float) -> dict[str, Any]:
+        """`select` at `budget_ms` (which writes the plan file), labelled with the speedup asked."""
+        plan = select(self.run, target=self.target, budget_ms=budget_ms, name=self.name, options=self.options,
+                      log=self.log)
+        return {**plan, "speedup": self.speedup}
+
+    def capped(self, budget_ms: float) -> float:
+        return budget_ms if self.max_budget_ms is None else min(budget_ms, self.max_budget_ms)
+
+    def first_plan(self) -> dict[str, Any]:
+        plan = select(self.run, target=self.target, speedup=self.speedup, name=self.name, options=self.options,
+                      log=self.log)
+        if self.max_budget_ms is not None and plan["budget_ms"] > self.max_budget_ms:
+            self.log(f"plan {self.name}: budget {plan['budget_ms']:.4g} ms capped at {self.max_budget_ms:.4g} ms, "
+                     "the budget of a plan asked for less speedup")
+            plan = self.solve(self.max_budget_ms)
+        return plan
+
+    def time(self, plan: dict[str, Any], timer: Callable[[str | Path, str], dict]
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Times the plan file against the teacher; returns the judged measurement and the
+        round recorded for it (whose "decision" the caller may refine)."""
+        raw = timer(self.run, self.name)
+        self.timing = raw.get("timing", self.timing)
+        m = judge_speedup(raw, self.speedup, self.tolerance)
+        decision = m.pop("decision")
+        round_ = {"budget_ms": plan["budget_ms"], "predicted_ms": plan["predicted_ms"], **m, "decision": decision}
+        self.rounds.append(round_)
+        self.log(f"plan {self.name}: measured {m['student_ms']:.4g} ms against the teacher's {m['teacher_ms']:.4g} "
+                 f"ms, {m['speedup']:.2f}x [{m['speedup_ci_lo']:.2f}, {m['speedup_ci_hi']:.2f}] (asked "
+                 f"{self.speedup:g}x; predicted {plan['predicted_ms']:.4g} ms): {decision}")
+        return m, round_
+
+    def tighten(self, plan: dict[str, Any], m: dict[str, Any], round_: dict[str, Any]) -> dict[str, Any] | None:
+        """The plan at a budget tightened by the shortfall, assuming the next plan errs like
+        this one; None (said in the log) when the pool cannot meet that budget."""
+        budget = self.capped((m["teacher_ms"] / self.speedup) * (plan["predicted_ms"] / m["student_ms"]))
         try:
-            tighter = select(run, target=target, budget_ms=budget, name=name, options=options, log=log)
+            tighter = self.solve(budget)
         except InfeasibleError as e:
-            check["decision"] = "short; tighter budget out of reach"
-            log(f"plan {name}: a budget of {budget:.4g} ms to make up the shortfall is out of reach ({e}); "
-                "keeping the last plan")
-            break
-        check["decision"] = "short; budget tightened"
-        check["next_budget_ms"] = budget
-        plan = {**tighter, "speedup": speedup}
-    met = checks[-1]["decision"].startswith("met") or loosened is not None
-    if not met:
-        log(f"plan {name}: measured {checks[-1]['speedup']:.2f}x (at most {checks[-1]['speedup_ci_hi']:.2f}x), "
-            f"short of {speedup:g}x after {len(checks)} timings")
-    plan = {k: v for k, v in plan.items() if k != "path"}
-    if plan.get("accuracy_risk"):
-        # The table's speedups, put on the measured scale by how the last timed plan compared.
-        ratio = checks[-1]["speedup"] / plan["predicted_speedup"] if plan.get("predicted_speedup") else None
-        plan["accuracy_risk"] = accuracy_risk(plan, plan["accuracy_risk"]["teacher_loss"],
-                                              plan["accuracy_risk"]["safe_speedup"], measured_ratio=ratio)
-        if plan["accuracy_risk"]["large"]:
-            outer_log(f"warning: {plan['accuracy_risk']['message']}")
-    plan["latency_check"] = {"rounds": checks, "tolerance": tolerance, "goal_speedup": goal,
-                             "rule": SPEEDUP_RULE, "budget_cap_ms": max_budget_ms, "timing": timing, "met": met}
-    # The file names the alternatives, as `select` writes it; the result carries them whole, as
-    # `select` returns them.
-    on_disk = {**plan, "alternatives": [a["name"] for a in plan["alternatives"]]} if "alternatives" in plan else plan
-    path = write_json(RunDir(run).plan(name), on_disk)
-    return {**plan, "path": str(path)}
+            round_["decision"] = "short; tighter budget out of reach"
+            self.log(f"plan {self.name}: a budget of {budget:.4g} ms to make up the shortfall is out of reach ({e}); "
+                     "keeping the last plan")
+            return None
+        round_.update(decision="short; budget tightened", next_budget_ms=budget)
+        return tighter
+
+    def loosen(self, plan: dict[str, Any], m: dict[str, Any], round_: dict[str, Any]) -> dict[str, Any] | None:
+        """A plan faster than asked beyond its interval gives up accuracy for nothing: the plan
+        at a budget loosened by the rule that tightens, aimed at the tolerance above the
+        request (so that the looser plan's own noise leaves it at the request). None when the
+        budget barely moves or the looser budget gives the same layers (the plan file is then
+        written back)."""
+        budget = self.capped((m["teacher_ms"] / (self.speedup * (1.0 + self.tolerance)))
+                             * (plan["predicted_ms"] / m["student_ms"]))
+        if not budget > plan["budget_ms"] * 1.01:
+            return None
+        looser = self.solve(budget)
+        if looser["layers"] == plan["layers"]:
+            self.solve(plan["budget_ms"])
+            return None
+        round_.update(decision=f"{round_['decision']}; faster than asked, budget loosened", next_budget_ms=budget)
+        self.loosened = plan
+        return looser
+
+    def finish(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Records the rounds in the plan (with the accuracy warning of the plan kept), writes
+        the plan file and returns the plan as `select` does."""
+        from hant.workspace import RunDir, write_json
+
+        last = self.rounds[-1]
+        met = last["decision"].startswith("met") or self.loosened is not None
+        if not met:
+            self.log(f"plan {self.name}: measured {last['speedup']:.2f}x (at most {last['speedup_ci_hi']:.2f}x), "
+                     f"short of {self.speedup:g}x after {len(self.rounds)} timings")
+        plan = {k: v for k, v in plan.items() if k != "path"}
+        if plan.get("accuracy_risk"):
+            # The table's speedups, put on the measured scale by how the last timed plan compared.
+            ratio = last["speedup"] / plan["predicted_speedup"] if plan.get("predicted_speedup") else None
+            plan["accuracy_risk"] = accuracy_risk(plan, plan["accuracy_risk"]["teacher_loss"],
+                                                  plan["accuracy_risk"]["safe_speedup"], measured_ratio=ratio)
+            if plan["accuracy_risk"]["large"]:
+                self.outer_log(f"warning: {plan['accuracy_risk']['message']}")
+        plan["latency_check"] = {"rounds": self.rounds, "tolerance": self.tolerance,
+                                 "goal_speedup": self.speedup * (1.0 - self.tolerance), "rule": SPEEDUP_RULE,
+                                 "budget_cap_ms": self.max_budget_ms, "timing": self.timing, "met": met}
+        # The file names the alternatives, as `select` writes it; the result carries them whole, as
+        # `select` returns them.
+        on_disk = {**plan, "alternatives": [a["name"] for a in plan["alternatives"]]} if "alternatives" in plan \
+            else plan
+        path = write_json(RunDir(self.run).plan(self.name), on_disk)
+        return {**plan, "path": str(path)}
