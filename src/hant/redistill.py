@@ -352,113 +352,137 @@ def redistill(run: str | os.PathLike, plan: str, images: int | None = None,
     and "wall_s" added. Raises HantError for a missing plan or phase-1 weights, `images`
     below 1, a held run folder, or a layer whose loss diverges.
     """
-    from hant.data import load_data
-    from hant.layers import get_layer
-    from hant.student import bn_loader, recalibrate_batchnorm
-    from hant.workspace import load_safetensors, run_lock, save_safetensors, write_json
+    from hant.workspace import run_lock
 
     t0 = time.time()
     if not isinstance(plan, str):
         raise HantError("redistill takes a plan name (RUN/plans/<name>.json); write the plan with `hant select`")
     the_run = Run(run)
-    cfg = the_run.config
-    dcfg = cfg.distill
+    dcfg = the_run.config.distill
     n_img = int(images if images is not None else dcfg.redistill_images)
     skips = bool(dcfg.redistill_through_skips if through_skips is None else through_skips)
     if n_img < 1:
         raise HantError(f"images per re-distilled layer must be at least 1, got {n_img}; pass --images N")
-    out_dir = the_run.dir.redistilled_dir(plan)
     index_path = the_run.dir.redistilled_index(plan)
 
     with run_lock(the_run.root, log=log):
         # Weights first, without data or BatchNorm re-estimation: a rerun with nothing left to
         # do stops here.
         w = _work(the_run, plan, n_img, log, skips)
-        student, replaced, specs, trainable = w.student, w.replaced, w.specs, w.trainable
-        phase1_sha, settings, keys, done, pending = w.phase1_sha, w.settings, w.keys, w.done, w.pending
-        targets = w.targets
         if w.current:
-            log(f"redistill: plan {plan}: all {len(trainable)} layers re-distilled already -> {index_path}")
-            return {**w.previous, "trained": [], "reused": list(trainable), "wall_s": time.time() - t0}
-
-        splits = load_data(cfg.data)
-        batches = BatchPlan(len(splits.train), dcfg.batch_size, cfg.seed)
-        steps = math.ceil(n_img / batches.batch_size)
-        log(f"redistill: plan {plan}: {len(trainable)} layers to re-distil, {len(trainable) - len(pending)} done, "
-            f"{n_img} images each (batch {batches.batch_size}, {steps} steps)")
-        device = _device()
-        memory = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        student.to(device=device, memory_format=memory)
-        teacher = the_run.teacher().to(device=device, memory_format=memory)
-        heldout, bs = splits.heldout, dcfg.batch_size
-        n_heldout = len(heldout) if dcfg.heldout_images is None else min(dcfg.heldout_images, len(heldout))
-
-        def recalibrate() -> None:
-            recalibrate_batchnorm(student, bn_loader(cfg, splits.train), cfg.finetune.bn_batches, device)
-
-        # The student as `assemble` builds it (statistics re-estimated on its own inputs), to
-        # measure from; then with the layers already done, to go on from.
-        if cfg.finetune.bn_batches > 0:
-            recalibrate()
-        before = heldout_nmse(student, teacher, replaced, heldout, bs, n_heldout)
-        for name in trainable:
-            if name in done:
-                get_layer(student, name).load_state_dict(
-                    load_safetensors(the_run.root / done[name]["file"], done[name]["sha256"]))
-        if done and cfg.finetune.bn_batches > 0:
-            recalibrate()
-
-        entries = {name: {**done[name], "heldout_before": before[name]} for name in done}
-
-        def write(complete: bool, after: dict[str, float] | None = None) -> dict[str, Any]:
-            doc = {"version": INDEX_VERSION, "plan": plan, "complete": complete, "layers": specs,
-                   "settings": settings, "entries": [entries[name] for name in trainable if name in entries]}
-            if after is not None:
-                doc["heldout"] = {"images": n_heldout, "before": before, "after": after}
-            write_json(index_path, doc)
-            return doc
-
-        bar = _bar(len(pending) * steps * batches.batch_size) if pending else None
+            log(f"redistill: plan {plan}: all {len(w.trainable)} layers re-distilled already -> {index_path}")
+            return {**w.previous, "trained": [], "reused": list(w.trainable), "wall_s": time.time() - t0}
+        trainer = _Trainer(the_run, plan, w, n_img, log)
+        bar = _bar(len(w.pending) * trainer.steps * trainer.batches.batch_size) if w.pending else None
         try:
-            for name in pending:
-                t1 = time.time()
-                target = targets.get(name, name)
-                start = heldout_nmse(student, teacher, [target], heldout, bs, n_heldout)[target]
-                train_loss = _train_layer(student, teacher, name, splits.train, batches, steps, dcfg, cfg.seed, bar,
-                                          target=target)
-                if cfg.finetune.bn_batches > 0:
-                    recalibrate()
-                after = heldout_nmse(student, teacher, [target], heldout, bs, n_heldout)[target]
-                f = out_dir / name / f"{specs[name]}.safetensors"
-                state = {k: v.detach().cpu().clone() for k, v in get_layer(student, name).state_dict().items()}
-                sha = save_safetensors(f, state, metadata={"layer": name, "spec": specs[name], "plan": plan,
-                                                           "key": keys[name]})
-                entries[name] = {"layer": name, "spec": specs[name], "key": keys[name], "status": "done",
-                                 "file": str(f.relative_to(the_run.root)), "sha256": sha,
-                                 "phase1_sha256": phase1_sha[name], "steps": steps,
-                                 "images": steps * batches.batch_size,
-                                 "train_loss": train_loss, "heldout_before": before[name], "heldout_start": start,
-                                 "heldout_after": after, "seconds": round(time.time() - t1, 2),
-                                 **({"target": target} if target != name else {})}
-                write(complete=False)
-                at = f" at {target} (the skipped layers' output)" if target != name else ""
-                log(f"redistill: {name} ({specs[name]}): held-out NMSE{at} in the student {before[target]:.4f} -> "
-                    f"{after:.4f} (phase-1 weights on these inputs {start:.4f}), {time.time() - t1:.1f} s")
+            for name in w.pending:
+                trainer.train(name, bar)
         finally:
             if bar is not None:
                 bar.close()
+        doc = trainer.finish()
+    before, after = doc["heldout"]["before"], doc["heldout"]["after"]
+    n = max(1, len(w.replaced))
+    log(f"redistill: plan {plan}: mean held-out NMSE at the replaced layers {sum(before.values()) / n:.4f} -> "
+        f"{sum(after.values()) / n:.4f}; {len(w.pending)} layers trained in {time.time() - t0:.0f} s "
+        f"-> {index_path}")
+    return {**doc, "trained": list(w.pending), "reused": [n for n in w.trainable if n not in w.pending],
+            "wall_s": time.time() - t0}
 
-        after_all = heldout_nmse(student, teacher, replaced, heldout, bs, n_heldout)
-        for name in entries:
-            entries[name]["heldout_after"] = after_all[name]
-        doc = write(complete=True, after=after_all)
-        keep = {the_run.root / e["file"] for e in entries.values()}
-        for f in out_dir.glob("*/*.safetensors"):
+
+class _Trainer:
+    """One re-distillation under way: the student (as `assemble` builds it, with the layers
+    already done loaded), the teacher, the data, and the index entries so far."""
+
+    def __init__(self, the_run: Run, plan: str, w: _Work, n_img: int, log: Callable[[str], None]):
+        from hant.data import load_data
+        from hant.layers import get_layer
+        from hant.workspace import load_safetensors
+
+        self.run, self.plan, self.w, self.log = the_run, plan, w, log
+        cfg = self.cfg = the_run.config
+        dcfg = cfg.distill
+        self.splits = load_data(cfg.data)
+        self.batches = BatchPlan(len(self.splits.train), dcfg.batch_size, cfg.seed)
+        self.steps = math.ceil(n_img / self.batches.batch_size)
+        log(f"redistill: plan {plan}: {len(w.trainable)} layers to re-distil, {len(w.trainable) - len(w.pending)} "
+            f"done, {n_img} images each (batch {self.batches.batch_size}, {self.steps} steps)")
+        self.device = _device()
+        memory = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.student = w.student.to(device=self.device, memory_format=memory)
+        self.teacher = the_run.teacher().to(device=self.device, memory_format=memory)
+        heldout = self.splits.heldout
+        self.n_heldout = len(heldout) if dcfg.heldout_images is None else min(dcfg.heldout_images, len(heldout))
+        # The student as `assemble` builds it (statistics re-estimated on its own inputs), to
+        # measure from; then with the layers already done, to go on from.
+        self.recalibrate()
+        self.before = self.nmse(w.replaced)
+        for name in w.trainable:
+            if name in w.done:
+                get_layer(self.student, name).load_state_dict(
+                    load_safetensors(the_run.root / w.done[name]["file"], w.done[name]["sha256"]))
+        if w.done:
+            self.recalibrate()
+        self.entries = {name: {**w.done[name], "heldout_before": self.before[name]} for name in w.done}
+
+    def recalibrate(self) -> None:
+        from hant.student import bn_loader, recalibrate_batchnorm
+
+        if self.cfg.finetune.bn_batches > 0:
+            recalibrate_batchnorm(self.student, bn_loader(self.cfg, self.splits.train), self.cfg.finetune.bn_batches,
+                                  self.device)
+
+    def nmse(self, layers: Sequence[str]) -> dict[str, float]:
+        return heldout_nmse(self.student, self.teacher, layers, self.splits.heldout, self.cfg.distill.batch_size,
+                            self.n_heldout)
+
+    def train(self, name: str, bar) -> None:
+        """Trains one layer on the student's inputs, writes its weights and the index."""
+        from hant.layers import get_layer
+        from hant.workspace import save_safetensors
+
+        w, t1 = self.w, time.time()
+        spec, target = w.specs[name], w.targets.get(name, name)
+        start = self.nmse([target])[target]
+        train_loss = _train_layer(self.student, self.teacher, name, self.splits.train, self.batches, self.steps,
+                                  self.cfg.distill, self.cfg.seed, bar, target=target)
+        self.recalibrate()
+        after = self.nmse([target])[target]
+        f = self.run.dir.redistilled_dir(self.plan) / name / f"{spec}.safetensors"
+        state = {k: v.detach().cpu().clone() for k, v in get_layer(self.student, name).state_dict().items()}
+        sha = save_safetensors(f, state, metadata={"layer": name, "spec": spec, "plan": self.plan,
+                                                   "key": w.keys[name]})
+        self.entries[name] = {"layer": name, "spec": spec, "key": w.keys[name], "status": "done",
+                              "file": str(f.relative_to(self.run.root)), "sha256": sha,
+                              "phase1_sha256": w.phase1_sha[name], "steps": self.steps,
+                              "images": self.steps * self.batches.batch_size, "train_loss": train_loss,
+                              "heldout_before": self.before[name], "heldout_start": start, "heldout_after": after,
+                              "seconds": round(time.time() - t1, 2), **({"target": target} if target != name else {})}
+        self.write(complete=False)
+        at = f" at {target} (the skipped layers' output)" if target != name else ""
+        self.log(f"redistill: {name} ({spec}): held-out NMSE{at} in the student {self.before[target]:.4f} -> "
+                 f"{after:.4f} (phase-1 weights on these inputs {start:.4f}), {time.time() - t1:.1f} s")
+
+    def write(self, complete: bool, after: dict[str, float] | None = None) -> dict[str, Any]:
+        from hant.workspace import write_json
+
+        w = self.w
+        doc = {"version": INDEX_VERSION, "plan": self.plan, "complete": complete, "layers": w.specs,
+               "settings": w.settings, "entries": [self.entries[name] for name in w.trainable if name in self.entries]}
+        if after is not None:
+            doc["heldout"] = {"images": self.n_heldout, "before": self.before, "after": after}
+        write_json(self.run.dir.redistilled_index(self.plan), doc)
+        return doc
+
+    def finish(self) -> dict[str, Any]:
+        """Measures every replaced layer in the finished student, writes the complete index
+        and removes weight files the index no longer names."""
+        after = self.nmse(self.w.replaced)
+        for name in self.entries:
+            self.entries[name]["heldout_after"] = after[name]
+        doc = self.write(complete=True, after=after)
+        keep = {self.run.root / e["file"] for e in self.entries.values()}
+        for f in self.run.dir.redistilled_dir(self.plan).glob("*/*.safetensors"):
             if f not in keep:
                 f.unlink()  # a layer the plan no longer replaces, or another spec for it
-    n = max(1, len(replaced))
-    log(f"redistill: plan {plan}: mean held-out NMSE at the replaced layers {sum(before.values()) / n:.4f} -> "
-        f"{sum(after_all.values()) / n:.4f}; {len(pending)} layers trained in {time.time() - t0:.0f} s "
-        f"-> {index_path}")
-    return {**doc, "trained": list(pending), "reused": [n for n in trainable if n not in pending],
-            "wall_s": time.time() - t0}
+        return doc
