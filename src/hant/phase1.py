@@ -832,14 +832,8 @@ def train_pool(
     unknown optimiser, several groups without a work folder).
     """
     device, channels_last, autocast = _resolve_device(opts)
-    teacher.eval().to(device)
-    if channels_last:
-        teacher.to(memory_format=torch.channels_last)
     cands = list(candidates)
-    for c in cands:
-        c.module.to(device)
-        if channels_last:
-            c.module.to(memory_format=torch.channels_last)
+    _place(teacher.eval(), [c.module for c in cands], device, channels_last)
     layer_order = list(dict.fromkeys(c.layer for c in cands))
     tap = LayerTap(teacher, layer_order)
     plan = BatchPlan(len(train_set), opts.batch_size, opts.seed)
@@ -851,12 +845,10 @@ def train_pool(
     groups = _measure_and_pack(cands, tap, layer_order, train_set, plan, opts, device, channels_last, autocast,
                                sample)
     n_groups = len(groups)
+    cache = None
     if n_groups > 1:
         log(f"{len(cands)} candidates in {n_groups} groups under {opts.max_memory_bytes / _MB:.0f} MB; "
             "later groups replay the teacher's activations from disk")
-
-    cache = None
-    if n_groups > 1:
         if work is None:
             raise HantError("several groups need a work folder for the activation cache; pass workdir=")
         cache_key = json.dumps({"n": len(train_set), "h": len(heldout_set), "bs": bs, "hbs": hbs, "seed": opts.seed,
@@ -865,55 +857,31 @@ def train_pool(
     source = _Source(tap, device, channels_last, autocast, cache)
     ckpt = _Checkpoints(work / "checkpoints") if work is not None else None
 
-    total_images = n_groups * (opts.steps * bs + len(heldout_set))
     bar = None
     if opts.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_images, unit="img", unit_scale=True, dynamic_ncols=True, desc="phase 1",
-                   mininterval=1.0)
+        bar = tqdm(total=n_groups * (opts.steps * bs + len(heldout_set)), unit="img", unit_scale=True,
+                   dynamic_ncols=True, desc="phase 1", mininterval=1.0)
     entries: list[dict[str, Any]] = []
-    train_s = eval_s = opt_s = teacher_eval_s = 0.0
-    session_images = 0
-    groups_finished = 0  # passages through the fault point after a group, for the crash tests
+    totals = {"train_s": 0.0, "eval_s": 0.0, "optimizer_s": 0.0, "teacher_eval_s": 0.0, "candidate_images": 0}
     run = _GroupTraining(train_set, plan, opts, source, cache, ckpt, bar, log, autocast, n_groups, len(cands))
-
     try:  # a stage that stops on an error must not leave its bar open over the error line
         for gi, idxs in enumerate(groups):
             group_cands = [cands[i] for i in idxs]
-            g = _Group(group_cands, opts, device)
-            layers = {c.layer for c in group_cands}
-            later = {cands[i].layer for later_idxs in groups[gi + 1 :] for i in later_idxs}
-            key = _group_key(group_cands, opts)
-            t0 = time.time()
-            run.train(gi, g, key, layers, later)
-            train_s += time.time() - t0
-            opt_s += g.opt_seconds
-            session_images += g.session_images
-            t0 = time.time()
-            tap_train_s = tap.seconds
-            held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=autocast,
-                                 tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
-                float("nan")] * len(group_cands)
-            eval_s += time.time() - t0
-            teacher_eval_s += tap.seconds - tap_train_s
-            group_entries = _group_entries(group_cands, g, held, bs)
+            later = {cands[i].layer for later_idxs in groups[gi + 1:] for i in later_idxs}
+            group_entries = _train_group(run, gi, group_cands, later, heldout_set, hbs, totals)
             if on_group_done is not None:
                 on_group_done(group_cands, group_entries)
-            groups_finished += 1
-            fault_point("distill:after_group", groups_finished, "exit")
+            fault_point("distill:after_group", gi + 1, "exit")  # groups finished in this call, for the crash tests
             if ckpt is not None:
-                ckpt.drop(key)
+                ckpt.drop(_group_key(group_cands, opts))
             entries.extend(group_entries)
             run.done_count += len(group_cands)
             if bar is not None:
                 bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {run.done_count}/{len(cands)} candidates done")
-            # Later groups replay from disk; free this group's memory before they start.
-            if device.type != "cpu":
-                for c in group_cands:
-                    if c.module is not None:
-                        c.module.to("cpu")
-            del g
+            if device.type != "cpu":  # later groups replay from disk: free this group's memory first
+                _place(None, [c.module for c in group_cands if c.module is not None], torch.device("cpu"), False)
     finally:
         if bar is not None:
             bar.close()
@@ -925,12 +893,40 @@ def train_pool(
         "teacher_passes": tap.passes,
         "teacher_images": tap.images,
         "cache_mb": (cache.bytes_written / _MB) if cache is not None else 0.0,
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "candidate_images": session_images,  # trained in this call (a resumed group counts from its checkpoint)
-        "teacher_train_s": tap.seconds - teacher_eval_s,  # teacher passes for training batches
-        "optimizer_s": opt_s,
+        "train_s": totals["train_s"],
+        "eval_s": totals["eval_s"],
+        "candidate_images": totals["candidate_images"],  # trained in this call (a resumed group from its checkpoint)
+        "teacher_train_s": tap.seconds - totals["teacher_eval_s"],  # teacher passes for training batches
+        "optimizer_s": totals["optimizer_s"],
         "wall_s": time.time() - t_start,
         "batch_size": bs,
         "device": str(device),
     }
+
+
+def _place(teacher: nn.Module | None, modules: Sequence[nn.Module], device: torch.device, channels_last: bool
+           ) -> None:
+    for m in ([teacher] if teacher is not None else []) + list(modules):
+        m.to(device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+
+
+def _train_group(run: "_GroupTraining", gi: int, group_cands: list[Candidate], later: set[str], heldout_set,
+                 hbs: int, totals: dict[str, float]) -> list[dict[str, Any]]:
+    """Trains one group (resuming from its checkpoint), scores it on the held-out images and
+    returns its result entries; adds its times and images to `totals`."""
+    opts, source, bar = run.opts, run.source, run.bar
+    g = _Group(group_cands, opts, source.device)
+    t0 = time.time()
+    run.train(gi, g, _group_key(group_cands, opts), {c.layer for c in group_cands}, later)
+    totals["train_s"] += time.time() - t0
+    totals["optimizer_s"] += g.opt_seconds
+    totals["candidate_images"] += g.session_images
+    t0, tap_s = time.time(), source.tap.seconds
+    held = evaluate_pool(group_cands, source, heldout_set, hbs, keep=later, autocast=run.autocast,
+                         tick=(bar.update if bar is not None else None)) if len(heldout_set) else [
+        float("nan")] * len(group_cands)
+    totals["eval_s"] += time.time() - t0
+    totals["teacher_eval_s"] += source.tap.seconds - tap_s
+    return _group_entries(group_cands, g, held, run.plan.batch_size)
