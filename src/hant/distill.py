@@ -251,7 +251,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
     run, the teacher checkpoint changed since init, or the data cannot be loaded.
     """
     from hant.run import Run
-    from hant.workspace import run_lock, save_safetensors, write_json
+    from hant.workspace import run_lock
 
     t0 = time.time()
     the_run = Run(run)
@@ -302,45 +302,26 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
 
         sample_images = load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
         cands = _pending_candidates(pools, pending, teacher, sample_images, cfg.seed)
-
-        entries_mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
-        all_entries = dict(finished)
-
-        def on_group_done(group: list[Candidate], group_entries: list[dict[str, Any]]) -> None:
-            for c, e in zip(group, group_entries):
-                if e["status"] == "done":
-                    path = rd.candidate_file(c.layer, c.spec)
-                    state = {k: v.detach().cpu() for k, v in c.module.state_dict().items()}
-                    e["sha256"] = save_safetensors(path, state, metadata={"layer": c.layer, "spec": c.spec,
-                                                                          "init": c.init})
-                    e["file"] = str(path.relative_to(rd.root))
-                else:
-                    e["file"], e["sha256"] = None, None
-                entries_mine[c.key] = e
-                all_entries[c.key] = e
-                c.module = None  # saved: let its memory go before the next group
-            if world == 1:
-                _write_index(rd, order, all_entries)
-            else:
-                write_json(parts_dir / f"rank{rank}.json", {"candidates": list(entries_mine.values())})
+        saver = _Saver(rd, order, finished, mine, parts_dir, rank, world)
 
         workdir = rd.candidates_dir / ".work" / f"rank{rank}-of{world}"
         heldout = splits.heldout
         if cfg.distill.heldout_images is not None:
             heldout = _Head(heldout, cfg.distill.heldout_images)
         result = train_pool(teacher, cands, splits.train, heldout, opts, workdir=workdir,
-                            on_group_done=on_group_done, log=quiet, sample=sample_images[:8])
+                            on_group_done=saver, log=quiet, sample=sample_images[:8])
         stats = {k: v for k, v in result.items() if k != "entries"}
         stats["peak_rss_mb"] = peak_rss_mb()
 
         if world > 1:
-            gathered = dist_.gather((list(entries_mine.values()), stats))
+            gathered = dist_.gather((list(saver.mine.values()), stats))
             per_rank = [g[1] for g in gathered]
             for ents, _ in gathered:
                 for e in ents:
-                    all_entries[(e["layer"], e["spec"])] = e
+                    saver.all[(e["layer"], e["spec"])] = e
         else:
             per_rank = [stats]
+        all_entries = saver.all
 
         summary = _phase1_summary(per_rank, world, device, steps * plan.batch_size, n_img, len(heldout),
                                   plan.batch_size, steps, int(budget_mb), time.time() - t0)
@@ -353,6 +334,39 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             shutil.rmtree(rd.candidates_dir / ".work", ignore_errors=True)
 
     return _finish(summary, order, all_entries, rd, run, quiet)
+
+
+class _Saver:
+    """Phase 1's `on_group_done`: writes each finished group's weights and the index (one
+    process) or this rank's part file (torchrun), and keeps the entries: `mine` (this rank's
+    share) and `all` (every candidate this process knows of)."""
+
+    def __init__(self, rd, order: list[tuple[str, str]], finished: dict[tuple[str, str], dict[str, Any]],
+                 mine: list[tuple[str, str]], parts_dir: Path, rank: int, world: int):
+        self.rd, self.order, self.parts_dir, self.rank, self.world = rd, order, parts_dir, rank, world
+        self.mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
+        self.all = dict(finished)
+
+    def __call__(self, group: list[Candidate], group_entries: list[dict[str, Any]]) -> None:
+        from hant.workspace import save_safetensors, write_json
+
+        rd = self.rd
+        for c, e in zip(group, group_entries):
+            if e["status"] == "done":
+                path = rd.candidate_file(c.layer, c.spec)
+                state = {k: v.detach().cpu() for k, v in c.module.state_dict().items()}
+                e["sha256"] = save_safetensors(path, state, metadata={"layer": c.layer, "spec": c.spec,
+                                                                      "init": c.init})
+                e["file"] = str(path.relative_to(rd.root))
+            else:
+                e["file"], e["sha256"] = None, None
+            self.mine[c.key] = e
+            self.all[c.key] = e
+            c.module = None  # saved: let its memory go before the next group
+        if self.world == 1:
+            _write_index(rd, self.order, self.all)
+        else:
+            write_json(self.parts_dir / f"rank{self.rank}.json", {"candidates": list(self.mine.values())})
 
 
 def _previous_entries(rd, parts_dir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
