@@ -293,12 +293,7 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
         budget_mb = max_memory_mb if max_memory_mb is not None else cfg.distill.max_memory_mb
         if budget_mb is None:
             budget_mb = default_max_memory_mb(device) // max(1, dist_.local_world)
-        opts = Phase1Options(
-            steps=steps, batch_size=plan.batch_size, optimizer=cfg.distill.optimizer, lr=cfg.distill.lr,
-            weight_decay=cfg.distill.weight_decay, seed=cfg.seed, max_memory_bytes=int(budget_mb) * _MB,
-            checkpoint_minutes=cfg.distill.checkpoint_minutes, device=device, workers=cfg.data.workers,
-            progress=(rank == 0),
-        )
+        opts = _options(cfg, steps, plan.batch_size, int(budget_mb), device, progress=(rank == 0))
 
         sample_images = load_images(splits.train, plan.indices(0)[: min(32, plan.batch_size)])
         cands = _pending_candidates(pools, pending, teacher, sample_images, cfg.seed)
@@ -334,6 +329,16 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             shutil.rmtree(rd.candidates_dir / ".work", ignore_errors=True)
 
     return _finish(summary, order, all_entries, rd, run, quiet)
+
+
+def _options(cfg, steps: int, batch_size: int, budget_mb: int, device: torch.device, progress: bool
+             ) -> Phase1Options:
+    """The phase-1 engine's options from the run's `distill` settings."""
+    d = cfg.distill
+    return Phase1Options(steps=steps, batch_size=batch_size, optimizer=d.optimizer, lr=d.lr,
+                         weight_decay=d.weight_decay, seed=cfg.seed, max_memory_bytes=budget_mb * _MB,
+                         checkpoint_minutes=d.checkpoint_minutes, device=device, workers=cfg.data.workers,
+                         progress=progress)
 
 
 class _Saver:
