@@ -825,7 +825,8 @@ class _HardwareCheck:
                                  "budget_cap_ms": self.max_budget_ms, "timing": self.timing, "met": met}
         # The file names the alternatives, as `select` writes it; the result carries them whole, as
         # `select` returns them.
-        on_disk = {**plan, "alternatives": [a["name"] for a in plan["alternatives"]]} if "alternatives" in plan \
-            else plan
+        on_disk = plan
+        if "alternatives" in plan:
+            on_disk = {**plan, "alternatives": [a["name"] for a in plan["alternatives"]]}
         path = write_json(RunDir(self.run).plan(self.name), on_disk)
         return {**plan, "path": str(path)}
