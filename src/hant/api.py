@@ -105,12 +105,9 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     """
     import torch
 
-    from hant.config import RunConfig
     from hant.data import save_tensor_data
     from hant.report import collect, results_table
     from hant.student import load_student
-    from hant.teacher import infer_source, register_model
-    from hant.workspace import save_safetensors
 
     train, held, test = (_as_tensors(train_data, "train_data"), _as_tensors(heldout_data, "heldout_data"),
                          _as_tensors(test_data, "test_data"))
@@ -123,41 +120,18 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     labels = torch.cat([p[1] for p in (train, held, test) if p is not None])
     num_classes = int(labels.max()) + 1
 
-    if isinstance(model, str):
-        src, module = model, None
-    else:
-        module = model
-        src = source
-    run = Path(run or Path("runs") / f"accelerate-{type(module).__name__.lower() if module is not None else 'model'}")
+    given_object = not isinstance(model, str)
+    if not given_object:
+        if source is not None:
+            raise HantError("pass source= only with a model object; a model given as a string is its own source")
+        src, checkpoint = model, None
+    run = Path(run or Path("runs") / f"accelerate-{type(model).__name__.lower() if given_object else 'model'}")
     run.mkdir(parents=True, exist_ok=True)
     data_file = _write_named(run, "data", lambda p: save_tensor_data(p, train, held, test))
-    checkpoint = None
-    if module is not None:
-        import copy
-
-        cpu = copy.deepcopy(module).cpu().float().eval()
-        checkpoint = _write_named(run, "teacher", lambda p: save_safetensors(p, cpu.state_dict()))
-        if src is None:
-            src = infer_source(cpu, c, num_classes)
-            if src is not None and not _same_outputs(cpu, src, c, num_classes, checkpoint, held[0][:8], size):
-                src = None
-        if src is None:
-            src = register_model(cpu)
-        log(f"[hant] teacher: {type(module).__name__} as {src}")
-    elif source is not None:
-        raise HantError("pass source= only with a model object; a model given as a string is its own source")
-
-    cfg = RunConfig.load(config) if config is not None else RunConfig()
-    cfg.model.source = src
-    cfg.model.checkpoint = str(checkpoint) if checkpoint is not None else cfg.model.checkpoint
-    cfg.data.spec = f"tensors:{data_file.resolve()}"
-    cfg.data.input_size = size
-    cfg.data.in_chans = int(c)
-    cfg.data.num_classes = num_classes
-    if config is None:
-        cfg.space = space
-    cfg_path = run / "accelerate-config.yaml"
-    cfg.save(cfg_path)
+    if given_object:
+        src, checkpoint = _teacher_source(model, source, run, int(c), num_classes, held[0][:8], size)
+        log(f"[hant] teacher: {type(model).__name__} as {src}")
+    cfg_path = _write_config(run, config, space, src, checkpoint, data_file, size, int(c), num_classes)
     speedups = [float(s) for s in (speedup if isinstance(speedup, (list, tuple)) else [speedup])]
     opts = AccelerateOptions(target=target, batch_size=batch_size, speedups=speedups, int8=int8,
                              finetune_epochs=finetune_epochs, redistill=redistill)
@@ -174,6 +148,46 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
         warnings.warn(message, AccuracyRiskWarning, stacklevel=2)
     return AccelerateResult(run=run, plans=out["plans"], students=students, evals=evals, report=Path(out["report"]),
                             table=table, source=src, warnings=flagged)
+
+
+def _teacher_source(module: Any, source: str | None, run: Path, in_chans: int, num_classes: int, images: Any,
+                    size: int) -> tuple[str, Path]:
+    """Writes a copy of `module`'s weights into the run folder; returns the source its
+    architecture is rebuilt from (`source`, else timm's or torchvision's name when outputs
+    match, else a registered in-memory model) and the weights file."""
+    import copy
+
+    from hant.teacher import infer_source, register_model
+    from hant.workspace import save_safetensors
+
+    cpu = copy.deepcopy(module).cpu().float().eval()
+    checkpoint = _write_named(run, "teacher", lambda p: save_safetensors(p, cpu.state_dict()))
+    src = source
+    if src is None:
+        src = infer_source(cpu, in_chans, num_classes)
+        if src is not None and not _same_outputs(cpu, src, in_chans, num_classes, checkpoint, images, size):
+            src = None
+    return (src if src is not None else register_model(cpu)), checkpoint
+
+
+def _write_config(run: Path, config: str | Path | None, space: str, src: str, checkpoint: Path | None,
+                  data_file: Path, size: int, in_chans: int, num_classes: int) -> Path:
+    """The run's configuration (`config`'s YAML, or the defaults with `space`) pointed at this
+    model and these images; written to RUN/accelerate-config.yaml, whose path is returned."""
+    from hant.config import RunConfig
+
+    cfg = RunConfig.load(config) if config is not None else RunConfig()
+    cfg.model.source = src
+    cfg.model.checkpoint = str(checkpoint) if checkpoint is not None else cfg.model.checkpoint
+    cfg.data.spec = f"tensors:{data_file.resolve()}"
+    cfg.data.input_size = size
+    cfg.data.in_chans = in_chans
+    cfg.data.num_classes = num_classes
+    if config is None:
+        cfg.space = space
+    path = run / "accelerate-config.yaml"
+    cfg.save(path)
+    return path
 
 
 def _same_outputs(model: Any, source: str, in_chans: int, num_classes: int, checkpoint: Path, images: Any,
