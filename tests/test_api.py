@@ -188,3 +188,11 @@ def test_tensor_file_spec(tmp_path):
         load_data(DataConfig(spec=f"tensors:{tmp_path / 'missing.safetensors'}", input_size=16))
     with pytest.raises(HantError, match="labels must be integer"):
         save_tensor_data(f, (xf, torch.rand(30)))
+
+
+def test_a_source_beside_a_model_string_is_refused_before_anything_is_written(tmp_path, splits):
+    train, held, _ = splits
+    run = tmp_path / "run"
+    with pytest.raises(HantError, match="model given as a string is its own source"):
+        hant.accelerate("timm:test_efficientnet", train, held, source="timm:resnet18", run=run, log=lambda _: None)
+    assert not run.exists()
