@@ -256,15 +256,8 @@ def measure_table(
     # Building, folding and exporting candidates is torch work outside any timing; one thread
     # does it fastest on a busy machine (several threads wait on each other's preempted cores).
     with run_lock(ctx.rd.root, log=log), torch_threads(1):
-        if tgt.precision == "int8" and "scheme" not in (options or {}):
-            from hant.latency.int8 import describe_scheme, run_int8_scheme
-            from hant.latency.onnxruntime_cpu import OnnxRuntimeCPU
-
-            if isinstance(tgt, OnnxRuntimeCPU):  # the scheme measured for this machine, shared with the export
-                choice = run_int8_scheme(ctx.rd.root, tgt.batch_size, tgt.threads, log=log)
-                tgt.scheme = choice["scheme"]
-                fingerprint = tgt.fingerprint()
-                log(f"latency {tid}: INT8 scheme {describe_scheme(tgt.scheme)}: {choice['reason']}")
+        if tgt.precision == "int8" and "scheme" not in (options or {}) and _use_run_int8_scheme(ctx, tgt, tid, log):
+            fingerprint = tgt.fingerprint()
         table, entries = _start_table(ctx, path, tid, tgt, fingerprint, force, log)
         # The protocol of this build (whole networks add one untimed call per turn).
         table["protocol"] = proto.to_dict()
@@ -307,6 +300,27 @@ def measure_table(
                                                      progress=progress)
             table["validation"], table["calibration"] = validation, calibration
         save(complete=True)
+    log(_summary_line(table, tid, path))
+    if failed:
+        log(f"latency {tid}: {len(failed)} candidates could not be timed (listed under 'failed' in the table)")
+    return {k: v for k, v in table.items() if k != "build_time_s_before"}
+
+
+def _use_run_int8_scheme(ctx: _Run, tgt: Target, tid: str, log: Callable[[str], None]) -> bool:
+    """Gives an ONNX Runtime INT8 target the scheme measured for this machine and run (shared
+    with the export); returns whether it did."""
+    from hant.latency.int8 import describe_scheme, run_int8_scheme
+    from hant.latency.onnxruntime_cpu import OnnxRuntimeCPU
+
+    if not isinstance(tgt, OnnxRuntimeCPU):
+        return False
+    choice = run_int8_scheme(ctx.rd.root, tgt.batch_size, tgt.threads, log=log)
+    tgt.scheme = choice["scheme"]
+    log(f"latency {tid}: INT8 scheme {describe_scheme(tgt.scheme)}: {choice['reason']}")
+    return True
+
+
+def _summary_line(table: dict[str, Any], tid: str, path: Path) -> str:
     v = table.get("validation")
     msg = (f"latency {tid}: {len(table['entries'])} entries, fixed part {table['fixed_ms']:.3f} ms, "
            f"teacher {table['teacher_ms']:.3f} ms measured -> {path}")
@@ -314,10 +328,7 @@ def measure_table(
         msg += (f"; validation on {v['samples']} networks: median |error| {v['median_abs_pct_error']:.1f}%, "
                 f"max {v['max_abs_pct_error']:.1f}%, Kendall tau {v['kendall_tau']:.3f}"
                 + (f" ({table['calibration']['kind']} calibration kept)" if table.get("calibration") else ""))
-    log(msg)
-    if failed:
-        log(f"latency {tid}: {len(failed)} candidates could not be timed (listed under 'failed' in the table)")
-    return {k: v for k, v in table.items() if k != "build_time_s_before"}
+    return msg
 
 
 def _start_table(ctx: _Run, path: Path, tid: str, tgt: Target, fingerprint: dict[str, Any], force: bool,
