@@ -196,3 +196,6 @@ def test_a_source_beside_a_model_string_is_refused_before_anything_is_written(tm
     with pytest.raises(HantError, match="model given as a string is its own source"):
         hant.accelerate("timm:test_efficientnet", train, held, source="timm:resnet18", run=run, log=lambda _: None)
     assert not run.exists()
+    with pytest.raises(HantError, match="model is None"):
+        hant.accelerate(None, train, held, run=run, log=lambda _: None)
+    assert not run.exists()

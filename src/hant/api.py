@@ -120,17 +120,19 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     labels = torch.cat([p[1] for p in (train, held, test) if p is not None])
     num_classes = int(labels.max()) + 1
 
+    if model is None:
+        raise HantError("model is None: pass the trained nn.Module, or a source string such as 'timm:resnet18'")
     given_object = not isinstance(model, str)
-    if not given_object:
-        if source is not None:
-            raise HantError("pass source= only with a model object; a model given as a string is its own source")
-        src, checkpoint = model, None
+    if not given_object and source is not None:
+        raise HantError("pass source= only with a model object; a model given as a string is its own source")
     run = Path(run or Path("runs") / f"accelerate-{type(model).__name__.lower() if given_object else 'model'}")
     run.mkdir(parents=True, exist_ok=True)
     data_file = _write_named(run, "data", lambda p: save_tensor_data(p, train, held, test))
     if given_object:
         src, checkpoint = _teacher_source(model, source, run, int(c), num_classes, held[0][:8], size)
         log(f"[hant] teacher: {type(model).__name__} as {src}")
+    else:
+        src, checkpoint = model, None
     cfg_path = _write_config(run, config, space, src, checkpoint, data_file, size, int(c), num_classes)
     speedups = [float(s) for s in (speedup if isinstance(speedup, (list, tuple)) else [speedup])]
     opts = AccelerateOptions(target=target, batch_size=batch_size, speedups=speedups, int8=int8,

@@ -313,10 +313,10 @@ def distill(run: str | os.PathLike, images: int | None = None, max_memory_mb: in
             per_rank = [g[1] for g in gathered]
             for ents, _ in gathered:
                 for e in ents:
-                    saver.all[(e["layer"], e["spec"])] = e
+                    saver.known[(e["layer"], e["spec"])] = e
         else:
             per_rank = [stats]
-        all_entries = saver.all
+        all_entries = saver.known
 
         summary = _phase1_summary(per_rank, world, device, steps * plan.batch_size, n_img, len(heldout),
                                   plan.batch_size, steps, int(budget_mb), time.time() - t0)
@@ -344,13 +344,13 @@ def _options(cfg, steps: int, batch_size: int, budget_mb: int, device: torch.dev
 class _Saver:
     """Phase 1's `on_group_done`: writes each finished group's weights and the index (one
     process) or this rank's part file (torchrun), and keeps the entries: `mine` (this rank's
-    share) and `all` (every candidate this process knows of)."""
+    share) and `known` (every candidate this process knows of)."""
 
     def __init__(self, rd, order: list[tuple[str, str]], finished: dict[tuple[str, str], dict[str, Any]],
                  mine: list[tuple[str, str]], parts_dir: Path, rank: int, world: int):
         self.rd, self.order, self.parts_dir, self.rank, self.world = rd, order, parts_dir, rank, world
         self.mine: dict[tuple[str, str], dict[str, Any]] = {k: finished[k] for k in mine if k in finished}
-        self.all = dict(finished)
+        self.known = dict(finished)
 
     def __call__(self, group: list[Candidate], group_entries: list[dict[str, Any]]) -> None:
         from hant.workspace import save_safetensors, write_json
@@ -366,10 +366,10 @@ class _Saver:
             else:
                 e["file"], e["sha256"] = None, None
             self.mine[c.key] = e
-            self.all[c.key] = e
+            self.known[c.key] = e
             c.module = None  # saved: let its memory go before the next group
         if self.world == 1:
-            _write_index(rd, self.order, self.all)
+            _write_index(rd, self.order, self.known)
         else:
             write_json(self.parts_dir / f"rank{self.rank}.json", {"candidates": list(self.mine.values())})
 

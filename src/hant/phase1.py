@@ -833,7 +833,7 @@ def train_pool(
     """
     device, channels_last, autocast = _resolve_device(opts)
     cands = list(candidates)
-    _place(teacher.eval(), [c.module for c in cands], device, channels_last)
+    _place([teacher.eval()] + [c.module for c in cands], device, channels_last)
     layer_order = list(dict.fromkeys(c.layer for c in cands))
     tap = LayerTap(teacher, layer_order)
     plan = BatchPlan(len(train_set), opts.batch_size, opts.seed)
@@ -864,7 +864,8 @@ def train_pool(
         bar = tqdm(total=n_groups * (opts.steps * bs + len(heldout_set)), unit="img", unit_scale=True,
                    dynamic_ncols=True, desc="phase 1", mininterval=1.0)
     entries: list[dict[str, Any]] = []
-    totals = {"train_s": 0.0, "eval_s": 0.0, "optimizer_s": 0.0, "teacher_eval_s": 0.0, "candidate_images": 0}
+    totals: dict[str, float] = {"train_s": 0.0, "eval_s": 0.0, "optimizer_s": 0.0, "teacher_eval_s": 0.0,
+                                "candidate_images": 0}
     run = _GroupTraining(train_set, plan, opts, source, cache, ckpt, bar, log, autocast, n_groups, len(cands))
     try:  # a stage that stops on an error must not leave its bar open over the error line
         for gi, idxs in enumerate(groups):
@@ -881,7 +882,9 @@ def train_pool(
             if bar is not None:
                 bar.set_postfix_str(f"group {gi + 1}/{n_groups}, {run.done_count}/{len(cands)} candidates done")
             if device.type != "cpu":  # later groups replay from disk: free this group's memory first
-                _place(None, [c.module for c in group_cands if c.module is not None], torch.device("cpu"), False)
+                for c in group_cands:
+                    if c.module is not None:
+                        c.module.to("cpu")
     finally:
         if bar is not None:
             bar.close()
@@ -904,9 +907,8 @@ def train_pool(
     }
 
 
-def _place(teacher: nn.Module | None, modules: Sequence[nn.Module], device: torch.device, channels_last: bool
-           ) -> None:
-    for m in ([teacher] if teacher is not None else []) + list(modules):
+def _place(modules: Sequence[nn.Module], device: torch.device, channels_last: bool) -> None:
+    for m in modules:
         m.to(device)
         if channels_last:
             m.to(memory_format=torch.channels_last)

@@ -697,20 +697,20 @@ def select_measured(run: str | Path, target: str, speedup: float, name: str, *,
     check = _HardwareCheck(run, target, speedup, name, options.updated(overrides), tolerance, max_budget_ms, log)
     plan = check.first_plan()
     while True:
-        m, round_ = check.time(plan, timer)
+        m, round_ = check.measure(plan, timer)
         if check.loosened is not None:  # the loosened plan was timed: keep it if it meets
             if round_["decision"] == "short":
                 round_["decision"] = "short; back to the plan before"
-                plan = check.solve(check.loosened["budget_ms"])
+                plan = check.select_at(check.loosened["budget_ms"])
             break
         if round_["decision"] != "short":
-            if len(check.rounds) <= rounds and m["speedup_ci_lo"] > speedup * OVERSHOOT:
+            if len(check.timed) <= rounds and m["speedup_ci_lo"] > speedup * OVERSHOOT:
                 looser = check.loosen(plan, m, round_)
                 if looser is not None:
                     plan = looser
                     continue
             break
-        if len(check.rounds) > rounds:
+        if len(check.timed) > rounds:
             break
         tighter = check.tighten(plan, m, round_)
         if tighter is None:
@@ -728,7 +728,7 @@ class _HardwareCheck:
         self.run, self.target, self.speedup, self.name = run, target, speedup, name
         self.options, self.tolerance, self.max_budget_ms = options, tolerance, max_budget_ms
         self.outer_log = log
-        self.rounds: list[dict[str, Any]] = []
+        self.timed: list[dict[str, Any]] = []
         self.timing: dict | None = None
         self.loosened: dict[str, Any] | None = None
 
@@ -737,7 +737,7 @@ class _HardwareCheck:
         if not msg.startswith("warning: plan "):
             self.outer_log(msg)
 
-    def solve(self, budget_ms: float) -> dict[str, Any]:
+    def select_at(self, budget_ms: float) -> dict[str, Any]:
         """`select` at `budget_ms` (which writes the plan file), labelled with the speedup asked."""
         plan = select(self.run, target=self.target, budget_ms=budget_ms, name=self.name, options=self.options,
                       log=self.log)
@@ -752,10 +752,10 @@ class _HardwareCheck:
         if self.max_budget_ms is not None and plan["budget_ms"] > self.max_budget_ms:
             self.log(f"plan {self.name}: budget {plan['budget_ms']:.4g} ms capped at {self.max_budget_ms:.4g} ms, "
                      "the budget of a plan asked for less speedup")
-            plan = self.solve(self.max_budget_ms)
+            plan = self.select_at(self.max_budget_ms)
         return plan
 
-    def time(self, plan: dict[str, Any], timer: Callable[[str | Path, str], dict]
+    def measure(self, plan: dict[str, Any], timer: Callable[[str | Path, str], dict]
              ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Times the plan file against the teacher; returns the judged measurement and the
         round recorded for it (whose "decision" the caller may refine)."""
@@ -764,7 +764,7 @@ class _HardwareCheck:
         m = judge_speedup(raw, self.speedup, self.tolerance)
         decision = m.pop("decision")
         round_ = {"budget_ms": plan["budget_ms"], "predicted_ms": plan["predicted_ms"], **m, "decision": decision}
-        self.rounds.append(round_)
+        self.timed.append(round_)
         self.log(f"plan {self.name}: measured {m['student_ms']:.4g} ms against the teacher's {m['teacher_ms']:.4g} "
                  f"ms, {m['speedup']:.2f}x [{m['speedup_ci_lo']:.2f}, {m['speedup_ci_hi']:.2f}] (asked "
                  f"{self.speedup:g}x; predicted {plan['predicted_ms']:.4g} ms): {decision}")
@@ -775,7 +775,7 @@ class _HardwareCheck:
         this one; None (said in the log) when the pool cannot meet that budget."""
         budget = self.capped((m["teacher_ms"] / self.speedup) * (plan["predicted_ms"] / m["student_ms"]))
         try:
-            tighter = self.solve(budget)
+            tighter = self.select_at(budget)
         except InfeasibleError as e:
             round_["decision"] = "short; tighter budget out of reach"
             self.log(f"plan {self.name}: a budget of {budget:.4g} ms to make up the shortfall is out of reach ({e}); "
@@ -794,9 +794,9 @@ class _HardwareCheck:
                              * (plan["predicted_ms"] / m["student_ms"]))
         if not budget > plan["budget_ms"] * 1.01:
             return None
-        looser = self.solve(budget)
+        looser = self.select_at(budget)
         if looser["layers"] == plan["layers"]:
-            self.solve(plan["budget_ms"])
+            self.select_at(plan["budget_ms"])
             return None
         round_.update(decision=f"{round_['decision']}; faster than asked, budget loosened", next_budget_ms=budget)
         self.loosened = plan
@@ -807,11 +807,11 @@ class _HardwareCheck:
         the plan file and returns the plan as `select` does."""
         from hant.workspace import RunDir, write_json
 
-        last = self.rounds[-1]
+        last = self.timed[-1]
         met = last["decision"].startswith("met") or self.loosened is not None
         if not met:
             self.log(f"plan {self.name}: measured {last['speedup']:.2f}x (at most {last['speedup_ci_hi']:.2f}x), "
-                     f"short of {self.speedup:g}x after {len(self.rounds)} timings")
+                     f"short of {self.speedup:g}x after {len(self.timed)} timings")
         plan = {k: v for k, v in plan.items() if k != "path"}
         if plan.get("accuracy_risk"):
             # The table's speedups, put on the measured scale by how the last timed plan compared.
@@ -820,7 +820,7 @@ class _HardwareCheck:
                                                   plan["accuracy_risk"]["safe_speedup"], measured_ratio=ratio)
             if plan["accuracy_risk"]["large"]:
                 self.outer_log(f"warning: {plan['accuracy_risk']['message']}")
-        plan["latency_check"] = {"rounds": self.rounds, "tolerance": self.tolerance,
+        plan["latency_check"] = {"rounds": self.timed, "tolerance": self.tolerance,
                                  "goal_speedup": self.speedup * (1.0 - self.tolerance), "rule": SPEEDUP_RULE,
                                  "budget_cap_ms": self.max_budget_ms, "timing": self.timing, "met": met}
         # The file names the alternatives, as `select` writes it; the result carries them whole, as

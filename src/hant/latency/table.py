@@ -256,8 +256,9 @@ def measure_table(
     # Building, folding and exporting candidates is torch work outside any timing; one thread
     # does it fastest on a busy machine (several threads wait on each other's preempted cores).
     with run_lock(ctx.rd.root, log=log), torch_threads(1):
-        if tgt.precision == "int8" and "scheme" not in (options or {}) and _use_run_int8_scheme(ctx, tgt, tid, log):
-            fingerprint = tgt.fingerprint()
+        if tgt.precision == "int8" and "scheme" not in (options or {}):
+            if _use_run_int8_scheme(ctx, tgt, tid, log):  # sets the target's scheme, part of its fingerprint
+                fingerprint = tgt.fingerprint()
         table, entries = _start_table(ctx, path, tid, tgt, fingerprint, force, log)
         # The protocol of this build (whole networks add one untimed call per turn).
         table["protocol"] = proto.to_dict()
