@@ -849,11 +849,7 @@ def train_pool(
     if n_groups > 1:
         log(f"{len(cands)} candidates in {n_groups} groups under {opts.max_memory_bytes / _MB:.0f} MB; "
             "later groups replay the teacher's activations from disk")
-        if work is None:
-            raise HantError("several groups need a work folder for the activation cache; pass workdir=")
-        cache_key = json.dumps({"n": len(train_set), "h": len(heldout_set), "bs": bs, "hbs": hbs, "seed": opts.seed,
-                                "steps": opts.steps})
-        cache = _ActivationCache(work / "cache", hashlib.sha256(cache_key.encode()).hexdigest()[:20])
+        cache = _activation_cache(work, len(train_set), len(heldout_set), bs, hbs, opts)
     source = _Source(tap, device, channels_last, autocast, cache)
     ckpt = _Checkpoints(work / "checkpoints") if work is not None else None
 
@@ -905,6 +901,15 @@ def train_pool(
         "batch_size": bs,
         "device": str(device),
     }
+
+
+def _activation_cache(work: Path | None, n_train: int, n_heldout: int, bs: int, hbs: int, opts: Phase1Options
+                      ) -> "_ActivationCache":
+    """The teacher's activations on disk, for groups after the first, keyed by what they depend on."""
+    if work is None:
+        raise HantError("several groups need a work folder for the activation cache; pass workdir=")
+    key = json.dumps({"n": n_train, "h": n_heldout, "bs": bs, "hbs": hbs, "seed": opts.seed, "steps": opts.steps})
+    return _ActivationCache(work / "cache", hashlib.sha256(key.encode()).hexdigest()[:20])
 
 
 def _place(modules: Sequence[nn.Module], device: torch.device, channels_last: bool) -> None:
