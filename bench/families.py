@@ -20,8 +20,10 @@ onnxruntime-cpu at batch size 1, space `--space` (`default`), and records per te
   spec's first `_`-token; `teacher` = layer kept);
 - `ablation_no_self`: the 2x plan selected without the `self` family (`SelectOptions(
   exclude_families=("self",))`, checked on the hardware like the main plan, its own plan
-  name) and fine-tuned the same way: held-out loss of the assembled student before
-  fine-tuning and test top-1 after, beside the same for the plan with it. Recorded as not
+  name), re-distilled when the main plan was (`start`: the weights fine-tuning starts from)
+  and fine-tuned the same way: held-out loss of the assembled student before fine-tuning
+  (from phase-1 candidates, `heldout_loss`, and from the re-distilled ones,
+  `heldout_loss_redistilled`) and test top-1 after, beside the same for the plan with it. Recorded as not
   applicable, with the reason, when the family is not registered or the run's pool has no
   `self` candidate; when the 2x plan uses no `self` layer the plan without it is the same.
 
@@ -350,7 +352,9 @@ class Families:
         return name
 
     @staticmethod
-    def _student_done(student: Path, epochs: float, int8: bool) -> bool:
+    def _student_done(student: Path, epochs: float, int8: bool, start: str | None = None) -> bool:
+        """Whether the student is fine-tuned for `epochs`, measured (and exported to INT8 with
+        `int8`), having started from `start` candidate weights ("phase1" or "redistilled") when given."""
         try:
             ev = json.loads((student / "eval.json").read_text())
         except (OSError, ValueError):
@@ -358,6 +362,8 @@ class Families:
         st = ev.get("student") or {}
         ok = (st.get("top1") is not None and st.get("latency_ms") is not None and ev.get("speedup") is not None
               and (ev.get("finetune") or {}).get("epochs") == epochs and (student / "student.safetensors").exists())
+        if start is not None and (ev.get("start") or {}).get("candidate_weights", "phase1") != start:
+            return False
         return ok and (not int8 or (ev.get("int8") or {}).get("top1") is not None)
 
     def base_settings(self, the_run) -> dict[str, Any]:
@@ -394,10 +400,14 @@ class Families:
         finally:
             model.to(memory_format=torch.contiguous_format)
 
-    def heldout_before(self, run: Path, the_run, splits, layers: dict[str, str]) -> dict[str, Any]:
-        """Held-out loss and top-1 of the plan assembled from its phase-1 candidates, BatchNorm
-        statistics re-estimated, before any fine-tuning."""
+    def heldout_before(self, run: Path, the_run, splits, layers: dict[str, str],
+                       redistilled_plan: str | None = None) -> dict[str, Any]:
+        """Held-out loss and top-1 of the plan assembled from its phase-1 candidates (from the
+        re-distilled ones of `redistilled_plan` when given), BatchNorm statistics re-estimated,
+        before any fine-tuning."""
+        from hant.errors import HantError
         from hant.student import TEACHER_SPEC, assemble
+        from hant.workspace import sha256_file
 
         index = the_run.candidate_index()
         cfg = the_run.config
@@ -406,15 +416,27 @@ class Families:
                                 if sp != TEACHER_SPEC},
                     "bn_batches": cfg.finetune.bn_batches, "bn_batch_size": cfg.finetune.batch_size,
                     "heldout_images": len(splits.heldout)}
+        if redistilled_plan is not None:
+            settings["redistilled_index_sha256"] = sha256_file(the_run.dir.redistilled_index(redistilled_plan))
         unit = f"heldout-{digest(settings, 12)}"
 
         def make():
-            model = assemble(run, {"layers": layers}, bn_recalibrate=True, splits=splits, log=self.log,
-                             redistilled=False)
+            plan = {"layers": layers} if redistilled_plan is None else redistilled_plan
+            model = assemble(run, plan, bn_recalibrate=True, splits=splits, log=self.log,
+                             redistilled=redistilled_plan is not None)
+            if redistilled_plan is not None and model.hant_arch.get("candidate_weights") != "redistilled":
+                raise HantError(f"the re-distilled weights of plan {redistilled_plan} are not current; "
+                                "rerun the same command")
             r = self.evaluate(model, splits.heldout, cfg)
             return {"heldout_loss": r["loss"], "heldout_top1": r["top1"], "heldout_n": r["n"]}
 
         return self.unit(run, unit, settings, make)
+
+    def heldout_redistilled(self, run: Path, the_run, splits, plan: str, layers: dict[str, str]) -> dict[str, Any]:
+        """`heldout_before` of the plan's re-distilled candidates, as fine-tuning starts from them:
+        {"heldout_loss_redistilled", "heldout_top1_redistilled"}."""
+        r = self.heldout_before(run, the_run, splits, layers, redistilled_plan=plan)
+        return {"heldout_loss_redistilled": r["heldout_loss"], "heldout_top1_redistilled": r["heldout_top1"]}
 
     def ablation(self, run: Path, the_run, splits, plan: str, epochs: float, main: dict[str, Any]) -> dict[str, Any]:
         """The plan of the same speedup without `--ablate-family`, fine-tuned the same way, beside the plan with it."""
@@ -435,7 +457,9 @@ class Families:
         with_layers = main["layers"]
         rec["with"] = {"plan": plan, "uses": sum(family_of(sp) == fam for sp in with_layers.values()),
                        **self.heldout_before(run, the_run, splits, with_layers),
-                       "top1": main["top1"], "top1_assembled": main["top1_assembled"],
+                       **(self.heldout_redistilled(run, the_run, splits, plan, with_layers)
+                          if main["start"] == "redistilled" else {}),
+                       "start": main["start"], "top1": main["top1"], "top1_assembled": main["top1_assembled"],
                        "speedup": main["speedup"], "speedup_ci": [main["speedup_ci_lo"], main["speedup_ci_hi"]]}
         for k in ("unit", "key", "settings", "complete", "finished", "cost_s"):
             rec["with"].pop(k, None)
@@ -448,7 +472,7 @@ class Families:
                             "family is the same plan")
             return rec
         try:
-            rec["without"] = self.ablation_student(run, the_run, splits, plan, epochs)
+            rec["without"] = self.ablation_student(run, the_run, splits, plan, epochs, main["start"])
         except HantError as e:  # e.g. the speedup is out of reach without the family
             rec["without"] = {"error": str(e)}
             return rec
@@ -458,7 +482,11 @@ class Families:
         rec["delta_top1"] = rec["without"]["top1"] - rec["with"]["top1"]
         return rec
 
-    def ablation_student(self, run: Path, the_run, splits, plan: str, epochs: float) -> dict[str, Any]:
+    def ablation_student(self, run: Path, the_run, splits, plan: str, epochs: float, start: str) -> dict[str, Any]:
+        """The plan without the family, selected and checked like the main one, then started from
+        the same kind of weights as the main student (`start`: re-distilled when it was) and
+        fine-tuned the same way."""
+        from hant import redistill as redistill_mod
         from hant.finetune import finetune
         from hant.latency import table_id
         from hant.measure import measure, time_plan
@@ -488,15 +516,19 @@ class Families:
                 select(run, target=tid, speedup=self.args.speedup, name=name, options=options, log=self.log)
         doc = read_json(path)
         layers = doc["layers"]
-        held = self.heldout_before(run, the_run, splits, layers)
+        h = self.heldout_before(run, the_run, splits, layers)
+        held = {"heldout_loss": h["heldout_loss"], "heldout_top1": h["heldout_top1"]}
+        if start == "redistilled":
+            if not redistill_mod.is_current(run, name):
+                redistill_mod.redistill(run, name, log=self.log)
+            held.update(self.heldout_redistilled(run, the_run, splits, name, layers))
         student = rd.student_dir(name)
-        if not self._student_done(student, epochs, int8=False):
+        if not self._student_done(student, epochs, int8=False, start=start):
             finetune(run, name, epochs=epochs, log=self.log)
             measure(run, name, log=self.log)
         ev = json.loads((student / "eval.json").read_text())
         check = ((doc.get("latency_check") or {}).get("rounds") or [{}])[-1]
-        return {"plan": name, "layers": layers, "families": family_counts(layers),
-                "heldout_loss": held["heldout_loss"], "heldout_top1": held["heldout_top1"],
+        return {"plan": name, "layers": layers, "families": family_counts(layers), **held, "start": start,
                 "top1": ev["student"]["top1"], "top1_assembled": ev["student"].get("top1_assembled"),
                 "speedup": ev.get("speedup"), "speedup_ci": [ev.get("speedup_ci_lo"), ev.get("speedup_ci_hi")],
                 "check_speedup": check.get("speedup"), "check_met": (doc.get("latency_check") or {}).get("met")}
@@ -561,6 +593,7 @@ class Families:
         self.write()
 
         main = {"model": model.name, "layers": plan_d["layers"], "top1": row["top1"],
+                "start": (ev.get("start") or {}).get("candidate_weights", "phase1"),
                 "top1_assembled": row["top1_assembled"], "speedup": row["speedup"],
                 "speedup_ci_lo": row["speedup_ci_lo"], "speedup_ci_hi": row["speedup_ci_hi"]}
         row["ablation_no_" + self.args.ablate_family] = self.ablation(run, the_run, splits, plan, epochs, main)

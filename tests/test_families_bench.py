@@ -80,3 +80,11 @@ def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     assert "mb" not in w["families"] and sum(w["families"].values()) == row2["layers"]
     assert math.isfinite(w["heldout_loss"]) and w["heldout_loss"] > 0 and 0.0 <= w["top1"] <= 100.0
     assert ab["delta_heldout_loss"] == pytest.approx(w["heldout_loss"] - ab["with"]["heldout_loss"])
+    # Both plans start fine-tuning from the same kind of weights: re-distilled when the main one was.
+    main_ev = json.loads((cache / "test_efficientnet" / "students" / row2["plan"] / "eval.json").read_text())
+    no_ev = json.loads((cache / "test_efficientnet" / "students" / w["plan"] / "eval.json").read_text())
+    start = main_ev["start"]["candidate_weights"]
+    assert ab["with"]["start"] == w["start"] == no_ev["start"]["candidate_weights"] == start
+    if start == "redistilled":
+        for side in (ab["with"], w):
+            assert math.isfinite(side["heldout_loss_redistilled"]) and side["heldout_loss_redistilled"] > 0
