@@ -31,8 +31,29 @@ def _check_row(row: dict) -> None:
     assert row["finetune_epochs"] == 0.1 and row["control"]["epochs"] == 0.1
 
 
+def _check_additivity(run: Path, plans: list[str], out: Path) -> None:
+    """bench/additivity.py on the finished run: one-at-a-time and cumulative loss changes, and a
+    plan per objective, written outside the run folder."""
+    before = sorted(p.name for p in (run / "plans").iterdir())
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "additivity.py"), "--run", str(run),
+                        *(a for plan in plans for a in ("--plan", plan)), "--speedups", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    (taken,) = d["plans"]
+    assert taken["layers"], taken
+    first = taken["layers"][0]
+    assert first["cumulative"] == pytest.approx(first["single"], abs=1e-6)  # one layer: the same network
+    assert taken["sum_single"] == pytest.approx(sum(r["single"] for r in taken["layers"]))
+    assert taken["cumulative"] == taken["layers"][-1]["cumulative"]
+    assert {o["objective"] for o in d["objectives"]} == {"d_loss", "kl", "nmse"}
+    for o in d["objectives"]:
+        assert math.isfinite(o["test_loss"]) and 0.0 <= o["test_top1"] <= 100.0
+    assert sorted(p.name for p in (run / "plans").iterdir()) == before  # the run is left as it was
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     from hant import ops
 
@@ -70,6 +91,7 @@ def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     assert row2["top1"] == row["top1"] and row2["control_top1"] == row["control_top1"]
     ab = row2["ablation_no_mb"]
     assert ab["applicable"] is True
+    _check_additivity(cache / "test_efficientnet", [row2["plan"]], tmp_path / "additivity.json")
     assert math.isfinite(ab["with"]["heldout_loss"]) and ab["with"]["heldout_loss"] > 0
     if ab.get("same_plan") and "without" in ab and ab["with"]["uses"] == 0:
         return  # the 2x plan uses no mb layer: nothing else to compare
