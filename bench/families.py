@@ -64,7 +64,8 @@ per model phase 1 + latency table + scores ~15-25 min, selection and checks ~2 m
 fine-tuning 2 epochs ~20-40 min, measurement and INT8 export ~2 min, the control ~30-50
 min: about 9 hours in all, ~11 hours once the `self` family exists (one more 2-epoch
 fine-tuning per model). Measured: RegNetX-200MF 58 min in all (teacher 17 min at ~320 img/s),
-MobileNetV3-Large's teacher ~30 min (~200 img/s). --quick: about 30 s (a rerun of it, ~10 s).
+MobileNetV3-Large ~85 min (teacher ~30 min at ~190 img/s), ResNet-18 100 min (teacher 45 min at
+~120 img/s); rerunning a model's ablation alone 6-15 min. --quick: about 30 s (a rerun of it, ~10 s).
 """
 
 from __future__ import annotations
