@@ -41,29 +41,22 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from families import Families, fingerprint  # noqa: E402  (bench/ is the script's folder)
+
+_evaluate = Families.evaluate  # (model, dataset, run config): eval mode, channels_last, top-1 and loss
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "additivity.json"
 OBJECTIVES = ("d_loss", "kl", "nmse")
 
 
-def _evaluate(model, dataset, batch_size: int) -> dict[str, float]:
-    import torch
-
-    from hant.data import make_loader
-    from hant.teacher_train import evaluate
-
-    model.eval().to(memory_format=torch.channels_last)
-    return evaluate(model, make_loader(dataset, batch_size, num_workers=0))
-
-
-def _loss(run: Path, layers: dict[str, str], dataset, batch_size: int, bn: bool, splits) -> dict[str, float]:
+def _loss(run: Path, layers: dict[str, str], dataset, cfg, bn: bool, splits) -> dict[str, float]:
     from hant.student import assemble
 
     model = assemble(run, {"layers": layers}, bn_recalibrate=bn, splits=splits, redistilled=False, log=None)
-    return _evaluate(model, dataset, batch_size)
+    return _evaluate(model, dataset, cfg)
 
 
-def plan_additivity(run: Path, plan: str, scores: dict, nmse: dict, splits, batch_size: int,
+def plan_additivity(run: Path, plan: str, scores: dict, nmse: dict, splits, cfg,
                     log) -> dict[str, Any]:
     """The plan's replaced layers one at a time and cumulatively, on the held-out split."""
     from hant.run import Run
@@ -73,17 +66,17 @@ def plan_additivity(run: Path, plan: str, scores: dict, nmse: dict, splits, batc
     order = [info.name for info in the_run.layers]
     layers = read_json(the_run.dir.plan(plan))["layers"]
     replaced = [(n, layers[n]) for n in order if layers.get(n, "teacher") != "teacher"]
-    base = _evaluate(the_run.teacher(), splits.heldout, batch_size)["loss"]
+    base = _evaluate(the_run.teacher(), splits.heldout, cfg)["loss"]
     rows, sofar = [], {}
     for name, spec in replaced:
         sofar[name] = spec
-        single = _loss(run, {name: spec}, splits.heldout, batch_size, False, splits)["loss"] - base
-        cumulative = _loss(run, dict(sofar), splits.heldout, batch_size, False, splits)["loss"] - base
+        single = _loss(run, {name: spec}, splits.heldout, cfg, False, splits)["loss"] - base
+        cumulative = _loss(run, dict(sofar), splits.heldout, cfg, False, splits)["loss"] - base
         s = scores.get((name, spec)) or {}
         rows.append({"layer": name, "spec": spec, "d_loss": s.get("d_loss"), "kl": s.get("kl"),
                      "nmse": nmse.get((name, spec)), "single": single, "cumulative": cumulative})
         log(f"[additivity] {plan} {name} {spec}: single {single:+.4f}, cumulative {cumulative:+.4f}")
-    bn = _loss(run, layers, splits.heldout, batch_size, True, splits)["loss"] - base
+    bn = _loss(run, layers, splits.heldout, cfg, True, splits)["loss"] - base
     return {"plan": plan, "teacher_heldout_loss": base, "layers": rows,
             "sum_single": sum(r["single"] for r in rows),
             "sum_score_d_loss": sum(r["d_loss"] or 0.0 for r in rows),
@@ -96,14 +89,14 @@ def _scratch(run: Path, where: Path) -> Path:
     scratch = where / run.name
     scratch.mkdir(parents=True)
     for p in run.iterdir():
-        if p.name not in ("plans", "scores.json") and not p.name.startswith(".") and p.name != "lock":
+        if p.name not in ("plans", "scores.json") and not p.name.startswith("."):  # .lock stays the run's
             os.symlink(p.resolve(), scratch / p.name)
     (scratch / "plans").mkdir()
     return scratch
 
 
 def objective_plans(run: Path, target: str, batch: int, speedups: list[float], scores_doc: dict, nmse: dict,
-                    splits, batch_size: int, log) -> list[dict[str, Any]]:
+                    splits, cfg, log) -> list[dict[str, Any]]:
     from hant.latency import table_id
     from hant.select import SelectOptions, select
 
@@ -122,7 +115,7 @@ def objective_plans(run: Path, target: str, batch: int, speedups: list[float], s
             for s in speedups:
                 plan = select(scratch, target=tid, speedup=s, name=f"{obj}-x{s:g}", log=lambda m: None,
                               options=SelectOptions(objective="d_loss" if obj == "nmse" else obj))
-                test = _loss(scratch, plan["layers"], splits.test, batch_size, True, splits)
+                test = _loss(scratch, plan["layers"], splits.test, cfg, True, splits)
                 out.append({"objective": obj, "speedup": s, "predicted_ms": plan["predicted_ms"],
                             "predicted_speedup": plan.get("predicted_speedup"), "layers": plan["layers"],
                             "test_loss": test["loss"], "test_top1": test["top1"]})
@@ -145,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", default="2,2.5,3", help="budgets of the objective comparison ('' for none)")
     ap.add_argument("--target", default="onnxruntime-cpu", help="the latency table's target (default %(default)s)")
     ap.add_argument("--latency-batch", type=int, default=1, help="the latency table's batch size (default 1)")
-    ap.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -160,15 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result: dict[str, Any] = {
             "command": "bench/additivity.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "run": str(run), "teacher_test": _evaluate(the_run.teacher(), splits.test, args.batch_size),
-            "plans": [plan_additivity(run, p, scores, nmse, splits, args.batch_size, log) for p in args.plan],
+            "run": str(run), "teacher_test": _evaluate(the_run.teacher(), splits.test, the_run.config),
+            "plans": [plan_additivity(run, p, scores, nmse, splits, the_run.config, log) for p in args.plan],
             "objectives": objective_plans(run, args.target, args.latency_batch, [float(s) for s in args.speedups.split(",") if s.strip()],
-                                          scores_doc, nmse, splits, args.batch_size, log)}
+                                          scores_doc, nmse, splits, the_run.config, log)}
     except HantError as e:
         print(f"additivity: {e}", file=sys.stderr)
         return 1
-    from families import fingerprint
-
     result.update(fingerprint=fingerprint(), wall_time_s=round(time.perf_counter() - t0, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
