@@ -219,6 +219,7 @@ def _stub_stages(monkeypatch, events):
     monkeypatch.setattr(redistill, "redistill", lambda r, name, **k: events.append(("redistill", name)))
     monkeypatch.setattr(finetune, "finetune", lambda r, name, **k: events.append(("finetune", name)))
     monkeypatch.setattr(report, "write_report", lambda r: RunDir(r).report)
+    monkeypatch.setattr("hant.pipeline.refine_plan", lambda r, name, rounds, **k: events.append(("refine", name)))
 
 
 def test_accelerate_with_candidates_checks_the_alternatives_then_picks_before_finetuning(tmp_path, monkeypatch):
@@ -246,7 +247,8 @@ def test_accelerate_with_candidates_checks_the_alternatives_then_picks_before_fi
     accelerate_run(run, opts, log=_quiet)
     name = plan_name("t1", 1, 1.2)
     # The picked plan is re-distilled, then fine-tuned.
-    assert events == [("pick", name, {f"{name}-alt1": True, f"{name}-alt2": False}), ("redistill", name),
+    # Refinement comes first (its plan keeps the alternatives), then the pick.
+    assert events == [("refine", name), ("pick", name, {f"{name}-alt1": True, f"{name}-alt2": False}), ("redistill", name),
                       ("finetune", name)]
     plan = read_json(RunDir(run).plan(name))
     # The checked plan file names its alternatives, as `select` writes them.
@@ -278,7 +280,7 @@ def test_accelerate_with_one_candidate_selects_as_before_and_never_picks(tmp_pat
     accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False), log=_quiet)
     name = plan_name("t1", 1, 1.2)
     assert kwargs == [["log", "max_budget_ms", "name", "rounds", "speedup", "timer"]]
-    assert events == [("redistill", name), ("finetune", name)]
+    assert events == [("refine", name), ("redistill", name), ("finetune", name)]
     assert "alternatives" not in read_json(RunDir(run).plan(name))
     assert not RunDir(run).plan(f"{name}-alt1").exists()
 
@@ -293,7 +295,11 @@ def test_accelerate_without_redistill_fine_tunes_the_phase1_weights(tmp_path, mo
     _stub_stages(monkeypatch, events)
     monkeypatch.setattr("hant.measure.time_plan", lambda r, n, log=None: exact_timer()(r, n))
     accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, redistill=False), log=_quiet)
-    assert events == [("finetune", plan_name("t1", 1, 1.2))]
+    assert events == [("refine", plan_name("t1", 1, 1.2)), ("finetune", plan_name("t1", 1, 1.2))]
+    events.clear()  # refine=0: selection as it was
+    shutil.rmtree(RunDir(run).root / "plans")
+    accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, refine=0), log=_quiet)
+    assert events == [("redistill", plan_name("t1", 1, 1.2)), ("finetune", plan_name("t1", 1, 1.2))]
     assert build_parser().parse_args(["accelerate", "--run", "r", "--no-redistill"]).no_redistill
     assert not build_parser().parse_args(["accelerate", "--run", "r"]).no_redistill
 
@@ -331,6 +337,8 @@ def test_accelerate_makes_a_finished_student_again_only_when_its_settings_change
     lines = []
     accelerate_run(run, opts, log=lines.append)
     assert events == [] and f"[hant] finetune {name}: complete, skipped" in lines
+    # A student made before refinement existed keeps its plan.
+    assert f"[hant] refine {name}: complete, skipped" in lines
     state["outdated"] = "lr"
     lines.clear()
     accelerate_run(run, opts, log=lines.append)

@@ -510,7 +510,7 @@ def test_accelerate_checks_speedups_in_ascending_order_under_the_previous_budget
         monkeypatch.setattr(mod, attr, lambda *a, **k: None)
     monkeypatch.setattr(report, "write_report", lambda r: RunDir(r).report)
     monkeypatch.setattr(select_mod, "select_measured", checked)
-    out = accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.3, 1.2], int8=False), log=_quiet)
+    out = accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.3, 1.2], int8=False, refine=0), log=_quiet)
     assert order == [1.2, 1.3]
     low, high = (read_json(RunDir(run).plan(plan_name("t1", 1, s))) for s in (1.2, 1.3))
     assert low["budget_ms"] < 4.5 / 1.3  # without the cap the 1.3x plan would get the looser 4.5 / 1.3

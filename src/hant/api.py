@@ -81,7 +81,7 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
                target: str = "onnxruntime-cpu", speedup: float | list[float] = 2.0, batch_size: int = 1,
                run: str | Path | None = None, space: str = "default", input_size: int | None = None,
                source: str | None = None, config: str | Path | None = None, int8: bool = False,
-               finetune_epochs: float | None = None, redistill: bool = True,
+               finetune_epochs: float | None = None, redistill: bool = True, refine: int | None = None,
                log: Callable[[str], None] = print) -> AccelerateResult:
     """Accelerate a trained `model` for `target`: every stage of `hant accelerate`, from Python.
 
@@ -99,7 +99,8 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     `speedup` is one factor or a list; `config` a YAML file for everything else (space,
     phase-1 budget, fine-tuning); `input_size` defaults to the images' side; `redistill=False`
     fine-tunes from the phase-1 weights instead of re-distilling the chosen candidates on the
-    student's own inputs first. Returns an
+    student's own inputs first; `refine` is the rounds of re-scoring each plan's candidates around
+    the plan and selecting again (0: off; None: `AccelerateOptions`' default). Returns an
     AccelerateResult with one student per speedup. Raises HantError for bad input and from
     every stage (an infeasible speedup names the fastest latency the pool reaches).
     """
@@ -136,7 +137,8 @@ def accelerate(model: Any, train_data: Any, heldout_data: Any, *, test_data: Any
     cfg_path = _write_config(run, config, space, src, checkpoint, data_file, size, int(c), num_classes)
     speedups = [float(s) for s in (speedup if isinstance(speedup, (list, tuple)) else [speedup])]
     opts = AccelerateOptions(target=target, batch_size=batch_size, speedups=speedups, int8=int8,
-                             finetune_epochs=finetune_epochs, redistill=redistill)
+                             finetune_epochs=finetune_epochs, redistill=redistill,
+                             **({} if refine is None else {"refine": refine}))
     out = accelerate_run(run, opts, init_kwargs={"config": str(cfg_path)}, log=log)
     rd = RunDir(run)
     students = {p: load_student(rd.student_dir(p)) for p in out["plans"]}

@@ -99,7 +99,16 @@ def cmd_latency(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from hant.score import score
 
-    score(args.run, method=args.method)
+    score(args.run, method=args.method, plan=args.plan)
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from hant.measure import time_plan
+    from hant.pipeline import refine_plan
+
+    refine_plan(args.run, args.plan, args.rounds, timer=time_plan if args.check_rounds else None,
+                check_rounds=args.check_rounds)
     return 0
 
 
@@ -110,7 +119,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     options = SelectOptions(max_params=args.max_params, max_flops=args.max_flops, second_target=args.second_target,
                             second_budget_ms=args.second_budget_ms, freeze=args.freeze,
                             exclude_families=args.exclude_family, objective=args.objective,
-                            candidates=args.candidates, min_diff=args.min_diff)
+                            candidates=args.candidates, min_diff=args.min_diff, context=args.context)
     if args.check_rounds:
         if args.speedup is None or args.sweep:
             raise HantError("--check-rounds checks a --speedup plan on the hardware; give --speedup S without --sweep")
@@ -163,7 +172,8 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
     opts = AccelerateOptions(target=args.target, batch_size=args.batch_size, speedups=args.speedup or [2.0, 3.0],
                              validate=args.validate, int8=not args.no_int8, finetune_epochs=args.epochs,
                              check_rounds=args.check_rounds, candidates=args.candidates,
-                             redistill=not args.no_redistill)
+                             redistill=not args.no_redistill,
+                             **({} if args.refine is None else {"refine": args.refine}))
     init_kwargs = None
     if args.model or args.config or args.data:
         init_kwargs = dict(model=args.model, checkpoint=args.checkpoint, data=args.data, data_dir=args.data_dir,
@@ -257,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", "--run-dir", dest="run", required=True)
     s.add_argument("--method", "--score", dest="method", choices=["eval", "distill"], default=None,
                    help="eval: replace one layer and run the held-out split; distill: phase-1 held-out error")
+    s.add_argument("--plan", default=None,
+                   help="score every candidate with the rest of this plan in place (RUN/refine/PLAN.scores.json)")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("select", help="phase 2: choose one candidate per layer under a latency budget")
@@ -281,7 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write up to K-1 alternative plans at the same budget, as NAME-alt1, NAME-alt2, ...")
     s.add_argument("--min-diff", type=float, default=0.2, metavar="F",
                    help="share of the layers in which every two of the K plans differ (default 0.2)")
+    s.add_argument("--context", default=None, metavar="PLAN",
+                   help="minimise the scores taken around PLAN (`hant score --plan PLAN`) instead of scores.json")
     s.set_defaults(func=cmd_select)
+
+    s = sub.add_parser("refine", help="re-score a plan's candidates around the plan and select again; "
+                                      "the plan with the lowest held-out loss keeps its name")
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
+    s.add_argument("--plan", required=True)
+    s.add_argument("--rounds", type=int, default=1, help="rounds of re-scoring and selection at most (default 1)")
+    s.add_argument("--check-rounds", type=int, default=3,
+                   help="times each new plan is checked against the teacher on the target and its budget "
+                        "tightened until the plan's speedup is met (0: trust the latency table)")
+    s.set_defaults(func=cmd_refine)
 
     s = sub.add_parser("redistill", help="re-distil a plan's chosen candidates on the student's own inputs "
                                          "(before finetune, which then starts from them)")
@@ -351,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-redistill", action="store_true",
                    help="fine-tune from the phase-1 weights of the chosen candidates instead of re-distilling "
                         "them first on the student's own inputs")
+    s.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="rounds of re-scoring each plan's candidates around the plan and selecting again, "
+                        "keeping the plan with the lowest held-out loss (0: off; default 1)")
     s.set_defaults(func=cmd_accelerate)
 
     s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")

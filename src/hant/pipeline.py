@@ -40,10 +40,132 @@ class AccelerateOptions:
     # 86.4% to 88.5% and 4x from 77.8% to 86.3%, for ~1 minute per plan
     # (bench/results/recovery.json).
     redistill: bool = True
+    # Rounds of `refine_plan` after each selection: the candidates re-scored around the chosen
+    # plan and the program solved again, the plan with the lowest held-out loss kept (0: off).
+    refine: int = 1
 
     def __post_init__(self):
         if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates or self.candidates < 1:
             raise HantError(f"--candidates must be a whole number of plans, 1 or more; got {self.candidates}")
+        if isinstance(self.refine, bool) or int(self.refine) != self.refine or self.refine < 0:
+            raise HantError(f"--refine must be a whole number of rounds, 0 or more; got {self.refine}")
+
+
+def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str | Path, str], dict] | None = None,
+                check_rounds: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-score plan `name`'s candidates around the plan itself and select again, `rounds` times
+    at most; the plan with the lowest held-out loss becomes RUN/plans/<name>.json.
+
+    The integer program adds up replace-one-layer scores taken around the teacher; with many
+    layers replaced their damage compounds (bench/results/additivity.json). Each round scores
+    every candidate with the rest of the current plan in place (`hant score --plan`), solves
+    the program on those scores under the same budget (`SelectOptions.context`; with `timer`
+    and `check_rounds` > 0 the new plan is timed against the teacher and its budget tightened
+    as `select_measured` does, never looser than the first plan's), and stops when the plan no
+    longer changes. Every plan's held-out loss is measured, not predicted; the lowest wins
+    (the first plan on a tie). The first plan is kept as <name>-r0, round k's as <name>-rk;
+    RUN/refine/<name>.json records the rounds and <name>.json gets a "refined" record.
+    A finished refinement of the plan as it stands is read back, and an interrupted one resumes
+    from <name>-r0 with the context scores already on disk.
+
+    Returns the record {"version", "plan", "rounds": [{"name", "layers", "changed",
+    "heldout"}], "winner", "complete"}. Raises HantError as `score` and `select` do.
+    """
+    from hant import score, select
+
+    run = Path(run)
+    rd = RunDir(run)
+    if rounds < 1:
+        raise HantError(f"--refine is a number of rounds, 1 or more; got {rounds}")
+    path = rd.refine_record(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = read_json(rd.plan(name))
+    old = read_json(path) if path.exists() else {}
+    if old.get("complete") and old.get("winner_layers") == current["layers"] and old.get("rounds_asked") == rounds:
+        log(f"refine {name}: done before ({old['winner']} kept of {len(old['rounds'])} plans)")
+        return old
+    first = f"{name}-r0"
+    resume = (old and not old.get("complete") and rd.plan(first).exists()
+              and read_json(rd.plan(first))["layers"] == old.get("plan_layers"))
+    if not resume:  # the plan as it stands (a fresh selection) is the first plan
+        original = {k: v for k, v in current.items() if k not in ("refined", "alternatives")}
+        write_json(rd.plan(first), {**original, "name": first, "refined_as": name})
+    original = read_json(rd.plan(first))
+    record: dict[str, Any] = {"version": 1, "plan": name, "plan_layers": original["layers"], "rounds_asked": rounds,
+                              "rounds": [], "complete": False}
+    write_json(path, record)
+    budget, target = float(original["budget_ms"]), original["target"]
+    layers_of = {first: original["layers"]}
+
+    def quiet(msg: str) -> None:  # each round's plan is interim: the accuracy warning is the final plan's
+        if not msg.startswith("warning: "):
+            log(msg)
+
+    prev = first
+    for r in range(1, rounds + 1):
+        ctx = score.score(run, plan=prev, log=log)
+        record["rounds"].append({"name": prev, "layers": layers_of[prev], "heldout": _heldout_row(ctx["plan"])})
+        write_json(path, record)
+        nxt = f"{name}-r{r}"
+        opts = select.SelectOptions(context=prev)
+        if timer is not None and check_rounds > 0 and original.get("speedup"):
+            plan = select.select_measured(run, target, speedup=float(original["speedup"]), name=nxt, timer=timer,
+                                          rounds=check_rounds, max_budget_ms=budget, options=opts, log=quiet)
+        else:
+            plan = select.select(run, target=target, budget_ms=budget, name=nxt, options=opts, log=quiet)
+        if plan["layers"] == layers_of[prev]:
+            log(f"refine {name}: round {r} keeps the plan")
+            rd.plan(nxt).unlink(missing_ok=True)
+            break
+        changed = [k for k, v in plan["layers"].items() if v != layers_of[prev].get(k)]
+        log(f"refine {name}: round {r} changes {len(changed)} layers ({', '.join(changed[:6])}"
+            f"{', ...' if len(changed) > 6 else ''}); predicted held-out loss change from the teacher's "
+            f"{plan['predicted']['d_loss']:+.4g}")
+        layers_of[nxt] = plan["layers"]
+        prev = nxt
+    else:  # the last round's plan was not scored in its context: measure its loss alone
+        record["rounds"].append({"name": prev, "layers": layers_of[prev],
+                                 "heldout": _heldout_row(score.plan_heldout(run, layers_of[prev]))})
+    rows = record["rounds"]
+    for row in rows:
+        row["changed"] = sum(v != original["layers"].get(k) for k, v in row["layers"].items())
+    winner = min(rows, key=lambda row: row["heldout"]["d_loss"])  # the earliest on a tie
+    for row in rows:
+        log(f"refine {name}: {row['name']} held-out loss {row['heldout']['loss']:.4f} "
+            f"({row['heldout']['d_loss']:+.4f} from the teacher's), top-1 {row['heldout']['top1']:.2f}%"
+            + (" <- kept" if row is winner else ""))
+    chosen = read_json(rd.plan(winner["name"]))
+    final = {**chosen, **{k: current[k] for k in ("alternatives",) if k in current}, "name": name,
+             "speedup": original.get("speedup", chosen.get("speedup")),
+             "refined": {"from": first, "winner": winner["name"],
+                         "heldout_d_loss": {row["name"]: row["heldout"]["d_loss"] for row in rows}}}
+    final.pop("refined_as", None)
+    if winner["name"] != first and original.get("accuracy_risk"):
+        final["accuracy_risk"] = _risk_on_teacher_scores(run, final, original["accuracy_risk"])
+        if final["accuracy_risk"]["large"]:
+            log(f"warning: {final['accuracy_risk']['message']}")
+    write_json(rd.plan(name), final)
+    record.update(winner=winner["name"], winner_layers=final["layers"], complete=True)
+    write_json(path, record)
+    return record
+
+
+def _risk_on_teacher_scores(run: Path, plan: dict[str, Any], first_risk: dict[str, Any]) -> dict[str, Any]:
+    """The refined plan's accuracy risk on the scale the warning's threshold was set on: its
+    layers' replace-one-layer scores around the teacher (scores.json) summed, as for any plan."""
+    from hant.run import Run
+    from hant.select import accuracy_risk
+
+    scores = {(e["layer"], e["spec"]): e.get("d_loss") for e in Run(run).scores()["entries"]}
+    summed = sum(scores.get((n, s)) or 0.0 for n, s in plan["layers"].items())
+    rounds = (plan.get("latency_check") or {}).get("rounds") or []
+    ratio = rounds[-1]["speedup"] / plan["predicted_speedup"] if rounds and plan.get("predicted_speedup") else None
+    return accuracy_risk({**plan, "predicted": {**plan["predicted"], "d_loss": summed}, "score_method": "eval"},
+                         first_risk["teacher_loss"], first_risk["safe_speedup"], measured_ratio=ratio)
+
+
+def _heldout_row(d: dict[str, Any]) -> dict[str, float]:
+    return {k: d[k] for k in ("loss", "top1", "d_loss", "d_acc", "kl")}
 
 
 def plan_name(target: str, batch_size: int, speedup: float) -> str:
@@ -201,6 +323,12 @@ def accelerate_run(run: str | Path, opts: AccelerateOptions, *, init_kwargs: dic
             def choose():
                 return select.select(run, target=tid, speedup=s, name=name, log=log, **diverse)
         timer.run(f"select {name}", choose, skip=_plan_settled(run, name, opts.check_rounds, opts.candidates))
+        if opts.refine > 0:
+            # Resumable on its own: a finished refinement of the plan as it stands is read back.
+            # A student fine-tuned before refinement existed keeps its plan: finished work is reused.
+            timer.run(f"refine {name}", lambda: refine_plan(run, name, opts.refine, timer=check_plan,
+                                                            check_rounds=opts.check_rounds, log=log),
+                      skip=_student_intact(run, name) and not rd.refine_record(name).exists())
         if opts.candidates > 1:
             def pick():
                 if opts.check_rounds > 0:

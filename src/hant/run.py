@@ -377,11 +377,19 @@ class Run:
             f = self.root / f if (self.root / f).exists() else self.dir.candidates_dir / f
         return load_safetensors(f, entry.get("sha256"))
 
-    def scores(self) -> dict[str, Any]:
-        """RUN/scores.json."""
+    def scores(self, context: str | None = None) -> dict[str, Any]:
+        """RUN/scores.json; with `context`, the scores in that plan's context
+        (RUN/refine/<plan>.scores.json, `hant score --plan`), complete and of the plan as it is now."""
         from hant.workspace import read_json
 
-        return read_json(self.dir.require(self.dir.scores, "score"))
+        if context is None:
+            return read_json(self.dir.require(self.dir.scores, "score"))
+        path = self.dir.context_scores(context)
+        doc = read_json(path) if path.exists() else {}
+        if not doc.get("complete") or (doc.get("plan") or {}).get("layers") != self.plan(context)["layers"]:
+            raise HantError(f"plan {context} has no complete scores in its context; run "
+                            f"`hant score --run {self.root} --plan {context}` first")
+        return doc
 
     def table(self, target: str, batch_size: int | None = None) -> dict[str, Any]:
         """A complete latency table (see `hant.latency.load_table` for how `target` resolves)."""

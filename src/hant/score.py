@@ -18,6 +18,18 @@ candidates already scored with the same weights, method and images.
 
 `method="distill"` instead takes each candidate's held-out normalised MSE from phase 1 as
 d_loss (d_acc and kl null): no passes over the data, for very large pools.
+
+In a plan's context (`plan=`, `hant score --plan P`, written to RUN/refine/<plan>.scores.json):
+the same scores with the plan's student (phase-1 weights, as its candidates were scored) in
+place of the teacher, so every layer's candidates, the teacher's own layer among them, are
+scored against the plan's loss with the rest of the plan in place. Replace-one-layer scores
+taken around the teacher add up badly once many layers are replaced (on the RegNetX-200MF
+families run, five stacked layers each cost under 0.003 nats alone and 0.37 together,
+bench/results/additivity.json); scores around the plan see the plan's other replacements.
+"plan" records its layers and its own held-out loss against the teacher's (`d_loss`,
+`d_acc`, `kl`), so that the loss of a plan chosen from these scores is predicted as the
+plan's plus their sum. `hant refine` (`hant.pipeline.refine_plan`) alternates this with
+selection.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from torch import nn
 
 from hant.errors import HantError
 
-__all__ = ["Suffix", "layer_input", "replacement_scores", "count_flops", "score", "METHODS"]
+__all__ = ["Suffix", "layer_input", "replacement_scores", "count_flops", "score", "plan_heldout", "METHODS"]
 
 METHODS = ("eval", "distill")
 _CHUNK = 16  # candidates evaluated per pass over the held-out split; also the checkpoint interval
@@ -292,13 +304,16 @@ def _size(layer, module: nn.Module) -> dict[str, int]:
     return {"params": sum(p.numel() for p in module.parameters()), "flops": count_flops(module, layer.in_shape)}
 
 
-def score(run: str | Path, method: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def score(run: str | Path, method: str | None = None, plan: str | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every trained candidate of the run and write RUN/scores.json.
 
     method: `eval` (replace one layer, run the held-out split) or `distill` (phase-1 held-out
     NMSE as d_loss, no passes); None takes the run's config (`score.method`). `score.images`
     in the config caps the held-out images. Resumable: entries already scored with the same
-    weights (sha256), method and image count are kept.
+    weights (sha256), method and image count are kept. With `plan`, the scores in that plan's
+    context go to RUN/refine/<plan>.scores.json instead (method `eval` only; see the module
+    docstring), with "plan" and "complete" besides.
 
     Returns the scores object written ({"version", "method", "images", "teacher", "entries"}).
     Raises HantError when earlier stages are missing or the method is unknown.
@@ -313,6 +328,9 @@ def score(run: str | Path, method: str | None = None, log: Callable[[str], None]
     method = method or cfg.score.method
     if method not in METHODS:
         raise HantError(f"unknown score method {method!r}; use one of {', '.join(METHODS)}")
+    if plan is not None and method != "eval":
+        raise HantError("scores in a plan's context are loss changes on held-out images; use --method eval")
+    context = the_run.plan(plan) if plan is not None else None
     layers = the_run.layers
     rd.require(rd.candidates_index, "distill")
     known = {d.name for d in layers}
@@ -321,16 +339,19 @@ def score(run: str | Path, method: str | None = None, log: Callable[[str], None]
     if not todo:
         raise HantError(f"{rd.candidates_index} has no trained candidates; run `hant distill --run {run}` first")
 
+    path = rd.scores if context is None else rd.context_scores(plan)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with run_lock(run, log=log):
         t0 = time.perf_counter()
         if method == "distill":
             out = _score_distill(run, cfg, layers, todo, log)
         else:
-            out = _score_eval(run, cfg, layers, todo, log)
-        write_json(rd.scores, out)
+            out = _score_eval(run, cfg, layers, todo, log, path, context)
+        write_json(path, out)
         failed = [e for e in out["entries"] if e.get("status") == "failed"]
-        log(f"scores: {len(out['entries']) - len(failed)} candidates ({method}, {out.get('images') or 0} held-out "
-            f"images) in {time.perf_counter() - t0:.0f} s -> {rd.scores}"
+        where = "" if context is None else f" in the context of plan {plan}"
+        log(f"scores: {len(out['entries']) - len(failed)} candidates{where} ({method}, {out.get('images') or 0} "
+            f"held-out images) in {time.perf_counter() - t0:.0f} s -> {path}"
             + (f"; {len(failed)} failed (e.g. {failed[0]['layer']}/{failed[0]['spec']}: {failed[0]['reason']})"
                if failed else ""))
         unreadable = sum(1 for e in failed if e.get("unreadable"))
@@ -345,11 +366,12 @@ def _teacher_entries(layers) -> list[dict]:
              "params": d.params, "flops": d.flops, "status": "done"} for d in layers]
 
 
-def _previous(run: Path, method: str, images: int | None, log) -> dict[tuple[str, str], dict]:
-    """Entries of an earlier, interrupted or finished, run of the same method and images."""
-    from hant.workspace import RunDir, read_json
+def _previous(path: Path, method: str, images: int | None, log,
+              context: dict | None = None) -> dict[tuple[str, str], dict]:
+    """Entries of an earlier, interrupted or finished, run of the same method and images (and,
+    for scores in a plan's context, of the same plan)."""
+    from hant.workspace import read_json
 
-    path = RunDir(run).scores
     if not path.exists():
         return {}
     try:
@@ -359,12 +381,16 @@ def _previous(run: Path, method: str, images: int | None, log) -> dict[tuple[str
         return {}
     if old.get("method") != method or old.get("images") != images:
         return {}
-    return {(e["layer"], e["spec"]): e for e in old.get("entries", []) if e.get("spec") != "teacher"}
+    if context is not None and (old.get("plan") or {}).get("layers") != context["layers"]:
+        return {}
+    return {(e["layer"], e["spec"]): e for e in old.get("entries", []) if context is not None or e.get("spec") != "teacher"}
 
 
 def _score_distill(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
+    from hant.workspace import RunDir
+
     by_name = {d.name: d for d in layers}
-    prev = _previous(run, "distill", None, log)
+    prev = _previous(RunDir(run).scores, "distill", None, log)
     entries = _teacher_entries(layers)
     torch.manual_seed(cfg.seed)
     for e in todo:
@@ -399,7 +425,46 @@ def _heldout_batches(cfg) -> tuple[list | Any, int]:
     return loader, n
 
 
-def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]:
+@torch.no_grad()
+def plan_heldout(run: str | Path, layers: dict[str, str]) -> dict[str, float]:
+    """A plan's student (phase-1 weights, as in scoring) against the teacher on the scored
+    held-out images: {"loss", "top1", "d_loss", "d_acc", "kl"}, changes from the teacher's."""
+    from hant.run import Run
+    from hant.student import assemble
+
+    run = Path(run)
+    cfg = Run(run).config
+    batches, n_images = _heldout_batches(cfg)
+    fmt = torch.channels_last
+    teacher = Run(run).teacher().to(memory_format=fmt).eval()
+    student = assemble(run, {"layers": layers}, bn_recalibrate=False, redistilled=False).to(memory_format=fmt).eval()
+    t_logits, s_logits = [], []
+    for x, _ in batches:
+        x = x.to(memory_format=fmt)
+        t_logits.append(teacher(x))
+        s_logits.append(student(x))
+    return _compare(s_logits, t_logits, [y for _, y in batches], n_images)
+
+
+def _compare(logits: list[torch.Tensor], t_logits: list[torch.Tensor], labels: list[torch.Tensor],
+             n_images: int) -> dict[str, float]:
+    """Held-out loss and top-1 of `logits`, their changes from the teacher's, and KL(teacher || them)."""
+    def summary(outs) -> tuple[float, float]:
+        loss = sum(float(F.cross_entropy(o.float(), y.to(o.device), reduction="sum")) for o, y in zip(outs, labels))
+        correct = sum(float((o.argmax(1) == y.to(o.device)).sum()) for o, y in zip(outs, labels))
+        return loss / n_images, 100.0 * correct / n_images
+
+    loss, top1 = summary(logits)
+    t_loss, t_top1 = summary(t_logits)
+    kl = sum(float(F.kl_div(F.log_softmax(o.float(), 1), F.log_softmax(t.float(), 1), log_target=True,
+                            reduction="sum")) for o, t in zip(logits, t_logits)) / n_images
+    return {"loss": loss, "top1": top1, "d_loss": loss - t_loss, "d_acc": top1 - t_top1, "kl": kl}
+
+
+def _score_eval(run: Path, cfg, layers, todo: list[dict], log, path: Path,
+                context: dict | None = None) -> dict[str, Any]:
+    import copy
+
     from hant.layers import get_layer
     from hant.run import Run
 
@@ -407,23 +472,34 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
     # On the CPU channels_last makes these convnets much faster (DESIGN.md, environment facts).
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     teacher = Run(run).teacher().to(device, memory_format=fmt).eval()
+    base = teacher
+    if context is not None:
+        from hant.student import assemble
+
+        # Phase-1 weights and statistics, as the candidates themselves are scored.
+        base = assemble(run, {"layers": context["layers"]}, bn_recalibrate=False, redistilled=False)
+        base = base.to(device, memory_format=fmt).eval()
+        todo = [{"layer": d.name, "spec": "teacher", "sha256": None} for d in layers] + todo
     batches, n_images = _heldout_batches(cfg)
 
     def on_device(it):
         for x, y in it:
             yield x.to(device, memory_format=fmt), y.to(device)
 
+    labels = [y for _, y in batches]
     with torch.no_grad():
         t_logits = [teacher(x) for x, _ in on_device(batches)]
-        t_loss = sum(float(F.cross_entropy(o.float(), y.to(device), reduction="sum"))
-                     for o, (_, y) in zip(t_logits, batches)) / n_images
-        t_top1 = 100.0 * sum(float((o.argmax(1) == y.to(device)).sum())
-                             for o, (_, y) in zip(t_logits, batches)) / n_images
+        b_logits = t_logits if context is None else [base(x) for x, _ in on_device(batches)]
+    t_eval = _compare(t_logits, t_logits, labels, n_images)
     in_shape = (cfg.data.in_chans, cfg.data.input_size, cfg.data.input_size)
-    teacher_info = {"loss": t_loss, "top1": t_top1, "params": sum(p.numel() for p in teacher.parameters()),
+    teacher_info = {"loss": t_eval["loss"], "top1": t_eval["top1"], "params": sum(p.numel() for p in teacher.parameters()),
                     "flops": count_flops(teacher, in_shape), "images": n_images}
+    plan_info = None
+    if context is not None:
+        plan_info = {"name": context.get("name"), "layers": context["layers"],
+                     **_compare(b_logits, t_logits, labels, n_images)}
 
-    prev = _previous(run, "eval", n_images, log)
+    prev = _previous(path, "eval", n_images, log, context)
     done: dict[tuple[str, str], dict] = {}
     pending: list[dict] = []
     for e in todo:
@@ -439,14 +515,16 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
     # Entries in the index's order, so that the file does not depend on where a run was resumed.
     order = {(e["layer"], e["spec"]): i for i, e in enumerate(todo)}
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(complete: bool = False) -> dict[str, Any]:
         rows = sorted(done.values(), key=lambda r: order.get((r["layer"], r["spec"]), len(order)))
-        return {"version": 1, "method": "eval", "images": n_images, "teacher": teacher_info,
-                "entries": _teacher_entries(layers) + rows}
+        out = {"version": 1, "method": "eval", "images": n_images, "teacher": teacher_info,
+               "entries": (_teacher_entries(layers) if context is None else []) + rows}
+        if context is not None:
+            out.update(plan=plan_info, complete=complete)
+        return out
 
-    from hant.workspace import RunDir, fault_point, write_json
+    from hant.workspace import fault_point, write_json
 
-    path = RunDir(run).scores
     chunks = 0
     bar = _bar(len(pending) * n_images, "score")
     try:
@@ -457,6 +535,9 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
                 chunk, modules = mine[start:start + _CHUNK], {}
                 for e in chunk:
                     key = (e["layer"], e["spec"])
+                    if e["spec"] == "teacher":  # in a plan's context: the teacher's own layer is a candidate too
+                        modules["teacher"] = copy.deepcopy(teacher_layer)
+                        continue
                     try:
                         modules[e["spec"]] = _load_candidate(run, layer, e, teacher_layer).to(device, memory_format=fmt)
                     except HantError as err:
@@ -466,7 +547,7 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
                         bar.update(n_images)
                 bar.set_postfix_str(f"{layer.name} {start + len(chunk)}/{len(mine)}", refresh=False)
                 if modules:
-                    res = replacement_scores(teacher, layer.name, modules, on_device(batches), t_logits,
+                    res = replacement_scores(base, layer.name, modules, on_device(batches), b_logits,
                                              progress=bar.update)
                     for e in chunk:
                         if e["spec"] not in modules:
@@ -482,4 +563,4 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, Any]
                 fault_point("score:after_chunk", chunks)
     finally:
         bar.close()
-    return snapshot()
+    return snapshot(complete=True)

@@ -88,7 +88,8 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
     scores.json object and one or more latency tables (the first is the target's).
 
     A candidate is kept when it is listed for its layer, has a finite value of `objective` in
-    the scores (the `teacher` candidate always scores 0) and an entry in every table, its
+    the scores (the `teacher` candidate scores 0 unless the scores give it a value, as
+    scores in a plan's context do) and an entry in every table, its
     family is not in `exclude_families` (`teacher` may be excluded too, forcing a replacement
     everywhere), and its layer is not frozen (a layer matching a `freeze` glob keeps only
     `teacher`, whatever is excluded). Raises HantError for an unknown objective or family,
@@ -130,7 +131,7 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
                 left["excluded family"] += 1
                 continue
             e = by_key.get((name, spec), {})
-            value = 0.0 if spec == "teacher" else e.get(objective)
+            value = e.get(objective, 0.0) if spec == "teacher" else e.get(objective)
             if value is None or not math.isfinite(float(value)):
                 left["no score"] += 1
                 continue
@@ -138,7 +139,8 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
                 left["no latency entry"] += 1
                 continue
             specs.append(spec)
-            row = {k: (0.0 if spec == "teacher" and k in ("d_loss", "d_acc", "kl") else e.get(k)) for k in metric_keys}
+            row = {k: (e.get(k, 0.0) if spec == "teacher" and k in ("d_loss", "d_acc", "kl") else e.get(k))
+                   for k in metric_keys}
             if spec == "teacher":
                 row["params"] = e.get("params", d.get("params"))
                 row["flops"] = e.get("flops", d.get("flops"))
@@ -150,7 +152,8 @@ def build_pool(layers: list[dict], scores: dict, tables: Sequence[dict], objecti
         pool.layers.append(name)
         pool.specs.append(specs)
         pool.cost.append(OBJECTIVES[objective] * np.array(
-            [0.0 if s == "teacher" else float(by_key[(name, s)][objective]) for s in specs]))
+            [float(by_key.get((name, s), {}).get(objective, 0.0)) if s == "teacher" else
+             float(by_key[(name, s)][objective]) for s in specs]))
         pool.lat.append(np.array([table_ms[0][(name, s)] for s in specs]))
         for k in metric_keys:
             pool.metrics[k].append(np.array([np.nan if r[k] is None else float(r[k]) for r in rows]))
@@ -309,6 +312,9 @@ class SelectOptions:
     """Plans written at one budget: the best and up to K - 1 alternatives (not with `sweep`)."""
     min_diff: float = 0.2
     """Share of the layers, in (0, 1], in which every two of the `candidates` plans differ."""
+    context: str | None = None
+    """A plan whose in-context scores (`hant score --plan`) replace scores.json: the plan chosen
+    minimises the predicted change from that plan's own loss (`hant refine`)."""
 
     def __post_init__(self):
         # Lists (from the CLI's repeated flags) become tuples, so the options stay a value;
@@ -542,7 +548,7 @@ class _Problem:
         cfg = the_run.config if rd.config.exists() else RunConfig()
         objective = opts.objective or cfg.score.objective
         layers_json = the_run.layers_doc
-        scores = the_run.scores()
+        scores = the_run.scores(opts.context)
         tables = [the_run.table(target)]
         if opts.second_target is not None:
             tables.append(the_run.table(opts.second_target))
@@ -570,7 +576,11 @@ class _Problem:
         pool, table = self.pool, self.tables[0]
         plan_layers = pool.plan_layers(sol.choice)
         predicted = float(predict_ms(table, plan_layers))
-        totals = {k: plan_totals(sol.choice, pool.metrics[k]) for k in ("d_loss", "d_acc", "kl", "params", "flops")}
+        # Scores in a plan's context are changes from that plan's own loss: add it back, so that
+        # predictions stay changes from the teacher's.
+        base = self.scores.get("plan") or {}
+        totals = {k: plan_totals(sol.choice, pool.metrics[k], float(base.get(k) or 0.0))
+                  for k in ("d_loss", "d_acc", "kl", "params", "flops")}
         out_constraints = dict(self.constraints)
         for key in ("params", "flops"):
             if math.isfinite(totals[key]):
@@ -586,7 +596,9 @@ class _Problem:
             "budget_ms": budget, **requested, "teacher_ms": self.teacher_ms, "teacher_ms_source": self.teacher_src,
             "layers": plan_layers, "predicted_ms": predicted,
             "predicted_speedup": self.teacher_ms / predicted if predicted > 0 else None,
-            "predicted_score": float(OBJECTIVES[self.objective] * sol.objective), "objective": self.objective,
+            "predicted_score": float(OBJECTIVES[self.objective] * sol.objective + float(base.get(self.objective) or 0.0)),
+            "objective": self.objective,
+            **({"context": {"plan": base.get("name"), "d_loss": base.get("d_loss")}} if base else {}),
             "predicted": {k: (v if math.isfinite(v) else None) for k, v in totals.items()},
             "score_method": self.scores.get("method"), "constraints": out_constraints,
             "solver": "highs", "solve_time_s": sol.solve_time_s, "status": sol.status,
@@ -597,7 +609,8 @@ class _Problem:
         teacher_loss = (self.scores.get("teacher") or {}).get("loss")
         if plan.get("score_method") != "eval" or teacher_loss is None:
             return
-        safe = _largest_safe_speedup(self.pool, self.lat, self.fixed, self.extra, damage_limit(teacher_loss),
+        offset = float((self.scores.get("plan") or {}).get("d_loss") or 0.0)
+        safe = _largest_safe_speedup(self.pool, self.lat, self.fixed, self.extra, damage_limit(teacher_loss) - offset,
                                      self.teacher_ms, self.opts.time_limit_s)
         risk = accuracy_risk(plan, teacher_loss, safe)
         if risk is not None:

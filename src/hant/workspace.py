@@ -234,6 +234,14 @@ class RunDir:
     def plan(self, name: str) -> Path:
         return self.root / "plans" / f"{name}.json"
 
+    def context_scores(self, plan: str) -> Path:
+        """Scores of every candidate with the rest of plan `plan` in place (`hant score --plan`)."""
+        return self.root / "refine" / f"{plan}.scores.json"
+
+    def refine_record(self, plan: str) -> Path:
+        """The record of a plan's refinement rounds (`hant refine`)."""
+        return self.root / "refine" / f"{plan}.json"
+
     def redistilled_dir(self, plan: str) -> Path:
         """A plan's re-distilled candidates (hant.redistill): <layer>/<spec>.safetensors, index.json."""
         return self.root / "redistilled" / plan

@@ -1,0 +1,131 @@
+"""Does re-scoring a plan's candidates around the plan itself (`hant refine`) choose a better plan?
+
+    .venv/bin/python bench/refine.py --run ~/.cache/hant/families/regnetx_002 \\
+        --run ~/.cache/hant/families/resnet18 --run ~/.cache/hant/families/mobilenetv3_large_100
+        -> bench/results/refine.json
+
+The integer program adds up replace-one-layer scores taken around the teacher, and with many
+layers replaced their damage compounds (bench/results/additivity.json). `hant.pipeline.
+refine_plan` scores every candidate again with the rest of the chosen plan in place, solves
+the program on those scores under the same budget and keeps whichever plan has the lower
+measured held-out loss. For each finished run folder (e.g. bench/families.py's) and its plan
+`--plan` (default the 2x plan), this runs `refine_plan` for `--rounds` rounds in a scratch
+copy of the run (links to its files; its own plans/, refine/ and scores.json; the run is
+never written) and records, for the first plan and the one kept:
+
+- `heldout`: the held-out loss change from the teacher's, top-1 and KL of the plan assembled
+  from phase-1 candidates (what `refine` measures, on the run's `score.images` held-out images);
+- `test`: test loss and top-1 of the same plan with BatchNorm statistics re-estimated (as
+  fine-tuning starts when re-distillation is off), on the test split, which nothing here saw;
+- `predicted_ms` and the plan's layers; `rounds`: every round's plan and held-out loss.
+
+No hardware check: the new plans are selected under the first plan's budget on the run's
+latency table (`refine --check-rounds 0`). Time on 2 CPU cores: one round costs one pass of
+`hant score` (RegNetX-200MF 4 min, ResNet-18 5 min, MobileNetV3-Large 6 min alone).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from families import Families, fingerprint  # noqa: E402  (bench/ is the script's folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "refine.json"
+PLAN = "onnxruntime-cpu-b1-x2"
+
+
+def _scratch(run: Path, where: Path, plan: str) -> Path:
+    """A folder that links to every file of `run` but plans/, refine/ and scores.json (copied)."""
+    scratch = where / run.name
+    scratch.mkdir(parents=True)
+    for p in run.iterdir():
+        if p.name not in ("plans", "refine", "scores.json") and not p.name.startswith("."):  # .lock stays the run's
+            os.symlink(p.resolve(), scratch / p.name)
+    shutil.copy(run / "scores.json", scratch / "scores.json")
+    (scratch / "plans").mkdir()
+    plan_doc = json.loads((run / "plans" / f"{plan}.json").read_text())
+    (scratch / "plans" / f"{plan}.json").write_text(json.dumps(plan_doc))
+    return scratch
+
+
+def refine_one(run: Path, plan: str, rounds: int, log) -> dict[str, Any]:
+    from hant.data import load_data
+    from hant.pipeline import refine_plan
+    from hant.run import Run
+    from hant.student import assemble
+
+    the_run = Run(run)
+    cfg = the_run.config
+    splits = load_data(cfg.data)
+    with tempfile.TemporaryDirectory(prefix="hant-refine-") as tmp:
+        scratch = _scratch(run, Path(tmp), plan)
+        t0 = time.perf_counter()
+        record = refine_plan(scratch, plan, rounds, timer=None, check_rounds=0, log=log)
+        wall = time.perf_counter() - t0
+        plans = {r["name"]: json.loads((scratch / "plans" / f"{r['name']}.json").read_text())
+                 for r in record["rounds"]}
+
+        def row(name: str) -> dict[str, Any]:
+            r = next(r for r in record["rounds"] if r["name"] == name)
+            model = assemble(scratch, {"layers": r["layers"]}, bn_recalibrate=True, splits=splits,
+                             redistilled=False, log=None)
+            return {"name": name, "layers": r["layers"], "heldout": r["heldout"],
+                    "test": Families.evaluate(model, splits.test, cfg),
+                    "predicted_ms": plans[name]["predicted_ms"], "changed": r["changed"]}
+
+        first, kept = row(f"{plan}-r0"), row(record["winner"])
+    log(f"[refine] {run.name}: held-out loss change {first['heldout']['d_loss']:+.4f} -> "
+        f"{kept['heldout']['d_loss']:+.4f}; test (BN re-estimated) {first['test']['loss']:.4f} / "
+        f"{first['test']['top1']:.2f}% -> {kept['test']['loss']:.4f} / {kept['test']['top1']:.2f}% "
+        f"({kept['changed']} layers changed, {wall:.0f} s)")
+    return {"run": str(run), "model": run.name, "plan": plan, "rounds_asked": rounds, "first": first, "kept": kept,
+            "rounds": record["rounds"], "wall_time_s": round(wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from hant.errors import HantError
+    from hant.workspace import atomic_write_text
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="append", type=Path, required=True, help="a finished run folder (repeatable)")
+    ap.add_argument("--plan", default=PLAN, help="the plan to refine in each run (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1, help="refinement rounds at most (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows = {r["model"]: r for r in old.get("rows", [])}
+    result = {"command": "bench/refine.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    try:
+        for run in args.run:
+            r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, print)
+            r["fingerprint"] = fingerprint()
+            rows[r["model"]] = r
+            result["rows"] = list(rows.values())
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    except HantError as e:
+        print(f"refine: {e}", file=sys.stderr)
+        return 1
+    print(f"[refine] -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
