@@ -10,11 +10,12 @@ refine_plan` scores every candidate again with the rest of the chosen plan in pl
 the program on those scores under the same budget and keeps whichever plan has the lower
 measured held-out loss. For each finished run folder (e.g. bench/families.py's) and its plan
 `--plan` (default the 2x plan), this runs `refine_plan` for `--rounds` rounds in a scratch
-copy of the run (links to its files; its own plans/, refine/ and scores.json; the run is
-never written) and records, for the first plan and the one kept:
+copy of the run under `--work` (links to its files; its own plans/, refine/ and scores.json;
+the run is never written; kept, so that a rerun reuses the context scores) and records, for the first plan and the one kept:
 
 - `heldout`: the held-out loss change from the teacher's, top-1 and KL of the plan assembled
-  from phase-1 candidates (what `refine` measures, on the run's `score.images` held-out images);
+  from phase-1 candidates (what `refine` measures and keeps the best plan by, on the whole
+  held-out split);
 - `test`: test loss and top-1 of the same plan with BatchNorm statistics re-estimated (as
   fine-tuning starts when re-distillation is off), on the test split, which nothing here saw;
 - `predicted_ms` and the plan's layers; `rounds`: every round's plan and held-out loss.
@@ -35,7 +36,6 @@ import json  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,20 +48,27 @@ PLAN = "onnxruntime-cpu-b1-x2"
 
 
 def _scratch(run: Path, where: Path, plan: str) -> Path:
-    """A folder that links to every file of `run` but plans/, refine/ and scores.json (copied)."""
+    """A folder that links to every file of `run` but plans/, refine/ and scores.json (copied).
+    Kept between calls: its context scores (refine/*.scores.json) are reused, its plans and
+    refinement records made again."""
     scratch = where / run.name
-    scratch.mkdir(parents=True)
-    for p in run.iterdir():
-        if p.name not in ("plans", "refine", "scores.json") and not p.name.startswith("."):  # .lock stays the run's
-            os.symlink(p.resolve(), scratch / p.name)
+    if not scratch.exists():
+        scratch.mkdir(parents=True)
+        for p in run.iterdir():
+            if p.name not in ("plans", "refine", "scores.json") and not p.name.startswith("."):  # .lock stays the run's
+                os.symlink(p.resolve(), scratch / p.name)
     shutil.copy(run / "scores.json", scratch / "scores.json")
+    shutil.rmtree(scratch / "plans", ignore_errors=True)
+    for record in (scratch / "refine").glob("*.json") if (scratch / "refine").exists() else []:
+        if not record.name.endswith(".scores.json"):
+            record.unlink()
     (scratch / "plans").mkdir()
     plan_doc = json.loads((run / "plans" / f"{plan}.json").read_text())
     (scratch / "plans" / f"{plan}.json").write_text(json.dumps(plan_doc))
     return scratch
 
 
-def refine_one(run: Path, plan: str, rounds: int, log) -> dict[str, Any]:
+def refine_one(run: Path, plan: str, rounds: int, work: Path, log) -> dict[str, Any]:
     from hant.data import load_data
     from hant.pipeline import refine_plan
     from hant.run import Run
@@ -70,23 +77,22 @@ def refine_one(run: Path, plan: str, rounds: int, log) -> dict[str, Any]:
     the_run = Run(run)
     cfg = the_run.config
     splits = load_data(cfg.data)
-    with tempfile.TemporaryDirectory(prefix="hant-refine-") as tmp:
-        scratch = _scratch(run, Path(tmp), plan)
-        t0 = time.perf_counter()
-        record = refine_plan(scratch, plan, rounds, timer=None, check_rounds=0, log=log)
-        wall = time.perf_counter() - t0
-        plans = {r["name"]: json.loads((scratch / "plans" / f"{r['name']}.json").read_text())
-                 for r in record["rounds"]}
+    scratch = _scratch(run, work, plan)
+    t0 = time.perf_counter()
+    record = refine_plan(scratch, plan, rounds, timer=None, check_rounds=0, log=log)
+    wall = time.perf_counter() - t0
+    plans = {r["name"]: json.loads((scratch / "plans" / f"{r['name']}.json").read_text())
+             for r in record["rounds"]}
 
-        def row(name: str) -> dict[str, Any]:
-            r = next(r for r in record["rounds"] if r["name"] == name)
-            model = assemble(scratch, {"layers": r["layers"]}, bn_recalibrate=True, splits=splits,
-                             redistilled=False, log=None)
-            return {"name": name, "layers": r["layers"], "heldout": r["heldout"],
-                    "test": Families.evaluate(model, splits.test, cfg),
-                    "predicted_ms": plans[name]["predicted_ms"], "changed": r["changed"]}
+    def row(name: str) -> dict[str, Any]:
+        r = next(r for r in record["rounds"] if r["name"] == name)
+        model = assemble(scratch, {"layers": r["layers"]}, bn_recalibrate=True, splits=splits,
+                         redistilled=False, log=None)
+        return {"name": name, "layers": r["layers"], "heldout": r["heldout"],
+                "test": Families.evaluate(model, splits.test, cfg),
+                "predicted_ms": plans[name]["predicted_ms"], "changed": r["changed"]}
 
-        first, kept = row(f"{plan}-r0"), row(record["winner"])
+    first, kept = row(f"{plan}-r0"), row(record["winner"])
     log(f"[refine] {run.name}: held-out loss change {first['heldout']['d_loss']:+.4f} -> "
         f"{kept['heldout']['d_loss']:+.4f}; test (BN re-estimated) {first['test']['loss']:.4f} / "
         f"{first['test']['top1']:.2f}% -> {kept['test']['loss']:.4f} / {kept['test']['top1']:.2f}% "
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", default=PLAN, help="the plan to refine in each run (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=1, help="refinement rounds at most (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--work", type=Path, default=Path("~/.cache/hant/refine-bench"),
+                    help="scratch copies of the runs, kept for their context scores (default %(default)s)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "bench/refine.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     try:
         for run in args.run:
-            r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, print)
+            r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, args.work.expanduser(), print)
             r["fingerprint"] = fingerprint()
             rows[r["model"]] = r
             result["rows"] = list(rows.values())

@@ -111,7 +111,8 @@ def test_refine_keeps_the_plan_with_the_lowest_measured_loss_and_a_rerun_reads_i
     assert final["layers"] == winner["layers"] and final["name"] == "p"
     assert final["refined"]["winner"] == winner["name"] and final["predicted_ms"] <= first["budget_ms"] + 1e-9
     for row in rows:  # each loss is measured on the plan itself
-        assert row["heldout"]["d_loss"] == pytest.approx(score_mod.plan_heldout(run, row["layers"])["d_loss"], abs=1e-5)
+        assert row["heldout"]["d_loss"] == pytest.approx(
+            score_mod.plan_heldout(run, row["layers"], every_image=True)["d_loss"], abs=1e-5)
     assert any("<- kept" in m for m in logs)
     # Interim plans warn about nothing; the kept plan's accuracy risk sums the teacher-context scores
     # of its own layers, the scale the warning's threshold was set on.

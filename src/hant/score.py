@@ -408,12 +408,13 @@ def _score_distill(run: Path, cfg, layers, todo: list[dict], log) -> dict[str, A
     return {"version": 1, "method": "distill", "images": None, "entries": entries}
 
 
-def _heldout_batches(cfg) -> tuple[list | Any, int]:
-    """The held-out (x, y) batches, kept in memory when small; and the number of images."""
+def _heldout_batches(cfg, every_image: bool = False) -> tuple[list | Any, int]:
+    """The held-out (x, y) batches (the first `score.images` of them unless `every_image`),
+    kept in memory when small; and the number of images."""
     from hant.data import load_data, make_loader
 
     held = load_data(cfg.data).heldout
-    n = len(held) if cfg.score.images is None else min(len(held), int(cfg.score.images))
+    n = len(held) if cfg.score.images is None or every_image else min(len(held), int(cfg.score.images))
     if n == 0:
         raise HantError("the held-out split is empty; raise data.heldout in the run's config")
     if n < len(held):
@@ -426,15 +427,16 @@ def _heldout_batches(cfg) -> tuple[list | Any, int]:
 
 
 @torch.no_grad()
-def plan_heldout(run: str | Path, layers: dict[str, str]) -> dict[str, float]:
+def plan_heldout(run: str | Path, layers: dict[str, str], every_image: bool = False) -> dict[str, float]:
     """A plan's student (phase-1 weights, as in scoring) against the teacher on the scored
-    held-out images: {"loss", "top1", "d_loss", "d_acc", "kl"}, changes from the teacher's."""
+    held-out images (`every_image`: the whole held-out split): {"loss", "top1", "d_loss",
+    "d_acc", "kl", "images"}, changes from the teacher's."""
     from hant.run import Run
     from hant.student import assemble
 
     run = Path(run)
     cfg = Run(run).config
-    batches, n_images = _heldout_batches(cfg)
+    batches, n_images = _heldout_batches(cfg, every_image)
     fmt = torch.channels_last
     teacher = Run(run).teacher().to(memory_format=fmt).eval()
     student = assemble(run, {"layers": layers}, bn_recalibrate=False, redistilled=False).to(memory_format=fmt).eval()
@@ -443,7 +445,7 @@ def plan_heldout(run: str | Path, layers: dict[str, str]) -> dict[str, float]:
         x = x.to(memory_format=fmt)
         t_logits.append(teacher(x))
         s_logits.append(student(x))
-    return _compare(s_logits, t_logits, [y for _, y in batches], n_images)
+    return {**_compare(s_logits, t_logits, [y for _, y in batches], n_images), "images": n_images}
 
 
 def _compare(logits: list[torch.Tensor], t_logits: list[torch.Tensor], labels: list[torch.Tensor],
