@@ -21,7 +21,10 @@ the run is never written; kept, so that a rerun reuses the context scores) and r
 - `predicted_ms` and the plan's layers; `rounds`: every round's plan and held-out loss.
 
 No hardware check: the new plans are selected under the first plan's budget on the run's
-latency table (`refine --check-rounds 0`). Time on 2 CPU cores: one round costs one pass of
+latency table (`refine --check-rounds 0`). With `--finetune`, the kept plan (when it is not
+the first) is re-distilled, fine-tuned and timed against the teacher as `accelerate` does,
+in the scratch copy (`finetuned`: its test top-1 and measured speedup beside those of the
+run's own student of the first plan, made the same way). Time on 2 CPU cores: one round costs one pass of
 `hant score` (RegNetX-200MF 4 min, ResNet-18 5 min, MobileNetV3-Large 6 min alone).
 """
 
@@ -47,16 +50,22 @@ OUT = ROOT / "bench" / "results" / "refine.json"
 PLAN = "onnxruntime-cpu-b1-x2"
 
 
+# What the scratch copy holds itself rather than links to: what refinement and fine-tuning write.
+OWN = ("plans", "refine", "scores.json", "students", "redistilled", "timings.json", "report.md")
+
+
 def _scratch(run: Path, where: Path, plan: str) -> Path:
-    """A folder that links to every file of `run` but plans/, refine/ and scores.json (copied).
-    Kept between calls: its context scores (refine/*.scores.json) are reused, its plans and
-    refinement records made again."""
+    """A folder that links to every file of `run` but those of OWN (scores.json copied).
+    Kept between calls: its context scores (refine/*.scores.json) and students are reused,
+    its plans and refinement records made again."""
     scratch = where / run.name
-    if not scratch.exists():
-        scratch.mkdir(parents=True)
-        for p in run.iterdir():
-            if p.name not in ("plans", "refine", "scores.json") and not p.name.startswith("."):  # .lock stays the run's
-                os.symlink(p.resolve(), scratch / p.name)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for p in run.iterdir():
+        if p.name not in OWN and not p.name.startswith(".") and not (scratch / p.name).exists():  # .lock stays the run's
+            os.symlink(p.resolve(), scratch / p.name)
+    for name in OWN:  # a link made by an earlier version of this script
+        if (scratch / name).is_symlink():
+            (scratch / name).unlink()
     shutil.copy(run / "scores.json", scratch / "scores.json")
     shutil.rmtree(scratch / "plans", ignore_errors=True)
     for record in (scratch / "refine").glob("*.json") if (scratch / "refine").exists() else []:
@@ -68,7 +77,29 @@ def _scratch(run: Path, where: Path, plan: str) -> Path:
     return scratch
 
 
-def refine_one(run: Path, plan: str, rounds: int, work: Path, log) -> dict[str, Any]:
+def finetune_kept(run: Path, scratch: Path, plan: str, log) -> dict[str, Any]:
+    """The kept plan re-distilled, fine-tuned and timed as `accelerate` does (the run's config),
+    in the scratch copy; beside the run's own student of the first plan, made the same way."""
+    from hant.finetune import finetune
+    from hant.measure import measure
+    from hant.redistill import redistill
+
+    t0 = time.perf_counter()
+    redistill(scratch, plan, log=log)
+    ft = finetune(scratch, plan, log=log)
+    ev = measure(scratch, plan, log=log)
+    first = run / "students" / plan / "eval.json"
+    first_ev = json.loads(first.read_text()) if first.exists() else {}
+    return {"kept": {"top1": ft["student_top1"], "assembled_top1": ft["assembled_top1"],
+                     "speedup": ev.get("speedup"), "speedup_ci_lo": ev.get("speedup_ci_lo"),
+                     "speedup_ci_hi": ev.get("speedup_ci_hi")},
+            "first": {"top1": (first_ev.get("student") or {}).get("top1"), "speedup": first_ev.get("speedup"),
+                      "speedup_ci_lo": first_ev.get("speedup_ci_lo"), "speedup_ci_hi": first_ev.get("speedup_ci_hi"),
+                      "source": str(first)},
+            "teacher_top1": ft["teacher_top1"], "wall_time_s": round(time.perf_counter() - t0, 1)}
+
+
+def refine_one(run: Path, plan: str, rounds: int, work: Path, log, with_finetune: bool = False) -> dict[str, Any]:
     from hant.data import load_data
     from hant.pipeline import refine_plan
     from hant.run import Run
@@ -97,8 +128,17 @@ def refine_one(run: Path, plan: str, rounds: int, work: Path, log) -> dict[str, 
         f"{kept['heldout']['d_loss']:+.4f}; test (BN re-estimated) {first['test']['loss']:.4f} / "
         f"{first['test']['top1']:.2f}% -> {kept['test']['loss']:.4f} / {kept['test']['top1']:.2f}% "
         f"({kept['changed']} layers changed, {wall:.0f} s)")
-    return {"run": str(run), "model": run.name, "plan": plan, "rounds_asked": rounds, "first": first, "kept": kept,
-            "rounds": record["rounds"], "wall_time_s": round(wall, 1)}
+    out = {"run": str(run), "model": run.name, "plan": plan, "rounds_asked": rounds, "first": first, "kept": kept,
+           "rounds": record["rounds"], "wall_time_s": round(wall, 1)}
+    if with_finetune:
+        if record["winner"] == f"{plan}-r0":
+            out["finetuned"] = {"same_as_first": True}
+        else:
+            out["finetuned"] = finetune_kept(run, scratch, plan, log)
+            f = out["finetuned"]
+            log(f"[refine] {run.name}: fine-tuned top-1 {f['first']['top1']} (first plan, "
+                f"{f['first']['speedup']}x) -> {f['kept']['top1']:.2f}% (kept plan, {f['kept']['speedup']:.2f}x)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", default=PLAN, help="the plan to refine in each run (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=1, help="refinement rounds at most (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also re-distil, fine-tune and time the kept plan as accelerate does (minutes per run)")
     ap.add_argument("--work", type=Path, default=Path("~/.cache/hant/refine-bench"),
                     help="scratch copies of the runs, kept for their context scores (default %(default)s)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -122,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "bench/refine.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     try:
         for run in args.run:
-            r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, args.work.expanduser(), print)
+            r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, args.work.expanduser(), print,
+                           with_finetune=args.finetune)
             r["fingerprint"] = fingerprint()
             rows[r["model"]] = r
             result["rows"] = list(rows.values())
