@@ -123,6 +123,17 @@ def test_refine_keeps_the_plan_with_the_lowest_measured_loss_and_a_rerun_reads_i
         assert final["accuracy_risk"]["predicted_d_loss"] == pytest.approx(summed)
         assert final["accuracy_risk"]["message"] is None or final["accuracy_risk"]["message"].startswith("plan p ")
 
+    # Each round's plan says what it is; the report lists the rounds and no interim plan's warning.
+    from hant.report import accuracy_risk_lines, collect, refine_lines
+
+    for row in rows[1:]:
+        assert read_json(rd.plan(row["name"]))["refinement_of"] == "p"
+    assert "refined_as" not in final and "refinement_of" not in final
+    info = collect(run)
+    lines = refine_lines(info)
+    assert len(lines) == 1 and lines[0].startswith("- p: r0 ") and lines[0].endswith(f"kept {winner['name'][2:]}.")
+    assert not any(ln.startswith("- p-r") for ln in accuracy_risk_lines(info))
+
     # A rerun of the same request reads the record back and scores nothing.
     def no_scoring(*a, **k):
         raise AssertionError("scored again")

@@ -122,6 +122,7 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
             log(f"refine {name}: round {r} keeps the plan")
             rd.plan(nxt).unlink(missing_ok=True)
             break
+        write_json(rd.plan(nxt), {**read_json(rd.plan(nxt)), "refinement_of": name, "round": r})
         changed = [k for k, v in plan["layers"].items() if v != layers_of[prev].get(k)]
         log(f"refine {name}: round {r} changes {len(changed)} layers ({', '.join(changed[:6])}"
             f"{', ...' if len(changed) > 6 else ''}); predicted held-out loss change from the teacher's "
@@ -143,7 +144,8 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
              "speedup": original.get("speedup", chosen.get("speedup")),
              "refined": {"from": first, "winner": winner["name"],
                          "heldout_d_loss": {row["name"]: row["heldout"]["d_loss"] for row in rows}}}
-    final.pop("refined_as", None)
+    for key in ("refined_as", "refinement_of", "round"):
+        final.pop(key, None)
     if winner["name"] != first and original.get("accuracy_risk"):
         final["accuracy_risk"] = _risk_on_teacher_scores(run, final, original["accuracy_risk"])
         if final["accuracy_risk"]["large"]:

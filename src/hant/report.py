@@ -345,6 +345,12 @@ def write_report(run: str | Path) -> Path:
                "what the gallery gives today).", "",
                "| student | cosine | retrieval top-1, student queries | teacher queries |", "|---|---:|---:|---:|",
                *embed, ""]
+    refined = refine_lines(info)
+    if refined:
+        md += ["Plans refined around themselves (`hant refine`: every candidate scored again with the rest "
+               "of the plan in place, the program solved again under the same budget); the loss increase "
+               "over the teacher's on the held-out split, assembled from phase-1 weights, of each round's "
+               "plan, and the one kept.", "", *refined, ""]
     risks = accuracy_risk_lines(info)
     if risks:
         md += ["Plans whose predicted damage is large (the summed loss increase of their layers, each "
@@ -469,11 +475,30 @@ def embedding_lines(info: dict[str, Any]) -> list[str]:
     return rows
 
 
-def accuracy_risk_lines(info: dict[str, Any]) -> list[str]:
-    """One markdown line per plan that `hant select` flagged as likely to lose accuracy
-    (its `accuracy_risk.large`), with the largest speedup whose predicted damage is small."""
+def refine_lines(info: dict[str, Any]) -> list[str]:
+    """One markdown line per refined plan: each round's held-out loss increase, the one kept."""
     lines = []
     for name, plan in info["plans"].items():
+        r = plan.get("refined") or {}
+        if r.get("heldout_d_loss"):
+            rounds = ", ".join(f"{n.rsplit('-', 1)[-1]} {v:+.4g}" for n, v in r["heldout_d_loss"].items())
+            lines.append(f"- {name}: {rounds}; kept {r['winner'].rsplit('-', 1)[-1]}.")
+    return lines
+
+
+def _interim(plan: dict[str, Any]) -> bool:
+    """A plan that refinement replaced or tried (its first plan, a round's plan)."""
+    return "refined_as" in plan or "refinement_of" in plan
+
+
+def accuracy_risk_lines(info: dict[str, Any]) -> list[str]:
+    """One markdown line per plan that `hant select` flagged as likely to lose accuracy
+    (its `accuracy_risk.large`), with the largest speedup whose predicted damage is small;
+    not for the interim plans of a refinement."""
+    lines = []
+    for name, plan in info["plans"].items():
+        if _interim(plan):
+            continue
         risk = plan.get("accuracy_risk") or {}
         if risk.get("large"):
             safe, measured = risk.get("safe_speedup"), risk.get("safe_speedup_measured")
