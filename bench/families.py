@@ -6,7 +6,9 @@
 What it measures. For each teacher of `--models` (default the four below), trained here on
 Fashion-MNIST at 64x64 (one channel) with one short, fixed recipe, it runs hant as a user
 would, `hant accelerate --speedup 2` (`hant.pipeline.accelerate_run`: phase 1, latency
-table, scores, selection checked on the hardware, fine-tuning, measurement, export) on
+table, scores, selection checked on the hardware, fine-tuning, measurement, export; without
+the refinement `accelerate` now runs by default, `REFINE = 0`, as the first rows were made:
+bench/refine.py measures refinement on the same runs) on
 onnxruntime-cpu at batch size 1, space `--space` (`default`), and records per teacher:
 
 - `speedup` with `speedup_ci_lo`/`speedup_ci_hi`: the fine-tuned student timed against the
@@ -95,6 +97,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TARGET = "onnxruntime-cpu"
 BATCH_SIZE = 1
+REFINE = 0  # rounds of `hant refine` after selection (bench/refine.py measures them on these runs)
 UNIT_VERSION = 1
 CACHE = Path.home() / ".cache" / "hant"
 
@@ -337,8 +340,11 @@ class Families:
         if self._student_done(student, epochs, s.int8):
             self.log(f"[families] {run.name}: {name} fine-tuned and measured; accelerate skipped")
             return name
+        # Selection as the first rows were made, without `hant refine` (REFINE); what refinement
+        # changes on these runs is bench/refine.py's to measure.
         opts = AccelerateOptions(target=TARGET, batch_size=BATCH_SIZE, speedups=[a.speedup], validate=s.validate,
-                                 int8=s.int8, finetune_epochs=epochs, check_rounds=s.check_rounds, candidates=1)
+                                 int8=s.int8, finetune_epochs=epochs, check_rounds=s.check_rounds, candidates=1,
+                                 refine=REFINE)
         accelerate_run(run, opts, init_kwargs={"config": str(cfg_path)}, log=self.log)
         if not self._student_done(student, epochs, s.int8):
             # The pipeline keeps an intact student whatever its epochs; another --epochs trains anew.
@@ -643,7 +649,9 @@ class Families:
                             "-", 1)[1]))},
             "models": {m.name: {"source": m.source, "include": list(m.include), "why": m.why} for m in self.models},
             "accelerate": {"target": TARGET, "batch_size": BATCH_SIZE, "speedup": a.speedup, "space": self.space,
-                           "check_rounds": s.check_rounds, "candidates": 1, "validate": s.validate, "int8": s.int8},
+                           "check_rounds": s.check_rounds, "candidates": 1, "validate": s.validate, "int8": s.int8,
+                           # Named only when on, so that rows made before refinement existed keep their key.
+                           **({"refine": REFINE} if REFINE else {})},
             "distill": {k: getattr(cfg.distill, k) for k in ("images", "epochs", "batch_size", "optimizer", "lr")},
             "score": dataclasses.asdict(cfg.score),
             "latency": dataclasses.asdict(cfg.latency),
