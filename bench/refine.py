@@ -45,9 +45,12 @@ from typing import Any  # noqa: E402
 
 from families import Families, fingerprint  # noqa: E402  (bench/ is the script's folder)
 
+from hant.errors import HantError  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "refine.json"
 PLAN = "onnxruntime-cpu-b1-x2"
+TARGET = "onnxruntime-cpu"  # the families runs' latency table (batch 1)
 
 
 # What the scratch copy holds itself rather than links to: what refinement and fine-tuning write.
@@ -67,39 +70,58 @@ def _scratch(run: Path, where: Path, plan: str) -> Path:
         if (scratch / name).is_symlink():
             (scratch / name).unlink()
     shutil.copy(run / "scores.json", scratch / "scores.json")
-    shutil.rmtree(scratch / "plans", ignore_errors=True)
+    shutil.rmtree(scratch / "plans", ignore_errors=True)  # students and re-distilled weights stay (reused)
     for record in (scratch / "refine").glob("*.json") if (scratch / "refine").exists() else []:
         if not record.name.endswith(".scores.json"):
             record.unlink()
     (scratch / "plans").mkdir()
-    plan_doc = json.loads((run / "plans" / f"{plan}.json").read_text())
-    (scratch / "plans" / f"{plan}.json").write_text(json.dumps(plan_doc))
+    if (run / "plans" / f"{plan}.json").exists():
+        plan_doc = json.loads((run / "plans" / f"{plan}.json").read_text())
+        (scratch / "plans" / f"{plan}.json").write_text(json.dumps(plan_doc))
     return scratch
 
 
-def finetune_kept(run: Path, scratch: Path, plan: str, log) -> dict[str, Any]:
-    """The kept plan re-distilled, fine-tuned and timed as `accelerate` does (the run's config),
-    in the scratch copy; beside the run's own student of the first plan, made the same way."""
+def _made(folder: Path, plan: str, log) -> dict[str, Any]:
+    """A plan of the scratch copy re-distilled, fine-tuned and timed as `accelerate` does (the
+    run's config); a student already made there is read back."""
     from hant.finetune import finetune
     from hant.measure import measure
     from hant.redistill import redistill
 
+    student = folder / "students" / plan
+    ev_path, arch_path = student / "eval.json", student / "arch.json"
+    ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
+    arch = json.loads(arch_path.read_text()) if arch_path.exists() else {}
+    want = json.loads((folder / "plans" / f"{plan}.json").read_text())["layers"]
+    made = {n: d["spec"] for n, d in (arch.get("layers") or {}).items()}
+    if not ev.get("speedup") or made != want:
+        redistill(folder, plan, log=log)
+        finetune(folder, plan, log=log)
+        measure(folder, plan, log=log)
+        ev = json.loads(ev_path.read_text())
+    return _summary(ev, ev_path)
+
+
+def _summary(ev: dict[str, Any], source: Path) -> dict[str, Any]:
+    st = ev.get("student") or {}
+    return {"top1": st.get("top1"), "assembled_top1": st.get("top1_assembled"), "speedup": ev.get("speedup"),
+            "speedup_ci_lo": ev.get("speedup_ci_lo"), "speedup_ci_hi": ev.get("speedup_ci_hi"),
+            "teacher_top1": (ev.get("teacher") or {}).get("top1"), "source": str(source)}
+
+
+def finetune_both(run: Path, scratch: Path, plan: str, log) -> dict[str, Any]:
+    """The kept plan re-distilled, fine-tuned and timed as `accelerate` does, in the scratch copy;
+    beside it the first plan: the run's own student of it when the run has one (made the same
+    way), else made in the scratch copy as <plan>-r0."""
     t0 = time.perf_counter()
-    redistill(scratch, plan, log=log)
-    ft = finetune(scratch, plan, log=log)
-    ev = measure(scratch, plan, log=log)
-    first = run / "students" / plan / "eval.json"
-    first_ev = json.loads(first.read_text()) if first.exists() else {}
-    return {"kept": {"top1": ft["student_top1"], "assembled_top1": ft["assembled_top1"],
-                     "speedup": ev.get("speedup"), "speedup_ci_lo": ev.get("speedup_ci_lo"),
-                     "speedup_ci_hi": ev.get("speedup_ci_hi")},
-            "first": {"top1": (first_ev.get("student") or {}).get("top1"), "speedup": first_ev.get("speedup"),
-                      "speedup_ci_lo": first_ev.get("speedup_ci_lo"), "speedup_ci_hi": first_ev.get("speedup_ci_hi"),
-                      "source": str(first)},
-            "teacher_top1": ft["teacher_top1"], "wall_time_s": round(time.perf_counter() - t0, 1)}
+    kept = _made(scratch, plan, log)
+    own = run / "students" / plan / "eval.json"
+    first = _summary(json.loads(own.read_text()), own) if own.exists() else _made(scratch, f"{plan}-r0", log)
+    return {"kept": kept, "first": first, "wall_time_s": round(time.perf_counter() - t0, 1)}
 
 
-def refine_one(run: Path, plan: str, rounds: int, work: Path, log, with_finetune: bool = False) -> dict[str, Any]:
+def refine_one(run: Path, plan: str, rounds: int, work: Path, log, with_finetune: bool = False,
+               speedup: float | None = None) -> dict[str, Any]:
     from hant.data import load_data
     from hant.pipeline import refine_plan
     from hant.run import Run
@@ -109,6 +131,12 @@ def refine_one(run: Path, plan: str, rounds: int, work: Path, log, with_finetune
     cfg = the_run.config
     splits = load_data(cfg.data)
     scratch = _scratch(run, work, plan)
+    if not (scratch / "plans" / f"{plan}.json").exists():
+        if speedup is None:
+            raise HantError(f"{run} has no plan {plan}; give --speedup S to select one on the run's latency table")
+        from hant.select import select
+
+        select(scratch, target=TARGET, speedup=speedup, name=plan, log=log)
     t0 = time.perf_counter()
     record = refine_plan(scratch, plan, rounds, timer=None, check_rounds=0, log=log)
     wall = time.perf_counter() - t0
@@ -134,23 +162,24 @@ def refine_one(run: Path, plan: str, rounds: int, work: Path, log, with_finetune
         if record["winner"] == f"{plan}-r0":
             out["finetuned"] = {"same_as_first": True}
         else:
-            out["finetuned"] = finetune_kept(run, scratch, plan, log)
+            out["finetuned"] = finetune_both(run, scratch, plan, log)
             f = out["finetuned"]
-            log(f"[refine] {run.name}: fine-tuned top-1 {f['first']['top1']} (first plan, "
-                f"{f['first']['speedup']}x) -> {f['kept']['top1']:.2f}% (kept plan, {f['kept']['speedup']:.2f}x)")
+            log(f"[refine] {run.name} {plan}: fine-tuned top-1 {f['first']['top1']:.2f}% (first plan, "
+                f"{f['first']['speedup']:.2f}x) -> {f['kept']['top1']:.2f}% (kept plan, {f['kept']['speedup']:.2f}x)")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from hant.errors import HantError
     from hant.workspace import atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="append", type=Path, required=True, help="a finished run folder (repeatable)")
     ap.add_argument("--plan", default=PLAN, help="the plan to refine in each run (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=1, help="refinement rounds at most (default 1)")
+    ap.add_argument("--speedup", type=float, default=None,
+                    help="a run without the plan: select it at this speedup on the run's table (no hardware check)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--finetune", action="store_true",
                     help="also re-distil, fine-tune and time the kept plan as accelerate does (minutes per run)")
@@ -160,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
-    rows = {r["model"]: r for r in old.get("rows", [])}
+    rows = {(r["model"], r["plan"]): r for r in old.get("rows", [])}
     result = {"command": "bench/refine.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     try:
         for run in args.run:
             r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, args.work.expanduser(), print,
-                           with_finetune=args.finetune)
+                           with_finetune=args.finetune, speedup=args.speedup)
             r["fingerprint"] = fingerprint()
-            rows[r["model"]] = r
+            rows[(r["model"], r["plan"])] = r
             result["rows"] = list(rows.values())
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
