@@ -181,3 +181,25 @@ def test_refine_refuses_zero_rounds_and_accelerate_options_check_it(run):
         from hant.score import score
 
         score(run, method="distill", plan="p", log=_quiet)
+
+
+def test_a_round_plan_that_falls_short_on_the_hardware_is_never_kept(run):
+    from hant.pipeline import refine_plan
+
+    rd = RunDir(run)
+    first = read_json(rd.plan("p"))
+    teacher_ms = first["teacher_ms"]
+
+    def timer(r, name):
+        # The first plan meets its speedup; every round's plan runs at the teacher's speed.
+        ms = teacher_ms if "-r" in name and not name.endswith("-r0") else first["predicted_ms"]
+        sp = teacher_ms / ms
+        return {"teacher_ms": teacher_ms, "student_ms": ms, "speedup": sp, "speedup_ci_lo": sp, "speedup_ci_hi": sp}
+
+    logs = []
+    record = refine_plan(run, "p", 1, timer=timer, check_rounds=1, log=logs.append)
+    rows = record["rounds"]
+    assert len(rows) == 2  # the round changed the plan: it was timed, fell short, and was left out
+    assert read_json(rd.plan(rows[1]["name"]))["latency_check"]["met"] is False
+    assert "ineligible" in rows[1] and any("left out" in m for m in logs)
+    assert record["winner"] == "p-r0" and read_json(rd.plan("p"))["layers"] == first["layers"]

@@ -63,8 +63,10 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
     and `check_rounds` > 0 the new plan is timed against the teacher and its budget tightened
     as `select_measured` does, never looser than the first plan's), and stops when the plan no
     longer changes. Every plan's held-out loss is measured on the whole held-out split, not
-    predicted; the lowest wins (the first plan on a tie). The first plan is kept as <name>-r0, round k's as <name>-rk;
-    RUN/refine/<name>.json records the rounds and <name>.json gets a "refined" record.
+    predicted; the lowest wins (the first plan on a tie), among the plans whose hardware check
+    met the speedup (the first plan always takes part). The first plan is kept as <name>-r0,
+    round k's as <name>-rk; RUN/refine/<name>.json records the rounds and <name>.json gets a
+    "refined" record.
     A finished refinement of the plan as it stands is read back, and an interrupted one resumes
     from <name>-r0 with the context scores already on disk.
 
@@ -134,11 +136,16 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
     rows = record["rounds"]
     for row in rows:
         row["changed"] = sum(v != original["layers"].get(k) for k, v in row["layers"].items())
-    winner = min(rows, key=lambda row: row["heldout"]["d_loss"])  # the earliest on a tie
+    for row in rows[1:]:
+        check = read_json(rd.plan(row["name"])).get("latency_check") or {}
+        if check.get("met") is False:
+            row["ineligible"] = "its hardware check fell short of the speedup"
+    winner = min((row for row in rows if "ineligible" not in row),
+                 key=lambda row: row["heldout"]["d_loss"])  # the earliest on a tie
     for row in rows:
         log(f"refine {name}: {row['name']} held-out loss {row['heldout']['loss']:.4f} "
             f"({row['heldout']['d_loss']:+.4f} from the teacher's), top-1 {row['heldout']['top1']:.2f}%"
-            + (" <- kept" if row is winner else ""))
+            + (" <- kept" if row is winner else f" (left out: {row['ineligible']})" if "ineligible" in row else ""))
     chosen = read_json(rd.plan(winner["name"]))
     final = {**chosen, **{k: current[k] for k in ("alternatives",) if k in current}, "name": name,
              "speedup": original.get("speedup", chosen.get("speedup")),
