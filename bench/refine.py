@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             r = refine_one(run.expanduser().resolve(), args.plan, args.rounds, args.work.expanduser(), print,
                            with_finetune=args.finetune, speedup=args.speedup)
             r["fingerprint"] = fingerprint()
+            r["command"] = result["command"]
             rows[(r["model"], r["plan"])] = r
             result["rows"] = list(rows.values())
             args.out.parent.mkdir(parents=True, exist_ok=True)

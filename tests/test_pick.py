@@ -243,11 +243,11 @@ def test_accelerate_with_candidates_checks_the_alternatives_then_picks_before_fi
 
     monkeypatch.setattr(measure, "time_plan", timer)
     monkeypatch.setattr(pick_mod, "pick_plan", pick)
-    opts = AccelerateOptions(target="t1", speedups=[1.2], int8=False, candidates=3)
+    opts = AccelerateOptions(target="t1", speedups=[1.2], int8=False, candidates=3, refine=1)
     accelerate_run(run, opts, log=_quiet)
     name = plan_name("t1", 1, 1.2)
-    # The picked plan is re-distilled, then fine-tuned.
-    # Refinement comes first (its plan keeps the alternatives), then the pick.
+    # Refinement first (its plan keeps the alternatives), then the pick; the picked plan is
+    # re-distilled, then fine-tuned.
     assert events == [("refine", name), ("pick", name, {f"{name}-alt1": True, f"{name}-alt2": False}), ("redistill", name),
                       ("finetune", name)]
     plan = read_json(RunDir(run).plan(name))
@@ -280,7 +280,7 @@ def test_accelerate_with_one_candidate_selects_as_before_and_never_picks(tmp_pat
     accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False), log=_quiet)
     name = plan_name("t1", 1, 1.2)
     assert kwargs == [["log", "max_budget_ms", "name", "rounds", "speedup", "timer"]]
-    assert events == [("refine", name), ("redistill", name), ("finetune", name)]
+    assert events == [("redistill", name), ("finetune", name)]
     assert "alternatives" not in read_json(RunDir(run).plan(name))
     assert not RunDir(run).plan(f"{name}-alt1").exists()
 
@@ -295,11 +295,12 @@ def test_accelerate_without_redistill_fine_tunes_the_phase1_weights(tmp_path, mo
     _stub_stages(monkeypatch, events)
     monkeypatch.setattr("hant.measure.time_plan", lambda r, n, log=None: exact_timer()(r, n))
     accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, redistill=False), log=_quiet)
-    assert events == [("refine", plan_name("t1", 1, 1.2)), ("finetune", plan_name("t1", 1, 1.2))]
-    events.clear()  # refine=0: selection as it was
+    assert events == [("finetune", plan_name("t1", 1, 1.2))]
+    events.clear()  # with refinement: after selection, before re-distillation and the pick
     shutil.rmtree(RunDir(run).root / "plans")
-    accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, refine=0), log=_quiet)
-    assert events == [("redistill", plan_name("t1", 1, 1.2)), ("finetune", plan_name("t1", 1, 1.2))]
+    accelerate_run(run, AccelerateOptions(target="t1", speedups=[1.2], int8=False, refine=1), log=_quiet)
+    assert events == [("refine", plan_name("t1", 1, 1.2)), ("redistill", plan_name("t1", 1, 1.2)),
+                      ("finetune", plan_name("t1", 1, 1.2))]
     assert build_parser().parse_args(["accelerate", "--run", "r", "--no-redistill"]).no_redistill
     assert not build_parser().parse_args(["accelerate", "--run", "r"]).no_redistill
 
@@ -330,7 +331,7 @@ def test_accelerate_makes_a_finished_student_again_only_when_its_settings_change
     monkeypatch.setattr("hant.measure.time_plan", lambda r, n, log=None: exact_timer()(r, n))
     monkeypatch.setattr(pipeline, "_student_intact", lambda r, n: True)
     monkeypatch.setattr(pipeline, "_eval_complete", lambda r, n, int8: True)
-    name, opts = plan_name("t1", 1, 1.2), AccelerateOptions(target="t1", speedups=[1.2], int8=False)
+    name, opts = plan_name("t1", 1, 1.2), AccelerateOptions(target="t1", speedups=[1.2], int8=False, refine=1)
     state = {"current": True, "outdated": None}
     monkeypatch.setattr(redistill, "is_current", lambda r, n: state["current"])
     monkeypatch.setattr(finetune, "outdated", lambda r, n, epochs=None: state["outdated"])

@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "them first on the student's own inputs")
     s.add_argument("--refine", type=int, default=None, metavar="N",
                    help="rounds of re-scoring each plan's candidates around the plan and selecting again, "
-                        "keeping the plan with the lowest held-out loss (0: off; default 1)")
+                        "keeping the plan with the lowest held-out loss (default 0: off)")
     s.set_defaults(func=cmd_accelerate)
 
     s = sub.add_parser("demo", help="the embedded default end to end (Fashion-MNIST, EfficientNet-B0)")
