@@ -203,3 +203,18 @@ def test_a_round_plan_that_falls_short_on_the_hardware_is_never_kept(run):
     assert read_json(rd.plan(rows[1]["name"]))["latency_check"]["met"] is False
     assert "ineligible" in rows[1] and any("left out" in m for m in logs)
     assert record["winner"] == "p-r0" and read_json(rd.plan("p"))["layers"] == first["layers"]
+
+
+def test_cli_score_plan_select_context_refine_and_accelerate_flag(run, capsys):
+    from hant.cli import build_parser, main
+
+    # Selecting around a plan that has no scores in its context is refused in one line.
+    assert main(["select", "--run", str(run), "--target", "analytic", "--budget-ms", "1", "--context", "p"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hant score --run" in err[0] and "--plan p" in err[0]
+    assert main(["score", "--run", str(run), "--plan", "p"]) == 0
+    assert RunDir(run).context_scores("p").exists()
+    assert main(["refine", "--run", str(run), "--plan", "p", "--check-rounds", "0"]) == 0
+    assert read_json(RunDir(run).refine_record("p"))["complete"]
+    assert build_parser().parse_args(["accelerate", "--run", "r", "--refine", "2"]).refine == 2
+    assert build_parser().parse_args(["accelerate", "--run", "r"]).refine is None
