@@ -97,3 +97,49 @@ def test_time_against_teacher_gives_speedups_with_intervals_and_warms_every_turn
         time_against_teacher(teacher, {"teacher": student}, _fixed_target(), (1, 4, 4), proto)
     with pytest.raises(HantError, match="cannot time"):
         time_against_teacher(teacher, {"student": object()}, _fixed_target(), (1, 4, 4), proto)
+
+
+def test_other_load_counts_other_processes_cpu_time_not_this_ones(monkeypatch):
+    import os
+
+    from hant.latency.base import OtherLoad
+
+    reads = iter([(0.0, 10.0, 1.0), (2.0, 13.0, 2.0)])  # (wall s, all processes' busy s, this process's s)
+    monkeypatch.setattr(OtherLoad, "_read", staticmethod(lambda: next(reads)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # 3 s busy in all, 1 s of it this process's: 2 s of others' over 2 s on 2 cores.
+    assert OtherLoad().start().share() == pytest.approx(0.5)
+    # Off Linux (no /proc/stat) there is nothing to say.
+    monkeypatch.setattr(OtherLoad, "_read", staticmethod(lambda: None))
+    assert OtherLoad().start().share() is None
+    # A real reading is a share of the machine.
+    monkeypatch.undo()
+    share = OtherLoad().start().share()
+    assert share is None or share >= 0.0
+
+
+def test_a_timing_on_a_busy_machine_is_flagged_and_recorded(run, monkeypatch):
+    from hant.latency.base import OtherLoad
+
+    names = layer_names(run)
+    write_plan(run, "p", {names[1]: "proj"})
+    monkeypatch.setattr(OtherLoad, "share", lambda self: 0.6)
+    lines = []
+    ev = measure(run, "p", log=lines.append)
+    assert ev["other_load"] == 0.6
+    warn = [ln for ln in lines if ln.startswith("warning: measure p:")]
+    assert len(warn) == 1 and "60%" in warn[0] and f"hant measure --run {run} --plan p" in warn[0]
+    monkeypatch.setattr(OtherLoad, "share", lambda self: 0.1)
+    lines.clear()
+    check = time_plan(run, "p", log=lines.append)
+    assert check["other_load"] == 0.1 and not any(ln.startswith("warning:") for ln in lines)
+
+
+def test_cli_measure_times_a_plan_into_eval_json(run):
+    from hant.cli import main
+
+    names = layer_names(run)
+    write_plan(run, "p", {names[1]: "proj"})
+    assert main(["measure", "--run", str(run), "--plan", "p"]) == 0
+    assert (RunDir(run).student_dir("p") / "eval.json").exists()
+    assert main(["measure", "--run", str(run), "--plan", "nope"]) == 2

@@ -144,6 +144,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    from hant.measure import measure
+
+    measure(args.run, args.plan)
+    return 0
+
+
 def cmd_pick(args: argparse.Namespace) -> int:
     from hant.pick import pick_plan
 
@@ -327,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the label loss, 0 for none (default: finetune.ce_weight)")
     s.add_argument("--no-measure", action="store_true", help="skip the end-to-end latency measurement")
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("measure", help="time a plan's student against the teacher on its target (into eval.json)")
+    s.add_argument("--run", "--run-dir", dest="run", required=True)
+    s.add_argument("--plan", required=True)
+    s.set_defaults(func=cmd_measure)
 
     s = sub.add_parser("pick", help="distil a plan and its alternatives briefly; the best on held-out "
                                     "images becomes the plan to fine-tune")

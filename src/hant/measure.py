@@ -43,10 +43,12 @@ def _time_against_teacher(run, cfg, plan_d: Mapping[str, Any], teacher: nn.Modul
     The one protocol behind both `time_plan` and `measure`. Returns {"teacher": Stats,
     "student": Stats, "speedup", "speedup_ci_lo", "speedup_ci_hi" (None without a positive
     student median), "target": Target, "timing": {target_id, batch_size, threads, clock,
-    protocol}} (timing is what both outputs record).
+    protocol}, "other_load"} (timing is what both outputs record; other_load, other processes'
+    share of the machine's CPU time meanwhile, is warned about above `BUSY_SHARE`).
     """
     from hant.data import load_data
     from hant.latency import get_target
+    from hant.latency.base import BUSY_SHARE, OtherLoad
     from hant.latency.compare import resolve_target, time_against_teacher
     from hant.latency.protocol import Protocol
 
@@ -62,14 +64,21 @@ def _time_against_teacher(run, cfg, plan_d: Mapping[str, Any], teacher: nn.Modul
         examples = torch.stack([train[i][0] for i in range(n)])
     log(f"measure {plan_d.get('name')}: timing teacher and student on {target_id} (batch {batch_size}, "
         f"{target.threads} threads), interleaved")
+    load = OtherLoad().start()
     cmp = time_against_teacher(teacher, {"student": student}, target, in_shape, Protocol.from_config(cfg.latency),
                                examples)
+    others = load.share()
+    if others is not None and others > BUSY_SHARE:
+        log(f"warning: measure {plan_d.get('name')}: other processes used {others:.0%} of the machine's CPU time "
+            "while it was timed; they slow the teacher and the student unequally, so this speedup may be off "
+            f"(time it again on an idle machine: `hant measure --run {run} --plan {plan_d.get('name')}`)")
     sp = cmp.speedups["student"]
     timing = {"target_id": target_id, "batch_size": batch_size, "threads": target.threads, "clock": target.clock,
               "protocol": cmp.protocol.to_dict()}
     ratio, lo, hi = sp if sp is not None else (None, None, None)
     return {"teacher": cmp.teacher, "student": cmp.stats["student"], "speedup": ratio, "speedup_ci_lo": lo,
-            "speedup_ci_hi": hi, "target": target, "timing": timing}
+            "speedup_ci_hi": hi, "target": target, "timing": timing,
+            "other_load": None if others is None else round(others, 3)}
 
 
 def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -78,7 +87,7 @@ def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = pr
 
     Returns {"teacher_ms", "teacher_ci_lo_ms", "teacher_ci_hi_ms", "student_ms",
     "student_ci_lo_ms", "student_ci_hi_ms", "speedup", "speedup_ci_lo", "speedup_ci_hi",
-    "predicted_ms", "timing"} (medians with their confidence intervals; timing as in
+    "predicted_ms", "timing", "other_load"} (medians with their confidence intervals; timing as in
     eval.json). Used to check that a plan chosen from the latency table really gives the
     requested speedup (the `timer` of `hant.select.select_measured`). Raises HantError for a
     missing plan or an unknown target.
@@ -94,7 +103,7 @@ def time_plan(run: str | os.PathLike, plan: str, log: Callable[[str], None] = pr
             "student_ms": s.median_ms, "student_ci_lo_ms": s.ci_lo_ms, "student_ci_hi_ms": s.ci_hi_ms,
             "speedup": timed["speedup"], "speedup_ci_lo": timed["speedup_ci_lo"],
             "speedup_ci_hi": timed["speedup_ci_hi"], "predicted_ms": plan_d.get("predicted_ms"),
-            "timing": timed["timing"]}
+            "timing": timed["timing"], "other_load": timed.get("other_load")}
 
 
 def measure(run: str | os.PathLike, plan: str, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -198,6 +207,8 @@ def _measure(run, plan: str, log) -> dict[str, Any]:
         "target": plan_d.get("target"), "target_id": timed["timing"]["target_id"],
         "batch_size": timed["timing"]["batch_size"], "threads": target.threads, "params": params, "flops": flops,
         "latency_fingerprint": target.fingerprint(), "timing": timed["timing"],
+        # Other processes' share of the machine's CPU time while it was timed (OtherLoad).
+        "other_load": timed.get("other_load"),
         # Every timing of this call; more than one when the teacher's latency drifted from the
         # run's earlier timings, and the one kept is the nearest to them.
         "timing_attempts": [{"teacher_ms": a["teacher"].median_ms, "student_ms": a["student"].median_ms,

@@ -25,6 +25,8 @@ from hant.errors import HantError
 
 __all__ = [
     "Target",
+    "OtherLoad",
+    "BUSY_SHARE",
     "register_target",
     "get_target",
     "target_ids",
@@ -192,6 +194,45 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class OtherLoad:
+    """How much of the machine other processes used between `start()` and `share()`: the CPU
+    time all processes spent (/proc/stat) less this process's own, over the wall time and the
+    machine's cores. A timing taken beside other work is unreliable even on the thread's CPU
+    clock: shared caches and memory bandwidth slow the teacher and a student unequally (a
+    ConvNeXt-Atto plan measured 2.00x beside one training job and 1.62x beside another).
+    `share()` is None where /proc/stat is not readable (not Linux)."""
+
+    def __init__(self) -> None:
+        self._t0: tuple[float, float, float] | None = None
+
+    def start(self) -> "OtherLoad":
+        self._t0 = self._read()
+        return self
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        own = sum(os.times()[:2])
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own
+
+    def share(self) -> float | None:
+        t1 = self._read()
+        if self._t0 is None or t1 is None or t1[0] <= self._t0[0]:
+            return None
+        others = (t1[1] - self._t0[1]) - (t1[2] - self._t0[2])
+        return max(0.0, others / ((t1[0] - self._t0[0]) * (os.cpu_count() or 1)))
+
+
+# Other processes' share of the machine above which a timing is flagged as taken on a busy machine.
+BUSY_SHARE = 0.25
 
 
 def cpu_model() -> str:
