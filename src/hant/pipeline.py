@@ -137,7 +137,20 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
         prev = nxt
     else:  # the last round's plan was not scored in its context
         record["rounds"].append({"name": prev, "layers": layers_of[prev], "heldout": judge(layers_of[prev])})
-    rows = record["rounds"]
+    final = _keep_best(run, name, record["rounds"], original, current, log)
+    record.update(winner=final["refined"]["winner"], winner_layers=final["layers"], complete=True)
+    write_json(path, record)
+    return record
+
+
+def _keep_best(run: Path, name: str, rows: list[dict[str, Any]], original: dict[str, Any],
+               current: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Of refinement's plans (`rows`, the first plan's first), the one with the lowest measured
+    held-out loss among those whose hardware check met the speedup, written as RUN/plans/<name>.json
+    with a "refined" record; rows gain "changed" (layers differing from the first plan) and
+    "ineligible" where left out. Returns the plan written."""
+    rd = RunDir(run)
+    first = rows[0]["name"]
     for row in rows:
         row["changed"] = sum(v != original["layers"].get(k) for k, v in row["layers"].items())
     for row in rows[1:]:
@@ -162,9 +175,7 @@ def refine_plan(run: str | Path, name: str, rounds: int, *, timer: Callable[[str
         if final["accuracy_risk"]["large"]:
             log(f"warning: {final['accuracy_risk']['message']}")
     write_json(rd.plan(name), final)
-    record.update(winner=winner["name"], winner_layers=final["layers"], complete=True)
-    write_json(path, record)
-    return record
+    return final
 
 
 def _risk_on_teacher_scores(run: Path, plan: dict[str, Any], first_risk: dict[str, Any]) -> dict[str, Any]:
