@@ -487,7 +487,53 @@ class Families:
         rec["layers_differ"] = sum(with_layers.get(n) != sp for n, sp in rec["without"]["layers"].items())
         rec["delta_heldout_loss"] = rec["without"]["heldout_loss"] - rec["with"]["heldout_loss"]
         rec["delta_top1"] = rec["without"]["top1"] - rec["with"]["top1"]
+        if "error" not in rec["without"]:
+            rec["paired"] = self.paired_ablation(run, the_run, splits, plan, rec["without"]["plan"], main["start"])
         return rec
+
+    def paired_ablation(self, run: Path, the_run, splits, with_plan: str, without_plan: str,
+                        start: str) -> dict[str, Any]:
+        """The two plans of the ablation compared image by image (hant.paired): test top-1 of the
+        fine-tuned students and held-out loss of the students fine-tuning started from (`start`
+        weights, BatchNorm re-estimated), each as without minus with, with its 95% interval."""
+        from hant.data import make_loader
+        from hant.paired import compare, compare_loss, predictions, same_images
+        from hant.student import STUDENT_FILE, assemble, load_student
+        from hant.workspace import sha256_file
+
+        rd, cfg = the_run.dir, the_run.config
+        redistilled = start == "redistilled"
+        settings = {**self.base_settings(the_run), "paired": 1, "start": start,
+                    "students": {p: sha256_file(rd.student_dir(p) / STUDENT_FILE) for p in (with_plan, without_plan)},
+                    "redistilled": {p: sha256_file(rd.redistilled_index(p)) for p in (with_plan, without_plan)}
+                    if redistilled else None, "bn_batches": cfg.finetune.bn_batches}
+        unit = f"paired-{digest(settings, 12)}"
+
+        def scored(model, dataset):
+            import torch
+
+            model.to(memory_format=torch.channels_last)
+            return predictions(model, make_loader(dataset, cfg.finetune.batch_size, num_workers=cfg.data.workers))
+
+        def make():
+            test = {p: scored(load_student(rd.student_dir(p)), splits.test) for p in (with_plan, without_plan)}
+            held = {p: scored(assemble(run, p, bn_recalibrate=True, splits=splits, log=self.log,
+                                       redistilled=redistilled), splits.heldout) for p in (with_plan, without_plan)}
+            w, wo = test[with_plan], test[without_plan]
+            same_images(w, wo)
+            top1 = compare(wo.right, w.right)  # drop: without's top-1 minus with's
+            hw, hwo = held[with_plan], held[without_plan]
+            same_images(hw, hwo)
+            loss = compare_loss(hw.loss, hwo.loss)  # increase: without's loss minus with's
+            return {"test_top1_without_minus_with": {"value": top1["drop"], "ci95": top1["drop_ci95"],
+                                                     "images": top1["images"],
+                                                     "only_with_right": top1["network_only"],
+                                                     "only_without_right": top1["reference_only"]},
+                    "heldout_loss_without_minus_with": {"value": loss["increase"], "ci95": loss["increase_ci95"],
+                                                        "images": loss["images"], "start": start}}
+
+        d = self.unit(run, unit, settings, make)
+        return {k: d[k] for k in ("test_top1_without_minus_with", "heldout_loss_without_minus_with")}
 
     def ablation_student(self, run: Path, the_run, splits, plan: str, epochs: float, start: str) -> dict[str, Any]:
         """The plan without the family, selected and checked like the main one, then started from

@@ -110,3 +110,10 @@ def test_quick_mode_writes_sane_results_and_resumes(tmp_path):
     if start == "redistilled":
         for side in (ab["with"], w):
             assert math.isfinite(side["heldout_loss_redistilled"]) and side["heldout_loss_redistilled"] > 0
+    # The same comparison image by image: the differences of the means, each inside its interval.
+    pt, pl = ab["paired"]["test_top1_without_minus_with"], ab["paired"]["heldout_loss_without_minus_with"]
+    assert pt["value"] == pytest.approx(w["top1"] - ab["with"]["top1"], abs=1e-6)
+    assert pt["ci95"][0] <= pt["value"] <= pt["ci95"][1]
+    key = "heldout_loss_redistilled" if start == "redistilled" else "heldout_loss"
+    assert pl["value"] == pytest.approx(w[key] - ab["with"][key], rel=1e-3, abs=1e-5)
+    assert pl["ci95"][0] <= pl["value"] <= pl["ci95"][1]

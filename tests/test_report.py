@@ -165,3 +165,13 @@ def test_report_gives_embedding_compatibility(tmp_path):
                                                                           "teacher_to_teacher": 88.5}}
     write_json(path, ev)
     assert "| p2 | 0.812 | 85.00% | 88.50% |" in write_report(tmp_path).read_text()
+
+
+def test_report_gives_the_drop_interval(tmp_path):
+    _fake_run(tmp_path)
+    path = tmp_path / "students" / "p2" / "eval.json"
+    ev = read_json(path)
+    ev["paired"] = {"images": 10000, "drop": 0.5, "drop_ci95": [0.3, 0.7]}
+    write_json(path, ev)
+    row = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| p2 | fp32")][0]
+    assert row.endswith(" -0.50 [-0.70, -0.30] |")  # Δ top-1 is minus the drop, its interval turned round

@@ -269,6 +269,11 @@ def test_finetune_resumes_to_the_same_weights(run, tmp_path):
     emb = ev["embedding"]  # the student's features against the teacher's, on the 24 test images
     assert emb["images"] == 24 and -1.0 <= emb["cosine"] <= 1.0
     assert set(emb["retrieval_top1"]) == {"student_to_teacher", "teacher_to_teacher"}
+    paired = ev["paired"]  # the drop from the teacher, image by image on the same 24 test images
+    assert paired["images"] == 24 and paired["top1"] == ev["student"]["top1"]
+    assert paired["reference_top1"] == pytest.approx(ev["teacher"]["top1"])
+    assert paired["drop"] == pytest.approx(ev["teacher"]["top1"] - ev["student"]["top1"])
+    assert paired["drop_ci95"][0] <= paired["drop"] <= paired["drop_ci95"][1]
     # The fine-tuned student loads on its own and is not the assembled one.
     x = _x()
     with torch.no_grad():

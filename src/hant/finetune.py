@@ -168,8 +168,12 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
     result: dict[str, Any] = {}
     if dist_.main:
         model.eval()
-        if not done_before or "student_top1" not in info:
-            info["student_top1"] = _top1(model, splits.test, ft.batch_size, cfg.data.workers)
+        if not done_before or "student_top1" not in info or "paired" not in info:
+            info["paired"] = paired_top1(model, teacher, splits.test, ft.batch_size, cfg.data.workers)
+            info["student_top1"] = info["paired"]["top1"]
+            lo, hi = info["paired"]["drop_ci95"]
+            say(f"fine-tune {plan}: top-1 drop from the teacher {info['paired']['drop']:+.2f} points, 95% interval "
+                f"[{lo:+.2f}, {hi:+.2f}] on {info['paired']['images']} paired test images")
         if not done_before or "embedding" not in info:
             info["embedding"] = embedding_compatibility(model, teacher, splits.test, ft.batch_size, cfg.data.workers)
             e = info["embedding"]
@@ -193,6 +197,7 @@ def _finetune(run, plan: str, cfg, epochs: float, dist_: Dist, log, min_steps: i
             "student": {"top1": info["student_top1"], "top1_assembled": info["assembled_top1"],
                         "params": params, "flops": flops},
             "embedding": info.get("embedding"),
+            "paired": info.get("paired"),
             "start": _start_record(run, plan, arch),
             "target": plan_d.get("target"), "batch_size": plan_d.get("batch_size"),
             "predicted_ms": plan_d.get("predicted_ms"), "params": params, "flops": flops,
@@ -246,6 +251,19 @@ def embedding_compatibility(model: nn.Module, teacher: nn.Module, dataset, batch
                              max_images=EMBEDDING_RETRIEVAL_IMAGES)
     except HantError as e:
         return {"error": str(e)}
+
+
+def paired_top1(model: nn.Module, teacher: nn.Module, dataset, batch_size: int, workers: int = 0) -> dict[str, Any]:
+    """hant.paired.compare of `model` against `teacher` on `dataset` (the test split): both
+    networks' top-1 and the drop with its 95% interval, from one pass of each over the same
+    images. Both networks' train/eval modes are restored."""
+    from hant.data import make_loader
+    from hant.paired import compare, predictions, same_images
+
+    t = predictions(teacher, make_loader(dataset, batch_size, num_workers=workers))
+    s = predictions(model, make_loader(dataset, batch_size, num_workers=workers))
+    same_images(t, s)
+    return compare(t.right, s.right)
 
 
 def _top1(model: nn.Module, dataset, batch_size: int, workers: int = 0, desc: str | None = None) -> float:

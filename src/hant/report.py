@@ -105,6 +105,7 @@ def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
             "speedup": ev.get("speedup"), "speedup_ci_lo": ev.get("speedup_ci_lo"),
             "speedup_ci_hi": ev.get("speedup_ci_hi"), "top1": s.get("top1"),
             "d_top1": (s["top1"] - t["top1"]) if (s.get("top1") is not None and t.get("top1") is not None) else None,
+            **_paired_interval(ev.get("paired")),
         })
         q = ev.get("int8")
         if q and q.get("top1") is not None:
@@ -122,6 +123,16 @@ def results_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _paired_interval(paired: dict[str, Any] | None) -> dict[str, float]:
+    """The 95% interval of a student's top-1 change from the teacher, from eval.json's `paired`
+    section (hant.paired.compare on the test split): {"d_top1_ci_lo", "d_top1_ci_hi"}, empty
+    for an eval.json without one."""
+    if not paired or not paired.get("drop_ci95"):
+        return {}
+    lo, hi = paired["drop_ci95"]
+    return {"d_top1_ci_lo": -hi, "d_top1_ci_hi": -lo}
+
+
 def results_table(info: dict[str, Any]) -> str:
     """The headline table as markdown: accuracy, measured latency and speedup (each with the
     relative half-width of its confidence interval where recorded), predicted vs measured."""
@@ -136,7 +147,7 @@ def results_table(info: dict[str, Any]) -> str:
             f"| {_with_ci(r.get('latency_ms'), r.get('latency_ci_lo_ms'), r.get('latency_ci_hi_ms'))} "
             f"| {_fmt(r.get('pred_err_pct'), '+.1f', '%')} "
             f"| {_with_ci(r.get('speedup'), r.get('speedup_ci_lo'), r.get('speedup_ci_hi'), '.2f', 'x')} "
-            f"| {_fmt(r.get('top1'), '.2f')} | {_fmt(r.get('d_top1'), '+.2f')} |"
+            f"| {_fmt(r.get('top1'), '.2f')} | {_span(r.get('d_top1'), r.get('d_top1_ci_lo'), r.get('d_top1_ci_hi'), '+.2f')} |"
         )
     return "\n".join(out) + "\n"
 
@@ -322,7 +333,8 @@ def write_report(run: str | Path) -> Path:
           f"± is the half-width of the median's {_confidence(info)}bootstrap confidence interval, relative to "
           "it); `predicted` is the latency table's estimate used by the selection. An INT8 row is timed against "
           "the teacher in its export's own interleaved run: its measured ms is from that run and its speedup is "
-          "that run's ratio.", "",
+          "that run's ratio. A student's Δ top-1 is from the teacher on the same test images, with its 95% "
+          "interval from the images only one of the two gets right (hant.paired).", "",
           results_table(info)]
     disagree = timing_disagreements(info)
     if disagree:

@@ -129,7 +129,7 @@ def evaluate(model: nn.Module, loader: Iterable, desc: str | None = None) -> dic
     import torch.nn.functional as F
 
     model.eval()
-    cl = _is_channels_last(model)
+    cl = is_channels_last(model)
     device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, 0
     bar = _bar(total=_len_images(loader), desc=desc) if desc else None
@@ -150,7 +150,8 @@ def evaluate(model: nn.Module, loader: Iterable, desc: str | None = None) -> dic
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
 
 
-def _is_channels_last(model: nn.Module) -> bool:
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the first 4-D parameter of `model` is stored channels-last."""
     import torch
 
     for p in model.parameters():
