@@ -205,6 +205,18 @@ def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path):
     assert any("timed against the teacher" in n and "re-distilled" in n for n in d["notes"])
     md = (out / "headline.md").read_text()
     assert "plan checked" in md and "re-distilled" in md
+    # Every drop is from the better of the teacher and the control, and comes with its paired
+    # interval on the test images; the reference itself has none.
+    ref = max(rows["teacher"]["top1"], rows["teacher-ft"]["top1"])
+    assert d["reference"]["top1"] == ref
+    for r in d["rows"]:
+        assert r["top1_drop"] == pytest.approx(ref - r["top1"])
+        assert r["top1_drop_from_teacher"] == pytest.approx(rows["teacher"]["top1"] - r["top1"])
+        paired = r["top1_drop_paired"]
+        assert paired["reference"] == d["reference"]["unit"] and paired["images"] == d["test_images"]
+        assert paired["drop"] == pytest.approx(r["top1_drop"], abs=1e-3)  # top-1s summed in float32
+        lo, hi = paired["ci95"]
+        assert lo <= paired["drop"] <= hi and (hi > lo or r["unit"] == d["reference"]["unit"])
 
     # Again: every network is read back, none is made or selected again.
     p = _quick(out)
