@@ -747,42 +747,35 @@ class Bench:
             return control
         return self.teacher_d
 
-    def right(self, d: dict) -> "np.ndarray":
+    def right(self, d: dict) -> torch.Tensor:
         """Whether the unit's network gets each test image right, in split order; kept in the
-        unit's JSON as packed bits (`test_right`) once computed."""
-        import base64
+        unit's JSON (`test_right`, hant.paired.pack) once computed."""
+        from hant.paired import pack, unpack
 
-        import numpy as np
-
-        n = len(self.splits.test)
         kept = d.get("test_right")
-        if kept and kept.get("n") == n:
-            bits = np.frombuffer(base64.b64decode(kept["bits"]), dtype=np.uint8)
-            return np.unpackbits(bits)[:n].astype(bool)
+        if kept and kept.get("n") == len(self.splits.test):
+            return unpack(kept)
         if d["kind"] == "onnx":
             from hant.export import onnx_predictions
 
             b = d.get("batch_size") or self.args.batch_sizes[0]
             pred, y = onnx_predictions(d["onnx"], self.splits.test, threads=self.target(b).threads)
-            right = np.asarray(pred) == np.asarray(y)
+            right = torch.from_numpy(np.asarray(pred) == np.asarray(y))
         else:
             from hant.data import make_loader
             from hant.paired import predictions
 
-            scored = predictions(self.load_module(d), make_loader(self.splits.test, self.cfg.finetune.batch_size))
-            right = scored.right.numpy()
-        d["test_right"] = {"n": n, "bits": base64.b64encode(np.packbits(right)).decode()}
+            right = predictions(self.load_module(d), make_loader(self.splits.test, self.cfg.finetune.batch_size)).right
+        d["test_right"] = pack(right)
         self.save(d["unit"], {k: v for k, v in d.items() if k not in ("unit", "settings")})
         return right
 
     def paired_drop(self, d: dict) -> dict:
         """The unit's top-1 drop from the reference, image by image (hant.paired.compare)."""
-        import torch
-
         from hant.paired import compare
 
         ref = self.reference()
-        r = compare(torch.from_numpy(self.right(ref)), torch.from_numpy(self.right(d)))
+        r = compare(self.right(ref), self.right(d))
         return {"drop": r["drop"], "ci95": r["drop_ci95"], "images": r["images"], "reference": ref["unit"]}
 
     def time_batch(self, b: int, units: list[dict]) -> dict[str, dict]:

@@ -333,16 +333,19 @@ class Recovery:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def top1(self, model: nn.Module) -> float:
+    def scored(self, model: nn.Module) -> dict[str, Any]:
+        """{"top1", "test_right"}: test top-1 and which images the model gets right
+        (hant.paired.pack), so that drops can be compared image by image."""
         from hant.data import make_loader
-        from hant.teacher_train import evaluate
+        from hant.paired import pack, predictions
 
         model.eval().to(memory_format=torch.channels_last)
         try:
-            return float(evaluate(model, make_loader(self.test, self.cfg.finetune.batch_size,
-                                                     num_workers=self.cfg.data.workers))["top1"])
+            right = predictions(model, make_loader(self.test, self.cfg.finetune.batch_size,
+                                                   num_workers=self.cfg.data.workers)).right
         finally:
             model.to(memory_format=torch.contiguous_format)
+        return {"top1": 100.0 * int(right.sum()) / right.numel(), "test_right": pack(right)}
 
     def target(self):
         if self._target is None:
@@ -419,7 +422,7 @@ class Recovery:
 
         def make():
             p, f = count_params_flops(self.teacher, self.in_shape)
-            return {"top1": self.top1(self.teacher), "params": p, "flops": f}
+            return {**self.scored(self.teacher), "params": p, "flops": f}
 
         self.teacher_d = self.unit("teacher", self.base_settings(), make)
         return self.teacher_d
@@ -640,7 +643,7 @@ class Recovery:
                 out["finetune"] = {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s", "history",
                                                           "head_fit")}
                 out["finetune"]["train_images_seen"] = res["steps"] * res["batch_size"]
-            out["top1"] = self.top1(model)
+            out.update(self.scored(model))
             out.update(self.time_student(model))
             out["params"], out["flops"] = count_params_flops(model, self.in_shape)
             if a.keep_weights:
@@ -677,9 +680,9 @@ class Recovery:
             cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=False))
             res = finetune_module(model, self.teacher, cfg, self.splits.train, epochs=epochs,
                                   out_dir=self.work_dir / unit, key=unit, log=self.log, feature_layers=layers)
-            top1 = self.top1(model)
+            scored = self.scored(model)
             shutil.rmtree(self.work_dir / unit, ignore_errors=True)
-            return {"loss": loss, "epochs": epochs, "top1": top1,
+            return {"loss": loss, "epochs": epochs, **scored,
                     "finetune": {k: res.get(k) for k in ("steps", "batch_size", "final_loss", "time_s", "history")}}
 
         d = self.unit(unit, settings, make, only_cached=only_cached)
@@ -772,6 +775,19 @@ class Recovery:
 
     # --- results ---------------------------------------------------------------------------
 
+    def paired(self, recipe: Recipe, epochs: float, d: dict) -> dict[str, Any] | None:
+        """The point's drop from its reference image by image (hant.paired.compare):
+        {"drop", "ci95"}, or None when either was scored before images were kept."""
+        from hant.paired import compare, unpack
+
+        ref = self.reference(recipe, epochs)
+        holder = (self.controls.get((self.loss_label(self.loss_of(recipe)), epochs))
+                  if ref["reference"] == "control" else self.teacher_d)
+        if not holder or "test_right" not in holder or "test_right" not in d:
+            return None
+        r = compare(unpack(holder["test_right"]), unpack(d["test_right"]))
+        return {"drop": r["drop"], "ci95": r["drop_ci95"]}
+
     def reference(self, recipe: Recipe, epochs: float) -> dict[str, Any]:
         """The better of the teacher and the control (same loss, same epochs)."""
         t = self.teacher_d["top1"] if self.teacher_d else None
@@ -799,7 +815,7 @@ class Recovery:
                     ref = self.reference(r, e)
                     drop = (ref["reference_top1"] - d["top1"]) if ref["reference_top1"] is not None else None
                     rows.append({
-                        "epochs": e, "top1": d["top1"], "drop": drop, **ref,
+                        "epochs": e, "top1": d["top1"], "drop": drop, "drop_paired": self.paired(r, e, d), **ref,
                         "teacher_top1": self.teacher_d["top1"] if self.teacher_d else None,
                         "measured_speedup": d.get("measured_speedup"), "speedup_ci": [d.get("speedup_ci_lo"),
                                                                                       d.get("speedup_ci_hi")],
@@ -832,7 +848,7 @@ class Recovery:
                 s, row = max(ok, key=lambda x: x[1]["measured_speedup"])
                 best[r.name] = {"speedup_asked": float(s), "measured_speedup": row["measured_speedup"],
                                 "speedup_ci": row["speedup_ci"], "top1": row["top1"], "drop": row["drop"],
-                                "epochs": a.at_epochs}
+                                "drop_ci95": (row["drop_paired"] or {}).get("ci95"), "epochs": a.at_epochs}
             else:
                 best[r.name] = None
         plans = {}
@@ -919,7 +935,9 @@ class Recovery:
         n = [
             "top1: test top-1 (%) on the run's test split. drop: the better of the teacher's top-1 and the "
             "control's (the teacher fine-tuned with the same loss for the same epochs) minus the point's, in "
-            "points; at epochs 0 the reference is the teacher.",
+            "points; at epochs 0 the reference is the teacher. drop_paired: the same drop with its 95% interval "
+            "from the test images only one of the two networks gets right (hant.paired); null for a point or "
+            "reference scored before images were kept.",
             "Every point with epochs > 0 is its own fine-tuning schedule (warm-up then cosine over exactly that "
             "many epochs) from the assembled, BatchNorm-recalibrated student; epochs 0 is that student untrained. "
             "Points of different recipes that are the same computation (same layers, starting weights, loss "

@@ -19,3 +19,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def quick_root(tmp_path_factory):
+    """bench/headline.py's quick run, built once per session: a trained tiny teacher, its data,
+    and RUN (`run/`) with phase 1 and scores done. Tests that write into it copy it first."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "headline.py"
+    spec = importlib.util.spec_from_file_location("headline_quick", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("quick")
+    mod.make_quick_run(root, log=lambda *_: None)
+    return root

@@ -4,6 +4,7 @@ latency; the caps and names of hant's hardware-checked plans; and a --quick run 
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,8 +166,9 @@ def _quick(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path):
+def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path, quick_root):
     out = tmp_path / "hl"
+    shutil.copytree(quick_root, out / "quick")  # the session's quick run, which --quick then reuses
     _quick(out)
     d = json.loads((out / "headline.json").read_text())
     assert d["hant_recipe"]["check_rounds"] == 3 and d["hant_recipe"]["redistill"] is True

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hant.errors import HantError
-from hant.paired import Z95, compare, compare_loss, predictions, same_images
+from hant.paired import Z95, compare, compare_loss, pack, predictions, same_images, unpack
 
 
 def _right(pattern: str) -> torch.Tensor:
@@ -80,3 +80,10 @@ def test_compare_loss_gives_the_mean_paired_increase():
     assert r["increase_ci95"] == pytest.approx([0.2 - half, 0.2 + half])
     with pytest.raises(ValueError, match="equally long"):
         compare_loss(ref, ref[:2])
+
+
+def test_pack_keeps_every_image():
+    right = torch.rand(10001, generator=torch.Generator().manual_seed(1)) < 0.9
+    packed = pack(right)
+    assert packed["n"] == 10001 and len(packed["bits"]) < 1800  # JSON-sized: 8 images a byte, base64
+    assert torch.equal(unpack(packed), right)

@@ -1,6 +1,10 @@
-"""bench/recovery.py's recipe grammar: the one-change variants of `new` that --sweep asks for."""
+"""bench/recovery.py: its recipe grammar (the one-change variants of `new` that --sweep asks for),
+and a tiny run end to end."""
 
 import importlib.util
+import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +56,37 @@ def test_sweep_refuses_what_it_cannot_run(recovery, item):
     new = recovery.make_recipes("none", [])[1]
     with pytest.raises(ValueError, match="--sweep"):
         recovery.sweep_recipes(new, [item])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_tiny_run_gives_curves_with_drops_from_the_better_reference(tmp_path, quick_root):
+    run = tmp_path / "run"
+    shutil.copytree(quick_root / "run", run)
+    out, cache = tmp_path / "recovery.json", tmp_path / "cache"
+    cmd = [sys.executable, str(ROOT / "bench" / "recovery.py"), "--run", str(run), "--speedups", "1.5",
+           "--epochs", "0,0.25", "--ablations", "", "--sweep", "", "--validate", "0", "--time-cap", "5",
+           "--max-repeats", "30", "--at-epochs", "0.25", "--cache", str(cache), "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=850)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert set(d["curves"]) == {"today", "new"} and (out.parent / "recovery.png").exists()
+    controls = {label: {pt["epochs"]: pt["top1"] for pt in c["points"]} for label, c in d["controls"].items()}
+    for recipe, curves in d["curves"].items():
+        rows = curves["1.5"]
+        assert [r["epochs"] for r in rows] == [0.0, 0.25]
+        for r in rows:
+            # The reference is the better of the teacher and the control of the same loss and epochs.
+            label = next(lb for lb, c in d["controls"].items() if recipe in c["used_by"])
+            expect = d["teacher_top1"] if r["epochs"] == 0 else max(d["teacher_top1"], controls[label][r["epochs"]])
+            assert r["reference_top1"] == pytest.approx(expect)
+            assert r["drop"] == pytest.approx(expect - r["top1"])
+            # The same drop image by image, inside its 95% interval.
+            assert r["drop_paired"]["drop"] == pytest.approx(r["drop"], abs=1e-6)
+            lo, hi = r["drop_paired"]["ci95"]
+            assert lo <= r["drop"] <= hi
+            assert r["measured_speedup"] > 0
+    # Again: every unit is read back from the cache.
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=850)
+    assert again.returncode == 0
+    assert json.loads(out.read_text())["curves"] == d["curves"]
