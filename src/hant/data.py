@@ -218,6 +218,15 @@ def batch_inputs(batches, max_batches: int, device: torch.device | str = "cpu") 
         yield x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether `model` stores its first 4-D parameter channels-last, so that its input batches
+    should be channels-last too."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding (x, y) batches; a seeded order when `shuffle`.

@@ -42,7 +42,7 @@ def predictions(model: nn.Module, loader: Iterable) -> Scored:
     """The arg-max class and cross-entropy of `model`, and the label, for every image of
     `loader` (x, y batches). The model runs in eval mode on its own device and memory format;
     its train/eval mode is restored."""
-    from hant.teacher_train import is_channels_last
+    from hant.data import is_channels_last
 
     was = model.training
     device = next(model.parameters()).device

@@ -128,6 +128,8 @@ def evaluate(model: nn.Module, loader: Iterable, desc: str | None = None) -> dic
     import torch
     import torch.nn.functional as F
 
+    from hant.data import is_channels_last
+
     model.eval()
     cl = is_channels_last(model)
     device = next(model.parameters()).device
@@ -148,16 +150,6 @@ def evaluate(model: nn.Module, loader: Iterable, desc: str | None = None) -> dic
     if n == 0:
         raise HantError("evaluation got no images; the split is empty")
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
-
-
-def is_channels_last(model: nn.Module) -> bool:
-    """Whether the first 4-D parameter of `model` is stored channels-last."""
-    import torch
-
-    for p in model.parameters():
-        if p.dim() == 4:
-            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    return False
 
 
 def _len_images(loader) -> int | None:
