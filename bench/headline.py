@@ -265,8 +265,9 @@ class Bench:
                                     self.cfg.model.trust_pickle).eval()
         self.epochs = float(args.finetune_epochs if args.finetune_epochs is not None else self.cfg.finetune.epochs)
         self.small_epochs = float(args.small_epochs) if args.small_epochs is not None else self.epochs
-        # A cached network made with other settings is made again.
-        self.settings = {"finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
+        # A cached network made with other settings, or from another teacher, is made again.
+        layers_doc = json.loads(self.rd.layers.read_text()) if self.rd.layers.exists() else {}
+        self.settings = {"teacher_sha256": layers_doc.get("checkpoint_sha256"), "finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
                          "prune_round_to": args.prune_round_to, "match_tol": args.match_tol,
                          "random_draws": args.random_draws}
         # How hant's students are made; part of their names (`recipe_tag`) and checked in their units.

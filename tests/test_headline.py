@@ -226,3 +226,5 @@ def test_quick_run_checks_plans_on_the_hardware_and_redistils_them(tmp_path, qui
     assert "redoing" not in p.stdout
     assert "measure headline-hw" not in p.stdout  # no hardware check ran
     assert json.loads((out / "headline_rows" / "hant-hw-b64-x1.5.json").read_text())["cost_s"] == unit["cost_s"]
+    # Every network records the teacher it came from: another teacher's cached rows are not reused.
+    assert rows["teacher"]["unit"] == "teacher" and len(unit["settings"]["teacher_sha256"]) == 64
