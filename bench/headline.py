@@ -248,6 +248,7 @@ class Bench:
     def __init__(self, run: Path, out: Path, args: argparse.Namespace, log: Callable[[str], None] = print):
         from hant.config import RunConfig
         from hant.data import load_data
+        from hant.run import Run
         from hant.teacher import load_teacher
         from hant.workspace import RunDir
 
@@ -266,8 +267,8 @@ class Bench:
         self.epochs = float(args.finetune_epochs if args.finetune_epochs is not None else self.cfg.finetune.epochs)
         self.small_epochs = float(args.small_epochs) if args.small_epochs is not None else self.epochs
         # A cached network made with other settings, or from another teacher, is made again.
-        layers_doc = json.loads(self.rd.layers.read_text()) if self.rd.layers.exists() else {}
-        self.settings = {"teacher_sha256": layers_doc.get("checkpoint_sha256"), "finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
+        self.settings = {"teacher_sha256": Run(run).layers_doc.get("checkpoint_sha256"),
+                         "finetune_epochs": self.epochs, "small_epochs": self.small_epochs,
                          "prune_round_to": args.prune_round_to, "match_tol": args.match_tol,
                          "random_draws": args.random_draws}
         # How hant's students are made; part of their names (`recipe_tag`) and checked in their units.

@@ -781,19 +781,22 @@ class Recovery:
         from hant.paired import compare, unpack
 
         ref = self.reference(recipe, epochs)
-        holder = (self.controls.get((self.loss_label(self.loss_of(recipe)), epochs))
-                  if ref["reference"] == "control" else self.teacher_d)
+        holder = self.control_of(recipe, epochs) if ref["reference"] == "control" else self.teacher_d
         if not holder or "test_right" not in holder or "test_right" not in d:
             return None
         r = compare(unpack(holder["test_right"]), unpack(d["test_right"]))
         return {"drop": r["drop"], "ci95": r["drop_ci95"]}
+
+    def control_of(self, recipe: Recipe, epochs: float) -> dict | None:
+        """The control unit of the recipe's loss at `epochs`, when it is made."""
+        return self.controls.get((self.loss_label(self.loss_of(recipe)), epochs))
 
     def reference(self, recipe: Recipe, epochs: float) -> dict[str, Any]:
         """The better of the teacher and the control (same loss, same epochs)."""
         t = self.teacher_d["top1"] if self.teacher_d else None
         if epochs == 0:
             return {"reference_top1": t, "reference": "teacher", "control_top1": t}
-        c = self.controls.get((self.loss_label(self.loss_of(recipe)), epochs))
+        c = self.control_of(recipe, epochs)
         ct = c["top1"] if c else None
         if t is None:
             return {"reference_top1": ct, "reference": "control" if ct is not None else None, "control_top1": ct}
