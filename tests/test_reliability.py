@@ -250,6 +250,30 @@ def test_score_killed_after_a_layer_resumes_to_the_same_scores(base, tmp_path, m
     assert all(got[k] == e for k, e in kept.items())
 
 
+def test_unreadable_candidate_is_scored_as_failed_and_retried_once_readable(base, tmp_path):
+    from hant.score import score
+
+    run = _copy(base, tmp_path / "run", drop=("scores.json",))
+    entry = next(e for e in read_json(RunDir(run).candidates_index)["candidates"]
+                 if e.get("file") and e["spec"] != "teacher")
+    weights = RunDir(run).candidate_file(entry["layer"], entry["spec"])
+    _truncate(weights)
+    key = (entry["layer"], entry["spec"])
+    ref = {(e["layer"], e["spec"]): e for e in read_json(base / "scores.json")["entries"]}
+
+    got = {(e["layer"], e["spec"]): e for e in score(run, log=_quiet)["entries"]}
+    assert got[key]["status"] == "failed" and got[key]["unreadable"] and got[key]["d_loss"] is None
+    assert got[key]["reason"]  # the loader's one-line error
+    assert {k: e for k, e in got.items() if k != key} == {k: e for k, e in ref.items() if k != key}
+
+    # Phase 1 (here: a copy of its file) makes the weights readable again; only they are scored anew.
+    shutil.copyfile(RunDir(base).candidate_file(*key), weights)
+    logs = []
+    again = score(run, log=logs.append)
+    assert any(m.endswith("already scored, 1 to go") for m in logs), logs
+    assert again["entries"] == read_json(base / "scores.json")["entries"]
+
+
 def test_teacher_training_killed_at_a_random_moment_resumes_to_the_same_weights(tmp_path):
     from hant.config import DataConfig
     from hant.teacher import read_checkpoint, train_teacher

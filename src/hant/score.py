@@ -39,13 +39,16 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hant.errors import HantError
+
+if TYPE_CHECKING:
+    from hant.layers import LayerInfo
 
 __all__ = ["Suffix", "layer_input", "replacement_scores", "count_flops", "score", "plan_heldout", "METHODS"]
 
@@ -463,24 +466,71 @@ def _compare(logits: list[torch.Tensor], t_logits: list[torch.Tensor], labels: l
     return {"loss": loss, "top1": top1, "d_loss": loss - t_loss, "d_acc": top1 - t_top1, "kl": kl}
 
 
-def _score_eval(run: Path, cfg, layers, todo: list[dict], log, path: Path,
-                context: dict | None = None) -> dict[str, Any]:
+def _teacher_and_base(run: Path, context: dict | None, device: torch.device,
+                      fmt: torch.memory_format) -> tuple[nn.Module, nn.Module]:
+    """(teacher, base), both in eval mode: `base` is the network whose layers the candidates
+    replace, the teacher object itself without a `context`, or with one that plan's student
+    with phase-1 weights and statistics (as the candidates themselves are scored)."""
+    from hant.run import Run
+
+    teacher = Run(run).teacher().to(device, memory_format=fmt).eval()
+    if context is None:
+        return teacher, teacher
+    from hant.student import assemble
+
+    base = assemble(run, {"layers": context["layers"]}, bn_recalibrate=False, redistilled=False)
+    return teacher, base.to(device, memory_format=fmt).eval()
+
+
+def _split_scored(prev: dict[tuple[str, str], dict],
+                  todo: list[dict]) -> tuple[dict[tuple[str, str], dict], list[dict]]:
+    """(done, pending): the rows of a previous scoring (`_previous`) that hold `todo`'s entries
+    with the same weights, by (layer, spec), and the entries still to score."""
+    done: dict[tuple[str, str], dict] = {}
+    pending: list[dict] = []
+    for e in todo:
+        old = prev.get((e["layer"], e["spec"]))
+        # Weights that could not be read are tried again: phase 1 may have recomputed them since.
+        if old is not None and old.get("sha256") == e.get("sha256") and not old.get("unreadable"):
+            done[(e["layer"], e["spec"])] = old
+        else:
+            pending.append(e)
+    return done, pending
+
+
+def _chunk_modules(run: Path, layer: LayerInfo, chunk: list[dict], teacher_layer: nn.Module, device: torch.device,
+                   fmt: torch.memory_format) -> tuple[dict[str, nn.Module], list[tuple[dict, HantError]]]:
+    """(modules, failures): the chunk's candidates built with their phase-1 weights, by spec,
+    and the entries whose weights could not be read, each with its error."""
     import copy
 
+    modules: dict[str, nn.Module] = {}
+    failures: list[tuple[dict, HantError]] = []
+    for e in chunk:
+        if e["spec"] == "teacher":
+            modules["teacher"] = copy.deepcopy(teacher_layer)
+            continue
+        try:
+            modules[e["spec"]] = _load_candidate(run, layer, e, teacher_layer).to(device, memory_format=fmt)
+        except HantError as err:
+            failures.append((e, err))
+    return modules, failures
+
+
+def _score_eval(run: Path, cfg, layers, todo: list[dict], log, path: Path,
+                context: dict | None = None) -> dict[str, Any]:
+    """Score `todo`'s candidates by replacing one layer at a time of the teacher (or, with a
+    plan's `context`, of that plan's student) on the held-out images; the document for
+    scores.json (or the context's file), written to `path` after every chunk and resumed
+    from it."""
     from hant.layers import get_layer
-    from hant.run import Run
+    from hant.workspace import fault_point, write_json
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # On the CPU channels_last makes these convnets much faster (DESIGN.md, environment facts).
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    teacher = Run(run).teacher().to(device, memory_format=fmt).eval()
-    base = teacher
-    if context is not None:
-        from hant.student import assemble
-
-        # Phase-1 weights and statistics, as the candidates themselves are scored.
-        base = assemble(run, {"layers": context["layers"]}, bn_recalibrate=False, redistilled=False)
-        base = base.to(device, memory_format=fmt).eval()
+    teacher, base = _teacher_and_base(run, context, device, fmt)
+    if context is not None:  # in a plan's context the teacher's own layer is a candidate too
         todo = [{"layer": d.name, "spec": "teacher", "sha256": None} for d in layers] + todo
     batches, n_images = _heldout_batches(cfg)
 
@@ -501,16 +551,7 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log, path: Path,
         plan_info = {"name": context.get("name"), "layers": context["layers"],
                      **_compare(b_logits, t_logits, labels, n_images)}
 
-    prev = _previous(path, "eval", n_images, log, context)
-    done: dict[tuple[str, str], dict] = {}
-    pending: list[dict] = []
-    for e in todo:
-        old = prev.get((e["layer"], e["spec"]))
-        # Weights that could not be read are tried again: phase 1 may have recomputed them since.
-        if old is not None and old.get("sha256") == e.get("sha256") and not old.get("unreadable"):
-            done[(e["layer"], e["spec"])] = old
-        else:
-            pending.append(e)
+    done, pending = _split_scored(_previous(path, "eval", n_images, log, context), todo)
     if done:
         log(f"scores: {len(done)} candidates already scored, {len(pending)} to go")
 
@@ -525,41 +566,32 @@ def _score_eval(run: Path, cfg, layers, todo: list[dict], log, path: Path,
             out.update(plan=plan_info, complete=complete)
         return out
 
-    from hant.workspace import fault_point, write_json
+    bar = _bar(len(pending) * n_images, "score")
 
     chunks = 0
-    bar = _bar(len(pending) * n_images, "score")
     try:
         for layer in layers:
             mine = [e for e in pending if e["layer"] == layer.name]
             teacher_layer = get_layer(teacher, layer.name)
             for start in range(0, len(mine), _CHUNK):
-                chunk, modules = mine[start:start + _CHUNK], {}
-                for e in chunk:
-                    key = (e["layer"], e["spec"])
-                    if e["spec"] == "teacher":  # in a plan's context: the teacher's own layer is a candidate too
-                        modules["teacher"] = copy.deepcopy(teacher_layer)
-                        continue
-                    try:
-                        modules[e["spec"]] = _load_candidate(run, layer, e, teacher_layer).to(device, memory_format=fmt)
-                    except HantError as err:
-                        done[key] = {"layer": key[0], "spec": key[1], "d_loss": None, "d_acc": None, "kl": None,
-                                     "sha256": e.get("sha256"), "status": "failed", "reason": str(err),
-                                     "unreadable": True}
-                        bar.update(n_images)
+                chunk = mine[start:start + _CHUNK]
+                modules, failures = _chunk_modules(run, layer, chunk, teacher_layer, device, fmt)
+                for e, err in failures:
+                    done[(e["layer"], e["spec"])] = {
+                        "layer": e["layer"], "spec": e["spec"], "d_loss": None, "d_acc": None, "kl": None,
+                        "sha256": e.get("sha256"), "status": "failed", "reason": str(err), "unreadable": True}
+                    bar.update(n_images)
                 bar.set_postfix_str(f"{layer.name} {start + len(chunk)}/{len(mine)}", refresh=False)
                 if modules:
                     res = replacement_scores(base, layer.name, modules, on_device(batches), b_logits,
                                              progress=bar.update)
-                    for e in chunk:
-                        if e["spec"] not in modules:
-                            continue
-                        r = res[e["spec"]]
-                        row = {"layer": layer.name, "spec": e["spec"], **r,
-                               **_size(layer, modules[e["spec"]]), "sha256": e.get("sha256"), "status": "done"}
+                    sha256_of = {e["spec"]: e.get("sha256") for e in chunk}
+                    for spec, r in res.items():  # one per module: the unreadable ones are in `done` already
+                        row = {"layer": layer.name, "spec": spec, **r, **_size(layer, modules[spec]),
+                               "sha256": sha256_of[spec], "status": "done"}
                         if r["d_loss"] is None:
                             row.update(status="failed", reason="non-finite output on the held-out split")
-                        done[(layer.name, e["spec"])] = row
+                        done[(layer.name, spec)] = row
                 write_json(path, snapshot())
                 chunks += 1
                 fault_point("score:after_chunk", chunks)
