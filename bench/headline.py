@@ -698,8 +698,9 @@ class Bench:
             # The key names the network searched, so that a checkpoint of another one (an earlier
             # match, another hant student) is never resumed into it.
             key = f"{unit}:{(ref.get('sha256') or '')[:12]}:{match['param']:.6g}"
+            # Its BatchNorm statistics are stale (pruned) or the defaults (new): re-estimated first.
             ft = finetune_module(model, self.teacher, cfg, self.splits.train, epochs=epochs,
-                                 out_dir=self.work / unit, key=key, log=self.log)
+                                 out_dir=self.work / unit, key=key, log=self.log, recalibrate_bn=True)
             sha = save_safetensors(self.work / unit / "model.safetensors",
                                    {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
             p, f = self.params_flops(model)
@@ -718,9 +719,15 @@ class Bench:
                     "sha256": sha, "top1": self.top1(model), "top1_before_finetune": init_top1,
                     "params": p, "flops": f,
                     "init": "teacher weights, pruned" if method == "pruned" else "random (no pretrained weights here)",
-                    "finetune": {**ft, "via": "hant.kd.finetune_module", "loss": "logits (KD + CE)"}}
+                    "finetune": {**ft, "via": "hant.kd.finetune_module", "loss": "logits (KD + CE)",
+                                 "batchnorm_reestimated": True}}
 
-        return self.unit(unit, make, self.same_ref(ref))
+        def check(d: dict) -> str | None:
+            if not (d.get("finetune") or {}).get("batchnorm_reestimated"):
+                return "fine-tuned from stale BatchNorm statistics"
+            return self.same_ref(ref)(d)
+
+        return self.unit(unit, make, check)
 
     def load_module(self, d: dict) -> nn.Module:
         """Rebuild a finished network for timing."""

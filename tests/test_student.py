@@ -642,6 +642,44 @@ def test_auto_augmentation_is_on_only_when_the_schedule_repeats_the_data(run, tm
     assert same(trained("auto", many), trained(True, many))
 
 
+def test_finetune_module_reestimates_batchnorm_before_fitting_the_head(run, tmp_path):
+    """A pruned or new network comes with stale or default BatchNorm statistics; with
+    recalibrate_bn, fine-tuning starts from statistics of its own train batches, so they do
+    not decide where it ends."""
+    import dataclasses
+
+    from hant.config import RunConfig
+    from hant.data import load_data
+    from hant.kd import finetune_module
+
+    cfg = RunConfig.load(RunDir(run).config)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, head_fit=True))
+    train = load_data(cfg.data).train
+    teacher = _teacher(run)
+
+    def student(stale: bool):
+        model = _teacher(run)
+        head = model.get_classifier()
+        with torch.no_grad():
+            head.weight.mul_(4.0)
+            if stale:  # statistics far from any the data gives
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.running_mean.add_(3.0)
+                        m.running_var.mul_(1e4)
+        return model
+
+    runs = {}
+    for stale in (False, True):
+        model = student(stale)
+        res = finetune_module(model, teacher, cfg, train, epochs=0.5, out_dir=tmp_path / str(stale), key="t",
+                              log=lambda *_: None, recalibrate_bn=True)
+        runs[stale] = (model.state_dict(), res)
+    (fresh, r_fresh), (stale, r_stale) = runs[False], runs[True]
+    assert r_stale["head_fit"]["applied"] and r_stale["head_fit"] == r_fresh["head_fit"]
+    assert all(torch.equal(fresh[k], stale[k]) for k in fresh)
+
+
 def test_head_fit_refits_the_output_layer_before_the_first_step_and_only_then(run, tmp_path):
     import dataclasses
 

@@ -514,7 +514,8 @@ def finish_checkpoint(loop: Loop, model: nn.Module, opt, step: int, info: dict[s
 def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: float | None = None,
                     out_dir: str | os.PathLike | None = None, key: str = "module",
                     log: Callable[[str], None] = print,
-                    feature_layers: Sequence[str] | None = None) -> dict[str, Any]:
+                    feature_layers: Sequence[str] | None = None,
+                    recalibrate_bn: bool = False) -> dict[str, Any]:
     """Fine-tune any network `model` with knowledge distillation from `teacher`, as `finetune` does a plan's.
 
     The same loop as `finetune`: loss, AdamW, warm-up and cosine schedule, augmentation and
@@ -523,7 +524,10 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     the train split (a dataset of (image, label)). With `out_dir`, checkpoints are written
     there (finetune.ckpt.*) and a rerun with the same `key` and settings resumes, ending
     with the same weights as an uninterrupted run. Single process (CPU, or CUDA when
-    available). `model` is trained in place and returned to the CPU in eval mode; the
+    available). With `recalibrate_bn`, for a network whose BatchNorm statistics are stale (a
+    pruned one) or the defaults (a new one), they are re-estimated before the first step on
+    `finetune.bn_batches` train batches (`hant.student.bn_loader`), as a plan's student's are
+    when assembled; without, they are used as they are (a teacher's). `model` is trained in place and returned to the CPU in eval mode; the
     teacher is not changed. With `cfg.finetune.feature_loss` set, the feature loss compares
     the two networks at `feature_layers` (submodule names both have, with outputs of equal
     shape; default: `model.hant_arch["layers"]`, a hant student's). Returns {"steps",
@@ -533,6 +537,8 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     """
     import copy
     import tempfile
+
+    from hant.student import bn_loader, recalibrate_batchnorm
 
     epochs = float(cfg.finetune.epochs if epochs is None else epochs)
     if not epochs > 0:
@@ -556,6 +562,11 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
         for p in teacher.parameters():
             p.requires_grad_(False)
         model.to(dist_.device).to(memory_format=torch.channels_last)
+        if recalibrate_bn and resume is None:
+            # The output-layer fit reads features through these statistics. Fitted through stale
+            # ones, a pruned EfficientNet-B0 started fine-tuning at a loss of 20 and a new one at
+            # 500,000 (the teacher's ~0.3), and they ended at 75.6% and 54.5% after 2 epochs.
+            recalibrate_batchnorm(model, bn_loader(cfg, train), cfg.finetune.bn_batches, dist_.device)
         opt, step = train_kd(model, teacher, loop, resume, info)
         model.eval().to("cpu").to(memory_format=torch.contiguous_format)
         if out_dir is not None:
