@@ -527,8 +527,8 @@ def finetune_module(model: nn.Module, teacher: nn.Module, cfg, train, epochs: fl
     available). With `recalibrate_bn`, for a network whose BatchNorm statistics are stale (a
     pruned one) or the defaults (a new one), they are re-estimated before the first step on
     `finetune.bn_batches` train batches (`hant.student.bn_loader`), as a plan's student's are
-    when assembled; without, they are used as they are (a teacher's). `model` is trained in place and returned to the CPU in eval mode; the
-    teacher is not changed. With `cfg.finetune.feature_loss` set, the feature loss compares
+    when assembled; without, they are used as they are (a teacher's). `model` is trained in
+    place and returned to the CPU in eval mode; the teacher is not changed. With `cfg.finetune.feature_loss` set, the feature loss compares
     the two networks at `feature_layers` (submodule names both have, with outputs of equal
     shape; default: `model.hant_arch["layers"]`, a hant student's). Returns {"steps",
     "epochs", "batch_size", "train_images", "final_loss", "time_s", "history", "head_fit"}
